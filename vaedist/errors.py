@@ -1,0 +1,13 @@
+"""Errors that the CLI turns into one line and an exit code (1 = failed, 2 = bad usage)."""
+
+
+class VaedistError(Exception):
+    """Something went wrong that is not a bug: the CLI prints the message alone and exits 1."""
+
+    exit_code = 1
+
+
+class UsageError(VaedistError):
+    """The user asked for something invalid (a flag, a config value, a path): exit 2."""
+
+    exit_code = 2
