@@ -1,0 +1,210 @@
+"""The ``vaedist`` command line: parses, validates, calls one function per command.
+
+Exit codes: 0 ok, 1 failed, 2 bad usage. Errors vaedist expects (bad config, missing data, unreachable
+servers) print one line, ``error: ...``, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from vaedist import __version__
+from vaedist.errors import VaedistError
+
+
+def echo(message: str) -> None:
+    click.echo(message, err=False)
+
+
+class Group(click.Group):
+    """Turns vaedist's own errors into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VaedistError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="vaedist")
+def main() -> None:
+    """Train and tune VAEs on Ray, track them in MLflow, generate labelled synthetic images to Parquet.
+
+    \b
+    Quick start (local Ray, MLflow in ./mlflow.db):
+      vaedist data fetch mnist
+      vaedist train --dataset mnist --variant cvae --arch conv --epochs 2 --workers 2
+      vaedist ui
+    """
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+@main.group()
+def data() -> None:
+    """Download, verify and describe the datasets (mnist, fashion-mnist, cifar10)."""
+
+
+@data.command("fetch")
+@click.argument("name")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Cache folder [default: $VAEDIST_DATA_DIR or ~/.cache/vaedist/data].")
+def data_fetch(name: str, data_dir: str | None) -> None:
+    """Download NAME's official files (trying mirrors in turn) and verify their md5."""
+    from vaedist.data import fetch
+
+    folder = fetch(name, root=data_dir)
+    echo(f"{name}: verified in {folder}")
+
+
+@data.command("info")
+@click.argument("name")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Cache folder [default: $VAEDIST_DATA_DIR or ~/.cache/vaedist/data].")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def data_info(name: str, data_dir: str | None, as_json: bool) -> None:
+    """Where NAME's files are, whether they verify, and per split: count, image shape, rows per class."""
+    from vaedist.data import dataset_info
+
+    info = dataset_info(name, root=data_dir)
+    if as_json:
+        echo(json.dumps(info, indent=2, default=str))
+        return
+    echo(f"{name}: {info.get('folder')}")
+    for fname, status in info.get("files", {}).items():
+        echo(f"  {status:8s} {fname}")
+    for split, s in (info.get("splits") or {}).items():
+        if isinstance(s, dict):
+            echo(f"  {split:6s} {s.get('count')} images of {s.get('image_shape')}, per class {s.get('rows_per_class')}")
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def _overrides(**flat: Any) -> dict[str, dict[str, Any]]:
+    """{"model.latent_dim": 8, ...} with None dropped -> nested sections."""
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if value is not None:
+            section, name = key.split("__", 1)
+            nested.setdefault(section, {})[name] = value
+    return nested
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A train job spec (jobs/train-*.yaml) to start from; flags override it.")
+@click.option("--dataset", type=click.Choice(["mnist", "fashion-mnist", "cifar10"]), help="Dataset [default: mnist].")
+@click.option("--variant", type=click.Choice(["ae", "vae", "cvae"]), help="ae = autoencoder + latent noise, vae, cvae = label-conditioned [default: cvae].")
+@click.option("--arch", type=click.Choice(["dense", "conv"]), help="Encoder/decoder family [default: conv].")
+@click.option("--latent-dim", type=int, help="Size of z [default: 16].")
+@click.option("--width", type=int, help="Dense: hidden units per layer [default: 512].")
+@click.option("--base-channels", type=int, help="Conv: channels of the first block [default: 32].")
+@click.option("--depth", type=int, help="Dense: hidden layers; conv: stride-2 blocks [default: 2].")
+@click.option("--likelihood", type=click.Choice(["bernoulli", "gaussian", "logistic"]), help="p(x|z) [default: the dataset's].")
+@click.option("--epochs", type=int, help="Epochs [default: 10].")
+@click.option("--batch-size", type=int, help="Global batch size, split across workers [default: 128].")
+@click.option("--lr", type=float, help="Adam learning rate [default: 1e-3].")
+@click.option("--beta", type=float, help="KL weight; 1 is the true ELBO [default: 1].")
+@click.option("--seed", type=int, help="Seed for init, shuffling and binarization [default: 0].")
+@click.option("--workers", type=int, help="Ray Train workers (DDP ranks) [default: 1].")
+@click.option("--gpus-per-worker", type=float, help="GPUs per worker; 0 trains on CPUs [default: 0].")
+@click.option("--cpus-per-worker", type=float, help="CPUs per worker [default: the node's CPUs / workers].")
+@click.option("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local Ray in-process].")
+@click.option("--name", help="Run name; the same name resumes from its last checkpoint [default: derived from the config].")
+@click.option("--storage-path", help="Checkpoint storage (folder, s3://...) [default: $VAEDIST_STORAGE_PATH or ./vaedist-runs].")
+@click.option("--dry-run", is_flag=True, help="Validate and print the resolved config, train nothing.")
+def train(config_path: str | None, name: str | None, storage_path: str | None, dry_run: bool, **flags: Any) -> None:
+    """Train one model with Ray Train DDP and record it in MLflow (params, metrics, pictures, model).
+
+    The model is registered as vaedist-<dataset>; the alias 'champion' moves to it if it beats the
+    current champion on validation -ELBO.
+    """
+    from vaedist.jobs import load_spec, spec_from_dict
+
+    sections_of = {
+        "data": ["dataset"],
+        "model": ["variant", "arch", "latent_dim", "width", "base_channels", "depth", "likelihood"],
+        "train": ["epochs", "batch_size", "lr", "beta", "seed"],
+        "resources": ["workers", "gpus_per_worker", "cpus_per_worker", "address"],
+    }
+    overrides = _overrides(**{f"{sec}__{k}": flags[k] for sec, keys in sections_of.items() for k in keys})
+    if config_path:
+        spec = load_spec(config_path, overrides=overrides)
+    else:
+        spec = spec_from_dict({"kind": "train", **overrides}, default_name="train")
+    cfg = spec.experiment
+    if dry_run:
+        from vaedist.train import default_run_name
+
+        echo(f"name: {name or (spec.name if config_path else default_run_name(cfg))}")
+        for key, value in cfg.flatten().items():
+            echo(f"  {key} = {value}")
+        return
+    from vaedist.train import run_training
+
+    result = run_training(cfg, name=name or (spec.name if config_path else None), storage=storage_path, echo=echo)
+    _print_train_result(result)
+
+
+def _print_train_result(result) -> None:
+    from vaedist.tracking import tracking_uri
+
+    m = result.metrics
+    echo(f"done: val -ELBO {m.get('val_neg_elbo', float('nan')):.2f} nats, {m.get('val_bits_per_dim', float('nan')):.4f} bits/dim")
+    echo(f"  MLflow run   {result.run_id} in {tracking_uri()}")
+    echo(f"  model        {result.model_uri}{'  (now champion)' if result.champion else ''}")
+    echo(f"  checkpoint   {result.checkpoint}")
+    echo("  look at it   vaedist ui")
+
+
+# -------------------------------------------------------------------------------------------- run
+
+
+@main.command()
+@click.argument("job")
+@click.option("--preset", help="A preset of the spec, e.g. 'smoke' for a one-minute run.")
+@click.option("--dry-run", is_flag=True, help="Validate the spec and print it, run nothing.")
+def run(job: str, preset: str | None, dry_run: bool) -> None:
+    """Run a job spec here: JOB is jobs/NAME.yaml or just NAME (e.g. demo, tune-mnist)."""
+    from vaedist.jobs import load_spec, run_spec
+
+    spec = load_spec(job, preset=preset)
+    if dry_run:
+        import yaml
+
+        echo(yaml.safe_dump({"kind": spec.kind, "name": spec.name, **spec.sections}, sort_keys=False).rstrip())
+        return
+    result = run_spec(spec, echo=echo)
+    if spec.kind == "train":
+        _print_train_result(result)
+
+
+# --------------------------------------------------------------------------------------------- ui
+
+
+@main.command()
+@click.option("--port", default=5000, show_default=True, help="Port to serve on (127.0.0.1 only).")
+@click.option("--backend-store-uri", help="MLflow store [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db].")
+def ui(port: int, backend_store_uri: str | None) -> None:
+    """Open the MLflow UI on this machine's store, bound to 127.0.0.1 (tunnel to reach it remotely)."""
+    import os
+    import subprocess
+
+    from vaedist.tracking import tracking_uri
+
+    store = backend_store_uri or tracking_uri()
+    if store.startswith(("http://", "https://")):
+        echo(f"MLflow is already served at {store}: open it in a browser")
+        return
+    echo(f"MLflow UI for {store} at http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)]
+    raise SystemExit(subprocess.call(cmd, env=os.environ.copy()))
+
+
+if __name__ == "__main__":
+    main()

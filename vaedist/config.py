@@ -1,0 +1,246 @@
+"""Typed, frozen configuration, validated on creation.
+
+YAML lives only at the edge (job specs under ``jobs/``); everything inside vaedist passes these
+dataclasses around. ``flatten`` turns a config into ``{"model.latent_dim": 16, ...}`` for
+``mlflow.log_params`` and for Tune search spaces; ``from_flat`` goes back.
+
+Every invalid value raises a one-line :class:`ConfigError` that names the field and what is allowed;
+the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from vaedist.errors import UsageError
+
+VARIANTS = ("ae", "vae", "cvae")
+ARCHS = ("dense", "conv")
+LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
+CONDITIONINGS = ("onehot", "embedding")
+DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10")
+
+
+class ConfigError(UsageError):
+    """An invalid configuration value: one line naming the field and the allowed values."""
+
+
+def _check(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {message}")
+
+
+def _check_choice(value: Any, allowed: tuple, where: str) -> None:
+    _check(value in allowed, where, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _check_int(value: Any, where: str, minimum: int) -> None:
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        where,
+        f"must be an integer >= {minimum}, got {value!r}",
+    )
+
+
+def _check_float(value: Any, where: str, minimum: float, *, strict: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    _check(ok, where, f"must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where its files are, and how the validation split is carved."""
+
+    dataset: str = "mnist"
+    # None: $VAEDIST_DATA_DIR or the user cache dir (see vaedist.data.default_data_dir).
+    data_dir: str | None = None
+    # Images carved deterministically from the official train split for validation.
+    val_size: int = 5000
+
+    def __post_init__(self) -> None:
+        _check_choice(self.dataset, DATASET_NAMES, "data.dataset")
+        _check_int(self.val_size, "data.val_size", 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model family and size. The knobs Tune searches are width, base_channels, depth, latent_dim."""
+
+    variant: str = "cvae"  # ae (plain autoencoder + latent noise) | vae | cvae (label-conditioned)
+    arch: str = "conv"  # dense (MLP) | conv (strided conv / transposed conv)
+    latent_dim: int = 16
+    width: int = 512  # dense: hidden units per layer
+    base_channels: int = 32  # conv: channels of the first block, doubled per block
+    depth: int = 2  # dense: hidden layers; conv: stride-2 blocks (image side must divide by 2**depth)
+    # None: the dataset's default (bernoulli for MNIST, discretized logistic for colour / grey levels).
+    likelihood: str | None = None
+    latent_noise: float = 0.1  # ae only: std of Gaussian noise added to the code during training
+    conditioning: str = "onehot"  # cvae: how the label enters encoder and decoder
+
+    def __post_init__(self) -> None:
+        _check_choice(self.variant, VARIANTS, "model.variant")
+        _check_choice(self.arch, ARCHS, "model.arch")
+        _check_int(self.latent_dim, "model.latent_dim", 1)
+        _check_int(self.width, "model.width", 1)
+        _check_int(self.base_channels, "model.base_channels", 1)
+        _check_int(self.depth, "model.depth", 1)
+        if self.likelihood is not None:
+            _check_choice(self.likelihood, LIKELIHOODS, "model.likelihood")
+        _check_float(self.latent_noise, "model.latent_noise", 0.0)
+        _check_choice(self.conditioning, CONDITIONINGS, "model.conditioning")
+
+    @property
+    def conditional(self) -> bool:
+        return self.variant == "cvae"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: how long, how fast, and the ELBO's knobs."""
+
+    epochs: int = 10
+    batch_size: int = 128  # global: split evenly across workers
+    lr: float = 1e-3
+    beta: float = 1.0  # weight of the KL term (beta-VAE); 1.0 is the true ELBO
+    kl_warmup_epochs: int = 0  # linearly ramp beta from 0 over this many epochs (Bowman et al. 2016)
+    free_bits: float = 0.0  # nats per latent dim below which KL is not penalised (Kingma et al. 2016)
+    seed: int = 0
+    image_every: int = 1  # log pictures every k epochs (and always after the last)
+    checkpoints_to_keep: int = 2  # best N checkpoints by validation loss
+    max_failures: int = 1  # worker-group restarts from the last checkpoint before the run fails
+
+    def __post_init__(self) -> None:
+        _check_int(self.epochs, "train.epochs", 1)
+        _check_int(self.batch_size, "train.batch_size", 1)
+        _check_float(self.lr, "train.lr", 0.0, strict=True)
+        _check_float(self.beta, "train.beta", 0.0)
+        _check_int(self.kl_warmup_epochs, "train.kl_warmup_epochs", 0)
+        _check_float(self.free_bits, "train.free_bits", 0.0)
+        _check_int(self.seed, "train.seed", 0)
+        _check_int(self.image_every, "train.image_every", 1)
+        _check_int(self.checkpoints_to_keep, "train.checkpoints_to_keep", 1)
+        _check_int(self.max_failures, "train.max_failures", 0)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Where and how wide a job runs. Local Ray is started in-process when no address is given."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    # None: derived from the cluster (all CPUs of the node split across workers).
+    cpus_per_worker: float | None = None
+    address: str | None = None  # None: $RAY_ADDRESS, else local Ray in-process
+
+    def __post_init__(self) -> None:
+        _check_int(self.workers, "resources.workers", 1)
+        _check_float(self.gpus_per_worker, "resources.gpus_per_worker", 0.0)
+        if self.cpus_per_worker is not None:
+            _check_float(self.cpus_per_worker, "resources.cpus_per_worker", 0.0, strict=True)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one training run needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self) -> None:
+        # Cross-section checks need the dataset's geometry; vaedist.data imports nothing heavy.
+        from vaedist.data import get_spec
+
+        spec = get_spec(self.data.dataset)
+        h, w, _ = spec.image_shape
+        if self.model.arch == "conv":
+            side = 2**self.model.depth
+            _check(
+                h % side == 0 and w % side == 0,
+                "model.depth",
+                f"{self.model.depth} stride-2 blocks need an image side divisible by {side}, "
+                f"but {self.data.dataset} is {h}x{w} (use depth <= {_max_depth(h, w)})",
+            )
+        if self.model.likelihood == "bernoulli" and spec.image_shape[2] == 3:
+            raise ConfigError(
+                "model.likelihood: 'bernoulli' needs black-and-white images; use 'logistic' or 'gaussian' "
+                f"for {self.data.dataset}"
+            )
+
+    @property
+    def likelihood(self) -> str:
+        """The likelihood in force: the model's, or the dataset's default."""
+        from vaedist.data import get_spec
+
+        return self.model.likelihood or get_spec(self.data.dataset).default_likelihood
+
+    def flatten(self) -> dict[str, Any]:
+        return flatten(self)
+
+    def replace(self, **flat: Any) -> ExperimentConfig:
+        """A copy with dotted keys replaced, e.g. ``cfg.replace(**{"model.latent_dim": 8})``."""
+        return from_flat({**flatten(self), **flat})
+
+
+def _max_depth(h: int, w: int) -> int:
+    depth = 0
+    while h % 2 ** (depth + 1) == 0 and w % 2 ** (depth + 1) == 0:
+        depth += 1
+    return depth
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "resources": ResourcesConfig,
+}
+
+
+def section_from_dict(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+    """Build one config section, rejecting unknown keys by name."""
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: must be a mapping of keys to values, got {type(values).__name__}")
+    allowed = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
+    return cls(**values)
+
+
+def experiment_from_dict(d: dict[str, Any] | None) -> ExperimentConfig:
+    d = d or {}
+    unknown = sorted(set(d) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r} (allowed: {', '.join(SECTIONS)})")
+    return ExperimentConfig(**{name: section_from_dict(cls, d.get(name), name) for name, cls in SECTIONS.items()})
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dataclasses to ``{"section.key": value}`` (params for MLflow, keys for Tune)."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def from_flat(flat: dict[str, Any]) -> ExperimentConfig:
+    """Inverse of :func:`flatten` for an ExperimentConfig."""
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        section, sep, name = key.partition(".")
+        if not sep:
+            raise ConfigError(f"{key}: expected a dotted key 'section.field' (sections: {', '.join(SECTIONS)})")
+        nested.setdefault(section, {})[name] = value
+    return experiment_from_dict(nested)

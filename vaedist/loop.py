@@ -1,0 +1,168 @@
+"""The plain-PyTorch core of training: no Ray, no MLflow.
+
+``train.py`` runs these functions inside Ray Train workers; tests and benchmarks run them directly.
+Data are uint8 NHWC arrays held in memory (MNIST train is 43 MB): each worker indexes its own
+disjoint slice of a per-epoch permutation, the DistributedSampler scheme, which measured faster than
+a Ray Data iterator for data this small (see benchmarks/train_throughput.py).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vaedist.models import BaseVAE, binarize, bits_per_dim, to_model_input
+
+
+class ElboObjective(torch.nn.Module):
+    """``forward`` = the model's loss, so DistributedDataParallel (which only hooks ``forward``) can wrap it."""
+
+    def __init__(self, model: BaseVAE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None, beta: float = 1.0, free_bits: float = 0.0):
+        return self.model.loss(x, y, beta=beta, free_bits=free_bits)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (seed, epoch, rank, ...), the same in every process."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def epoch_indices(n: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """This rank's sample indices for one epoch: a seeded permutation, dealt round-robin.
+
+    Every rank gets the same count (floor(n / world_size)) so DDP ranks run the same number of steps.
+    """
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    per_rank = n // world_size
+    return perm[rank : per_rank * world_size : world_size]
+
+
+def shard_range(n: int, rank: int, world_size: int) -> np.ndarray:
+    """Contiguous, disjoint evaluation shard of ``range(n)`` for ``rank`` (sizes differ by at most one)."""
+    return np.array_split(np.arange(n), world_size)[rank]
+
+
+def kl_weight(epoch: int, step_in_epoch: int, steps_per_epoch: int, beta: float, warmup_epochs: int) -> float:
+    """beta, ramped linearly from 0 over the first ``warmup_epochs`` (KL annealing, Bowman et al. 2016)."""
+    if warmup_epochs <= 0:
+        return beta
+    progress = (epoch + step_in_epoch / max(steps_per_epoch, 1)) / warmup_epochs
+    return beta * min(1.0, progress)
+
+
+def make_input(images: torch.Tensor, binarized: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """uint8 (B,H,W,C) -> float (B,C,H,W) in [0,1]; a fresh Bernoulli draw for binarized likelihoods."""
+    x = to_model_input(images)
+    return binarize(x, generator=generator) if binarized else x
+
+
+@dataclass
+class Sums:
+    """Running per-sample sums, so ranks can all-reduce them and divide once."""
+
+    neg_elbo: float = 0.0
+    recon: float = 0.0
+    kl: float = 0.0
+    loss: float = 0.0
+    count: int = 0
+
+    def add(self, out, batch: int) -> None:
+        self.neg_elbo += float(out.neg_elbo.sum())
+        self.recon += float(out.recon.sum())
+        self.kl += float(out.kl.sum())
+        self.loss += float(out.loss) * batch
+        self.count += batch
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.neg_elbo, self.recon, self.kl, self.loss, self.count], dtype=torch.float64)
+
+    @staticmethod
+    def means(t: torch.Tensor, num_dims: int) -> dict[str, float]:
+        neg_elbo, recon, kl, loss, count = t.tolist()
+        count = max(count, 1.0)
+        return {
+            "neg_elbo": neg_elbo / count,
+            "recon": recon / count,
+            "kl": kl / count,
+            "loss": loss / count,
+            "bits_per_dim": neg_elbo / count / (num_dims * math.log(2)),
+        }
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    core: BaseVAE,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: np.ndarray,
+    batch_size: int,
+    beta_at: Callable[[int], float],
+    free_bits: float,
+    generator: torch.Generator,
+    device: torch.device,
+    on_step: Callable[[int], None] | None = None,
+) -> Sums:
+    """One pass over ``indices`` in minibatches; returns per-sample sums of the losses.
+
+    ``model`` is the ElboObjective that gets called (DDP-wrapped under Ray Train), ``core`` the bare BaseVAE
+    (for ``conditional``/``likelihood``). ``images`` uint8 (N,H,W,C), ``labels`` int64 (N,), on CPU;
+    ``batch_size`` is this rank's share. The last partial batch is dropped so every DDP rank runs the
+    same number of steps.
+    """
+    model.train()
+    sums = Sums()
+    steps = len(indices) // batch_size
+    binarized = core.likelihood.binarized
+    for step in range(steps):
+        if on_step is not None:
+            on_step(step)
+        idx = torch.from_numpy(indices[step * batch_size : (step + 1) * batch_size])
+        x = make_input(images[idx], binarized, generator).to(device, non_blocking=True)  # (B, C, H, W)
+        y = labels[idx].to(device, non_blocking=True) if core.conditional else None
+        out = model(x, y, beta=beta_at(step), free_bits=free_bits)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        sums.add(out, len(idx))
+    return sums
+
+
+@torch.no_grad()
+def evaluate(
+    core: BaseVAE,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: np.ndarray,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> Sums:
+    """Negative ELBO, reconstruction and KL sums over ``indices``; binarization draws fixed by ``seed``."""
+    core.eval()
+    sums = Sums()
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, len(indices), batch_size):
+        idx = torch.from_numpy(indices[start : start + batch_size])
+        x = make_input(images[idx], core.likelihood.binarized, generator).to(device)
+        y = labels[idx].to(device) if core.conditional else None
+        sums.add(core.loss(x, y), len(idx))
+    return sums
+
+
+def nats_to_bits_per_dim(nats: float, num_dims: int) -> float:
+    return float(bits_per_dim(torch.tensor(nats), num_dims))

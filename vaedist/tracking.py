@@ -1,0 +1,311 @@
+"""All of vaedist's MLflow code: runs, params, metrics, pictures, logging and loading models.
+
+This is the only module that imports mlflow. Conventions (DESIGN.md):
+- tracking URI: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``, made absolute so Ray workers,
+  whose working directory differs from the driver's, write to the same store;
+- one experiment per dataset, ``vaedist/<dataset>``; models registered as ``vaedist-<dataset>``;
+- the alias ``champion`` moves only to a version that beats the current champion on validation -ELBO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vaedist.errors import UsageError, VaedistError
+
+CHAMPION = "champion"
+NAME_TAG = "vaedist.name"  # the job's deterministic name: a rerun with the same name resumes this run
+KIND_TAG = "vaedist.kind"
+VAL_METRIC = "val_neg_elbo"  # lower is better; the metric the champion alias is decided on
+CHECKPOINT_FILE = "model.pt"
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def experiment_name(dataset: str) -> str:
+    return f"vaedist/{dataset}"
+
+
+def registered_model_name(dataset: str) -> str:
+    return f"vaedist-{dataset}"
+
+
+def _mlflow():
+    import mlflow
+
+    return mlflow
+
+
+def check_tracking(uri: str) -> None:
+    """Fail before any training if the tracking store cannot be written to or reached."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise VaedistError(
+                f"MLflow tracking server {uri} is not reachable ({reason}); start it, or unset "
+                "MLFLOW_TRACKING_URI to use the local sqlite:///mlflow.db"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :])
+        parent = path.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UsageError(f"cannot write the MLflow store {path}: {parent} is not a writable folder")
+        if path.exists():
+            try:
+                sqlite3.connect(f"file:{path}?mode=ro", uri=True).execute("select 1").close()
+            except sqlite3.DatabaseError as exc:
+                raise UsageError(f"{path} is not a usable MLflow sqlite store ({exc})") from None
+
+
+def _client():
+    return _mlflow().MlflowClient(tracking_uri())
+
+
+def _experiment_id(name: str) -> str:
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(tracking_uri())
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow.create_experiment(name)
+    except mlflow.exceptions.MlflowException:
+        # Another process (a parallel trial) created it first.
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def find_or_create_run(
+    dataset: str,
+    name: str,
+    params: dict[str, Any],
+    kind: str = "train",
+    parent_run_id: str | None = None,
+) -> str:
+    """The run tagged with ``name`` in the dataset's experiment, created (with params) if absent.
+
+    A rerun with the same name gets the same run, so resumed training continues its metric curves.
+    A rerun with a different config is refused: MLflow params are immutable, and mixing two configs
+    in one run would make its curves meaningless.
+    """
+    mlflow = _mlflow()
+    exp_id = _experiment_id(experiment_name(dataset))
+    client = _client()
+    found = client.search_runs([exp_id], filter_string=f"tags.`{NAME_TAG}` = '{name}'", max_results=1)
+    str_params = {k: str(v) for k, v in params.items()}
+    if found:
+        run = found[0]
+        old = {k: v for k, v in run.data.params.items() if k in str_params}
+        changed = sorted(k for k, v in str_params.items() if k in old and old[k] != v)
+        if changed:
+            k = changed[0]
+            raise UsageError(
+                f"a run named {name!r} already exists with {k}={old[k]} (now {str_params[k]}); "
+                "use a new --name to start a fresh run, or the same config to resume"
+            )
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id
+    tags = {NAME_TAG: name, KIND_TAG: kind}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    # MLflow accepts at most 100 params per batch call.
+    items = [mlflow.entities.Param(k, v) for k, v in str_params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    _client().set_terminated(run_id, status=status)
+
+
+class RunLogger:
+    """What rank 0 writes during training: metrics by step, pictures by key and step."""
+
+    def __init__(self, run_id: str, uri: str):
+        self.run_id = run_id
+        self.client = _mlflow().MlflowClient(uri)
+        _mlflow().set_tracking_uri(uri)
+        self._system = None
+
+    def start_system_metrics(self) -> None:
+        """CPU/memory/GPU samples into the run, where MLflow's monitor can run (needs psutil)."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=10)
+            self._system.start()
+        except Exception:  # system metrics are a nicety: never fail training over them
+            self._system = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [_mlflow().entities.Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        """An RGB uint8 (H, W, 3) picture, shown in the run's Artifacts tab with a step slider."""
+        self.client.log_image(self.run_id, image, key=key, step=step)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def close(self) -> None:
+        if self._system is not None:
+            with contextlib.suppress(Exception):
+                self._system.finish()
+
+
+class NullLogger:
+    """Ranks other than 0 log nothing (the rank-0 switch lives in vaedist.train.is_rank_zero)."""
+
+    def start_system_metrics(self) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        pass
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def log_model(
+    run_id: str,
+    dataset: str,
+    checkpoint_file: Path,
+    exportable,
+    example_inputs: tuple,
+    val_metric: float,
+) -> tuple[str, str]:
+    """Log the generator as an MLflow model and register it as ``vaedist-<dataset>``.
+
+    ``exportable`` maps (z, label) -> images; MLflow 3 saves it with torch.export ("pt2"), a traced graph
+    that loads without executing pickled code, which needs an input example with batch > 1. The vaedist
+    checkpoint (hparams + state_dict, loaded with ``weights_only=True``) travels inside the model as
+    an extra file, so ``models:/vaedist-mnist@champion`` gives generate/evaluate the full VAE.
+    Returns (model URI of the version, version).
+    """
+    mlflow = _mlflow()
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    mlflow.set_tracking_uri(tracking_uri())
+    inputs = [
+        TensorSpec(np.dtype(t.numpy().dtype), (-1, *t.shape[1:]), name=name)
+        for name, t in zip(("z", "label"), example_inputs, strict=False)
+    ]
+    import torch
+
+    with torch.no_grad():
+        out = exportable(*example_inputs)
+    signature = ModelSignature(
+        inputs=Schema(inputs),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]), name="image")]),
+    )
+    name = registered_model_name(dataset)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            exportable,
+            name="model",
+            signature=signature,
+            input_example=tuple(t.numpy() for t in example_inputs),
+            serialization_format="pt2",
+            extra_files=[str(checkpoint_file)],
+            registered_model_name=name,
+            metadata={VAL_METRIC: val_metric},
+        )
+    version = str(info.registered_model_version)
+    client = _client()
+    client.set_model_version_tag(name, version, VAL_METRIC, str(val_metric))
+    client.set_model_version_tag(name, version, "run_id", run_id)
+    return f"models:/{name}/{version}", version
+
+
+def promote_if_better(dataset: str, version: str, val_metric: float) -> tuple[bool, float | None]:
+    """Move ``champion`` to ``version`` if it beats the current champion's validation -ELBO.
+
+    Returns (moved, previous champion's metric or None).
+    """
+    client = _client()
+    name = registered_model_name(dataset)
+    mlflow = _mlflow()
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        current = None
+    previous = None
+    if current is not None:
+        previous = float(current.tags.get(VAL_METRIC, "inf"))
+        if current.version == version or previous <= val_metric:
+            return False, previous
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return True, previous
+
+
+def resolve_checkpoint(uri: str) -> Path:
+    """A local path to the vaedist checkpoint behind ``uri``.
+
+    Accepts ``models:/name@alias`` or ``models:/name/version``, ``runs:/<run_id>/model``, or a local
+    checkpoint file / folder holding ``model.pt``.
+    """
+    local = Path(uri).expanduser()
+    if local.is_file():
+        return local
+    if local.is_dir() and (local / CHECKPOINT_FILE).is_file():
+        return local / CHECKPOINT_FILE
+    if not uri.startswith(("models:/", "runs:/")):
+        raise UsageError(
+            f"model {uri!r} is neither a checkpoint file nor an MLflow URI "
+            "(use models:/vaedist-mnist@champion, runs:/<run_id>/model or a path to model.pt)"
+        )
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="vaedist-")))
+    except mlflow.exceptions.MlflowException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"model {uri!r} does not resolve in {tracking_uri()}: {first}") from None
+    found = sorted(path.rglob(CHECKPOINT_FILE))
+    if not found:
+        raise UsageError(f"model {uri!r} has no vaedist checkpoint ({CHECKPOINT_FILE}); was it logged by vaedist?")
+    return found[0]
+
+
+def model_version_info(uri: str) -> dict[str, str]:
+    """Name, version and run id of a ``models:/`` URI (empty dict for other URIs)."""
+    if not uri.startswith("models:/"):
+        return {}
+    client = _client()
+    ref = uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        name, version = ref.split("/", 1)
+        mv = client.get_model_version(name, version)
+    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id or ""}

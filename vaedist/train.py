@@ -1,0 +1,396 @@
+"""Distributed training: the per-worker loop (DDP via ray.train.torch) and the TorchTrainer driver.
+
+The Ray-specific lines are few and kept at the edges: ``train_loop_per_worker`` wraps the plain-PyTorch
+core in ``vaedist.loop``; ``run_training`` checks resources, tracking and storage before anything starts,
+then fits a TorchTrainer and logs/registers the best checkpoint in MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from vaedist import loop, tracking
+from vaedist.config import ExperimentConfig, ResourcesConfig, from_flat
+from vaedist.data import get_spec, load_split
+from vaedist.errors import UsageError, VaedistError
+from vaedist.models import BaseVAE, build_model, build_model_from_hparams
+
+# Fault injection for the fault-tolerance test: "epoch=E,step=S,rank=R". The worker of that rank exits
+# hard at that step the first time only (a marker file next to the checkpoints remembers it).
+FAULT_ENV = "VAEDIST_INJECT_FAULT"
+STORAGE_ENV = "VAEDIST_STORAGE_PATH"
+DEFAULT_STORAGE = "vaedist-runs"
+
+
+def is_rank_zero() -> bool:
+    """The one place that decides who logs and checkpoints."""
+    return ray.train.get_context().get_world_rank() == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray connection and resource planning (driver side)
+
+
+def worker_env() -> dict[str, str]:
+    """Variables every Ray worker needs: where MLflow is and where the data are."""
+    from vaedist.data import default_data_dir
+
+    env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(), "VAEDIST_DATA_DIR": str(default_data_dir())}
+    if os.environ.get(FAULT_ENV):
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    return env
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Join ``address`` (or $RAY_ADDRESS), else start Ray in-process; idempotent."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    try:
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        else:
+            ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VaedistError(
+            f"cannot connect to Ray at {address or 'a new local instance'}: {first} "
+            "(check --address / RAY_ADDRESS and that the head is running)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    @property
+    def torch_threads(self) -> int:
+        return max(1, int(self.cpus_per_worker))
+
+    def scaling_config(self) -> ray.train.ScalingConfig:
+        resources = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = self.gpus_per_worker
+        return ray.train.ScalingConfig(
+            num_workers=self.workers, use_gpu=self.use_gpu, resources_per_worker=resources
+        )
+
+
+def plan_workers(res: ResourcesConfig, cluster: dict[str, float] | None = None) -> WorkerPlan:
+    """Check the request against what the cluster has, now, instead of letting Ray wait forever.
+
+    Ray Train V2 retries an unschedulable worker group indefinitely, so a request for GPUs on a
+    CPU-only cluster would hang; ``use_gpu`` is derived from ``gpus_per_worker`` and checked here.
+    """
+    cluster = cluster if cluster is not None else ray.cluster_resources()
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if res.gpus_per_worker > 0 and gpus < res.gpus_per_worker * res.workers:
+        raise UsageError(
+            f"asked for {res.workers} worker(s) x {res.gpus_per_worker:g} GPU but the Ray cluster has "
+            f"{gpus:g} GPU(s); use --gpus-per-worker 0 to train on CPUs"
+        )
+    cpus_per_worker = res.cpus_per_worker or max(1.0, math.floor(cpus / res.workers))
+    if res.workers * cpus_per_worker > cpus:
+        raise UsageError(
+            f"asked for {res.workers} worker(s) x {cpus_per_worker:g} CPU but the Ray cluster has {cpus:g} "
+            f"CPU(s); use --workers {max(1, int(cpus // cpus_per_worker))} or fewer CPUs per worker"
+        )
+    return WorkerPlan(res.workers, float(cpus_per_worker), float(res.gpus_per_worker))
+
+
+def storage_path(path: str | None = None) -> str:
+    """Where Ray keeps checkpoints: --storage-path, $VAEDIST_STORAGE_PATH, or ./vaedist-runs."""
+    path = path or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    if "://" in path:
+        return path  # s3://, gs://, ... : checked by pyarrow when Ray writes
+    local = Path(path).expanduser().resolve()
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=local, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"storage path {local} is not writable ({exc.strerror}); pass --storage-path to a writable folder"
+        ) from None
+    return str(local)
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    """Deterministic from the config: the same command resumes, a changed config starts fresh."""
+    import hashlib
+    import json
+
+    flat = {k: v for k, v in cfg.flatten().items() if not k.startswith("resources.")}
+    digest = hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{cfg.data.dataset}-{cfg.model.variant}-{cfg.model.arch}-{digest}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: one file, loadable with torch.load(weights_only=True)
+
+
+def save_checkpoint(path: Path, model: BaseVAE, optimizer, epoch: int, cfg_flat: dict, metrics: dict) -> None:
+    torch.save(
+        {
+            "hparams": model.hparams,
+            "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else {},
+            "epoch": epoch,
+            "config": {k: v for k, v in cfg_flat.items()},
+            "metrics": metrics,
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict; weights only, so a checkpoint from elsewhere cannot run code on load."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model(path: str | Path) -> tuple[BaseVAE, dict[str, Any]]:
+    ckpt = load_checkpoint(path)
+    model = build_model_from_hparams(ckpt["hparams"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt
+
+
+class Generator(torch.nn.Module):
+    """(z, label) -> images (B, C, H, W) in [0, 1]: the part of a VAE that MLflow serves."""
+
+    def __init__(self, model: BaseVAE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.generate(z, label if self.model.conditional else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-worker loop
+
+
+def _maybe_inject_fault(cfg: dict, epoch: int, step: int, rank: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    want = dict(part.split("=") for part in spec.split(","))
+    if (int(want.get("epoch", -1)), int(want.get("step", -1)), int(want.get("rank", 0))) != (epoch, step, rank):
+        return
+    marker = Path(cfg["_marker_dir"]) / ".fault-injected"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(spec)
+    os._exit(1)  # a hard crash, as if the worker's node died
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker. ``config``: flat ExperimentConfig + data refs + run id."""
+    cfg = from_flat(config["experiment"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["torch_threads"])
+    device = ray.train.torch.get_device()
+
+    spec = get_spec(cfg.data.dataset)
+    train_x, train_y, val_x, val_y = (torch.from_numpy(np.array(ray.get(r))) for r in config["data_refs"])
+    num_dims = int(np.prod(spec.image_shape))
+
+    loop.seed_everything(cfg.train.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+    core = build_model(cfg.model, spec.image_shape, spec.num_classes, cfg.likelihood)
+    objective = ray.train.torch.prepare_model(loop.ElboObjective(core))
+    core = core.to(device)
+    optimizer = torch.optim.Adam(core.parameters(), lr=cfg.train.lr)
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(Path(d) / tracking.CHECKPOINT_FILE)
+        core.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+
+    logger = tracking.RunLogger(config["run_id"], tracking.tracking_uri()) if is_rank_zero() else tracking.NullLogger()
+    logger.start_system_metrics()
+    per_rank_batch = max(1, cfg.train.batch_size // world)
+    pictures = None
+    if is_rank_zero():
+        from vaedist.pictures import EpochPictures
+
+        pictures = EpochPictures(core, val_x.numpy(), val_y.numpy(), spec.class_names, seed=cfg.train.seed)
+
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            t0 = time.perf_counter()
+            indices = loop.epoch_indices(len(train_x), epoch, cfg.train.seed, rank, world)
+            steps = len(indices) // per_rank_batch
+            generator = torch.Generator().manual_seed(loop.derive_seed(cfg.train.seed, epoch, rank))
+
+            def beta_at(step: int, epoch: int = epoch, steps: int = steps) -> float:
+                return loop.kl_weight(epoch, step, steps, cfg.train.beta, cfg.train.kl_warmup_epochs)
+
+            def on_step(step: int, epoch: int = epoch) -> None:
+                _maybe_inject_fault(config, epoch, step, rank)
+
+            train_sums = loop.train_epoch(
+                objective, core, optimizer, train_x, train_y, indices, per_rank_batch,
+                beta_at, cfg.train.free_bits, generator, device, on_step,
+            )  # fmt: skip
+            seconds = time.perf_counter() - t0
+            val_sums = loop.evaluate(
+                core, val_x, val_y, loop.shard_range(len(val_x), rank, world), 512, cfg.train.seed, device
+            )
+            train_t, val_t = train_sums.as_tensor(), val_sums.as_tensor()
+            if world > 1:
+                torch.distributed.all_reduce(train_t)
+                torch.distributed.all_reduce(val_t)
+            tr, va = loop.Sums.means(train_t, num_dims), loop.Sums.means(val_t, num_dims)
+            metrics = {
+                "epoch": epoch + 1,
+                "train_loss": tr["loss"],
+                "train_neg_elbo": tr["neg_elbo"],
+                "val_neg_elbo": va["neg_elbo"],
+                "val_recon": va["recon"],
+                "val_kl": va["kl"],
+                "val_bits_per_dim": va["bits_per_dim"],
+                "train_images_per_s": train_t[4].item() / max(seconds, 1e-9),
+                "beta": beta_at(steps),
+            }
+            logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+            last = epoch + 1 == cfg.train.epochs
+            if pictures is not None and ((epoch + 1) % cfg.train.image_every == 0 or last):
+                for key, image in pictures.render().items():
+                    logger.log_image(key, image, step=epoch + 1)
+
+            with tempfile.TemporaryDirectory() as d:
+                ckpt = None
+                if is_rank_zero():
+                    save_checkpoint(
+                        Path(d) / tracking.CHECKPOINT_FILE, core, optimizer, epoch + 1, config["experiment"], metrics
+                    )
+                    ckpt = ray.train.Checkpoint.from_directory(d)
+                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+    finally:
+        logger.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass
+class TrainResult:
+    name: str
+    run_id: str
+    model_uri: str
+    version: str
+    checkpoint: str
+    metrics: dict[str, float]
+    champion: bool
+    resumed_finished: bool = False
+
+
+def run_training(
+    cfg: ExperimentConfig,
+    name: str | None = None,
+    storage: str | None = None,
+    parent_run_id: str | None = None,
+    register: bool = True,
+    echo=print,
+) -> TrainResult:
+    """Train ``cfg`` on Ray (local or ``cfg.resources.address``), log it to MLflow, register the model."""
+    name = name or default_run_name(cfg)
+    uri = tracking.tracking_uri()
+    tracking.check_tracking(uri)
+    storage = storage_path(storage)
+    connect_ray(cfg.resources.address)
+    plan = plan_workers(cfg.resources)
+
+    train = load_split(cfg.data.dataset, "train", root=cfg.data.data_dir, val_size=cfg.data.val_size)
+    val = load_split(cfg.data.dataset, "val", root=cfg.data.data_dir, val_size=cfg.data.val_size)
+    if plan.workers * max(1, cfg.train.batch_size // plan.workers) > len(train[0]):
+        raise UsageError(f"train.batch_size {cfg.train.batch_size} is larger than the {len(train[0])} training images")
+
+    flat = cfg.flatten()
+    params = {k: v for k, v in flat.items() if k != "resources.address"}
+    params["resolved.likelihood"] = cfg.likelihood
+    run_id = tracking.find_or_create_run(cfg.data.dataset, name, params, kind="train", parent_run_id=parent_run_id)
+    echo(f"training {name}: {plan.workers} worker(s) x {plan.cpus_per_worker:g} CPU"
+         f"{f' x {plan.gpus_per_worker:g} GPU' if plan.use_gpu else ''}; MLflow run {run_id} in {uri}")  # fmt: skip
+
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "experiment": flat,
+            "run_id": run_id,
+            "torch_threads": plan.torch_threads,
+            "data_refs": [ray.put(np.ascontiguousarray(a)) for a in (*train, *val)],
+            "_marker_dir": str(Path(storage) / name) if "://" not in storage else tempfile.gettempdir(),
+        },
+        scaling_config=plan.scaling_config(),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.checkpoints_to_keep,
+                checkpoint_score_attribute="val_neg_elbo",
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        tracking.end_run(run_id, "FAILED")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VaedistError(f"training {name} failed: {first} (logs under {storage}/{name})") from None
+
+    best = result.get_best_checkpoint("val_neg_elbo", "min") if result.best_checkpoints else result.checkpoint
+    if best is None:
+        raise VaedistError(f"training {name} produced no checkpoint (see {storage}/{name})")
+    with best.as_directory() as d:
+        ckpt_file = Path(d) / tracking.CHECKPOINT_FILE
+        model, state = load_model(ckpt_file)
+        val_metric = float(state["metrics"]["val_neg_elbo"])
+        model_uri, version, moved = "", "", False
+        if register:
+            # Batch of 2: torch.export specialises a batch dimension of size 1 to a constant.
+            z = torch.randn(2, model.latent_dim, generator=torch.Generator().manual_seed(0))
+            example = (z, torch.arange(2, dtype=torch.int64)) if model.conditional else (z,)
+            model_uri, version = tracking.log_model(
+                run_id, cfg.data.dataset, ckpt_file, Generator(model), example, val_metric
+            )
+            moved, _ = tracking.promote_if_better(cfg.data.dataset, version, val_metric)
+    tracking.end_run(run_id, "FINISHED")
+    return TrainResult(
+        name=name,
+        run_id=run_id,
+        model_uri=model_uri,
+        version=version,
+        checkpoint=best.path,
+        metrics={k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)},
+        champion=moved,
+    )
