@@ -75,12 +75,16 @@ def data_info(name: str, data_dir: str | None, as_json: bool) -> None:
     if as_json:
         echo(json.dumps(info, indent=2, default=str))
         return
-    echo(f"{name}: {info.get('folder')}")
-    for fname, status in info.get("files", {}).items():
+    echo(f"{name}: {info['folder']}")
+    for fname, status in info["files"].items():
         echo(f"  {status:8s} {fname}")
-    for split, s in (info.get("splits") or {}).items():
-        if isinstance(s, dict):
-            echo(f"  {split:6s} {s.get('count')} images of {s.get('image_shape')}, per class {s.get('rows_per_class')}")
+    if not info["ready"]:
+        echo(f"  not ready: run 'vaedist data fetch {name}' (or point VAEDIST_DATA_DIR at the official files)")
+    names = info["class_names"]
+    for split, s in info["splits"].items():
+        h, w, c = s["image_shape"]
+        echo(f"  {split:5s} {s['count']:6d} images {h}x{w}x{c}")
+        echo("        per class: " + ", ".join(f"{n}={k}" for n, k in zip(names, s["class_counts"], strict=True)))
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -182,6 +186,14 @@ def run(job: str, preset: str | None, dry_run: bool) -> None:
     result = run_spec(spec, echo=echo)
     if spec.kind == "train":
         _print_train_result(result)
+
+
+# ------------------------------------------------------------------------------------- generate
+# (section: generate command)
+
+
+# ------------------------------------------------------------------------------------- evaluate
+# (section: evaluate commands)
 
 
 # --------------------------------------------------------------------------------------------- ui

@@ -194,6 +194,78 @@ def _max_depth(h: int, w: int) -> int:
     return depth
 
 
+@dataclass(frozen=True)
+class GenerateConfig:
+    """A synthetic dataset: which model, which labels, how many, where (``vaedist generate``)."""
+
+    model: str = "models:/vaedist-mnist@champion"  # models:/name@alias, models:/name/version, runs:/..., or a checkpoint
+    out: str = "out/synthetic"  # a folder or s3://... prefix; one folder per generation run
+    labels: tuple[int, ...] | None = None  # None: every class of the dataset
+    per_label: int | None = None  # rows per label (exclusive with total)
+    total: int | None = None  # rows in all, split by class_balance
+    class_balance: str = "uniform"  # uniform | as-train (the real train split's class frequencies)
+    shard_rows: int = 10000  # rows per part-NNNNN.parquet
+    image_format: str = "raw"  # raw (uint8 HxWxC tensor column) | png (PNG bytes)
+    temperature: float = 1.0  # z ~ N(0, T^2 I)
+    seed: int = 0
+    batch_size: int = 1024  # decoder batch per actor call
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.model, str) and bool(self.model), "generate.model", "a model URI or checkpoint path is required")
+        _check(isinstance(self.out, str) and bool(self.out), "generate.out", "an output folder is required")
+        if self.labels is not None:
+            _check(
+                isinstance(self.labels, tuple | list) and len(self.labels) > 0
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in self.labels)
+                and len(set(self.labels)) == len(self.labels),
+                "generate.labels", f"must be distinct class indices >= 0 or 'all', got {self.labels!r}",
+            )  # fmt: skip
+            object.__setattr__(self, "labels", tuple(self.labels))
+        _check(
+            (self.per_label is None) != (self.total is None),
+            "generate.per_label",
+            "give exactly one of per_label (rows per label) or total (rows in all)",
+        )
+        if self.per_label is not None:
+            _check_int(self.per_label, "generate.per_label", 1)
+        if self.total is not None:
+            _check_int(self.total, "generate.total", 1)
+        _check_choice(self.class_balance, ("uniform", "as-train"), "generate.class_balance")
+        _check_int(self.shard_rows, "generate.shard_rows", 1)
+        _check_choice(self.image_format, ("raw", "png"), "generate.image_format")
+        _check_float(self.temperature, "generate.temperature", 0.0, strict=True)
+        _check_int(self.seed, "generate.seed", 0)
+        _check_int(self.batch_size, "generate.batch_size", 1)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """How good a model and its synthetic data are (``vaedist evaluate likelihood|cas``)."""
+
+    model: str | None = None  # likelihood: the model to score on the real test set
+    generated: str | None = None  # cas: a generated Parquet folder (with _manifest.json)
+    dataset: str | None = None  # None: the model's / the generated data's dataset
+    k: int = 1000  # importance samples for the IW-NLL (Burda et al. 2016)
+    k_batch: int = 100  # importance samples per forward pass (bounds memory)
+    batch_size: int = 100  # test images per forward pass
+    seed: int = 0  # fixes the dynamic binarization of the test set and the z draws
+    classifier_epochs: int = 5  # CAS: same budget for the synthetic-data and the real-data classifier
+    classifier_batch_size: int = 256
+    classifier_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.dataset is not None:
+            _check_choice(self.dataset, DATASET_NAMES, "evaluate.dataset")
+        _check_int(self.k, "evaluate.k", 1)
+        _check_int(self.k_batch, "evaluate.k_batch", 1)
+        _check_int(self.batch_size, "evaluate.batch_size", 1)
+        _check_int(self.seed, "evaluate.seed", 0)
+        _check_int(self.classifier_epochs, "evaluate.classifier_epochs", 1)
+        _check_int(self.classifier_batch_size, "evaluate.classifier_batch_size", 1)
+        _check_float(self.classifier_lr, "evaluate.classifier_lr", 0.0, strict=True)
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,

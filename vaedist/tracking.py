@@ -162,6 +162,10 @@ class RunLogger:
         items = [_mlflow().entities.Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=items)
 
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         """An RGB uint8 (H, W, 3) picture, shown in the run's Artifacts tab with a step slider."""
         self.client.log_image(self.run_id, image, key=key, step=step)
@@ -182,6 +186,9 @@ class NullLogger:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:

@@ -47,10 +47,7 @@ def worker_env() -> dict[str, str]:
     """Variables every Ray worker needs: where MLflow is and where the data are."""
     from vaedist.data import default_data_dir
 
-    env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(), "VAEDIST_DATA_DIR": str(default_data_dir())}
-    if os.environ.get(FAULT_ENV):
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
-    return env
+    return {"MLFLOW_TRACKING_URI": tracking.tracking_uri(), "VAEDIST_DATA_DIR": str(default_data_dir())}
 
 
 def connect_ray(address: str | None = None) -> None:
@@ -191,7 +188,7 @@ class Generator(torch.nn.Module):
 
 
 def _maybe_inject_fault(cfg: dict, epoch: int, step: int, rank: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
+    spec = cfg.get("_fault")
     if not spec:
         return
     want = dict(part.split("=") for part in spec.split(","))
@@ -232,7 +229,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
 
-    logger = tracking.RunLogger(config["run_id"], tracking.tracking_uri()) if is_rank_zero() else tracking.NullLogger()
+    # Where every rank runs, so a user (and the multi-node test) can see the placement.
+    nodes = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    else:
+        nodes = [ray.get_runtime_context().get_node_id()]
+
+    # The tracking URI comes explicitly from the driver: a worker's own cwd/env may differ.
+    logger = tracking.RunLogger(config["run_id"], config["tracking_uri"]) if is_rank_zero() else tracking.NullLogger()
+    logger.set_tags({"vaedist.nodes": ",".join(n[:12] for n in nodes), "vaedist.num_nodes": len(set(nodes))})
     logger.start_system_metrics()
     per_rank_batch = max(1, cfg.train.batch_size // world)
     pictures = None
@@ -345,6 +351,8 @@ def run_training(
         train_loop_config={
             "experiment": flat,
             "run_id": run_id,
+            "tracking_uri": uri,
+            "_fault": os.environ.get(FAULT_ENV),
             "torch_threads": plan.torch_threads,
             "data_refs": [ray.put(np.ascontiguousarray(a)) for a in (*train, *val)],
             "_marker_dir": str(Path(storage) / name) if "://" not in storage else tempfile.gettempdir(),

@@ -1,0 +1,189 @@
+"""Ray Train + MLflow, for real: local Ray in-process, MLflow on a throwaway sqlite store, real MNIST."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from vaedist import tracking
+from vaedist.config import ResourcesConfig, experiment_from_dict
+from vaedist.errors import UsageError
+
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "data": {"dataset": "mnist", "val_size": 2000},
+    "model": {"variant": "cvae", "arch": "conv", "base_channels": 8, "latent_dim": 4},
+    "train": {"epochs": 2, "batch_size": 256, "max_failures": 1},
+    "resources": {"workers": 2},
+}
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_plan_workers_fails_fast_instead_of_hanging():
+    from vaedist.train import plan_workers
+
+    cpu_only = {"CPU": 2.0}
+    with pytest.raises(UsageError, match=r"1 worker\(s\) x 1 GPU but the Ray cluster has 0 GPU"):
+        plan_workers(ResourcesConfig(workers=1, gpus_per_worker=1), cpu_only)
+    with pytest.raises(UsageError, match=r"3 worker\(s\) x 1 CPU but the Ray cluster has 2 CPU.*--workers 2"):
+        plan_workers(ResourcesConfig(workers=3), cpu_only)
+    plan = plan_workers(ResourcesConfig(workers=2), cpu_only)
+    assert (plan.workers, plan.cpus_per_worker, plan.use_gpu, plan.torch_threads) == (2, 1.0, False, 1)
+    plan = plan_workers(ResourcesConfig(workers=1), cpu_only)
+    assert plan.torch_threads == 2
+    gpu = plan_workers(ResourcesConfig(workers=2, gpus_per_worker=1, cpus_per_worker=4), {"CPU": 16.0, "GPU": 2.0})
+    assert gpu.use_gpu and gpu.scaling_config().resources_per_worker == {"CPU": 4.0, "GPU": 1.0}
+
+
+def test_train_two_workers_records_everything_in_mlflow(local_ray, mlflow_store, tmp_path):
+    from vaedist.train import load_model, run_training
+
+    cfg = experiment_from_dict(SMALL)
+    result = run_training(cfg, name="e2e", storage=str(tmp_path / "runs"), echo=lambda *_: None)
+
+    run = mlflow_store.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.variant"] == "cvae" and run.data.params["resources.workers"] == "2"
+    assert run.data.params["resolved.likelihood"] == "bernoulli"
+    history = mlflow_store.get_metric_history(result.run_id, "val_neg_elbo")
+    assert [m.step for m in history] == [1, 2]
+    assert history[1].value < history[0].value < 544  # 544 nats = log(2) * 784: a coin flip per pixel
+    for key in ("val_recon", "val_kl", "val_bits_per_dim", "train_loss"):
+        assert len(mlflow_store.get_metric_history(result.run_id, key)) == 2, key
+    kl = mlflow_store.get_metric_history(result.run_id, "val_kl")[-1].value
+    recon = mlflow_store.get_metric_history(result.run_id, "val_recon")[-1].value
+    assert abs(recon + kl - history[-1].value) < 1e-3 * history[-1].value
+
+    # Pictures at every epoch, by key and step.
+    images = {a.path for a in mlflow_store.list_artifacts(result.run_id, "images")}
+    for key in ("samples", "reconstructions", "latent_scatter", "interpolation", "class_by_z"):
+        assert any(p.startswith(f"images/{key}") and "step_2" in p for p in images), (key, images)
+        assert any(p.startswith(f"images/{key}") and "step_1" in p for p in images), key
+
+    # Registered, champion, and the model loads back with weights_only=True to identical outputs.
+    assert result.model_uri == "models:/vaedist-mnist/1" and result.champion
+    mv = mlflow_store.get_model_version_by_alias("vaedist-mnist", "champion")
+    assert mv.version == "1" and mv.run_id == result.run_id
+    path = tracking.resolve_checkpoint("models:/vaedist-mnist@champion")
+    loaded, state = load_model(path)
+    original, _ = load_model(Path(result.checkpoint) / tracking.CHECKPOINT_FILE)
+    z = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(6)
+    with torch.no_grad():
+        assert torch.equal(loaded.generate(z, y), original.generate(z, y))
+        served = mlflow.pytorch.load_model("models:/vaedist-mnist@champion")
+        assert torch.allclose(served(z, y), loaded.generate(z, y), atol=1e-6)
+    assert state["epoch"] in (1, 2)
+
+
+def test_fault_mid_epoch_resumes_from_checkpoint(local_ray, mlflow_store, tmp_path, monkeypatch):
+    from vaedist.train import run_training
+
+    cfg = experiment_from_dict(SMALL)
+    clean = run_training(cfg, name="clean", storage=str(tmp_path / "runs"), echo=lambda *_: None)
+
+    # Rank 1 dies hard in the middle of the second epoch; Ray restarts the group from epoch 1's checkpoint.
+    monkeypatch.setenv("VAEDIST_INJECT_FAULT", "epoch=1,step=20,rank=1")
+    faulty = run_training(cfg, name="faulty", storage=str(tmp_path / "runs"), echo=lambda *_: None)
+    assert (tmp_path / "runs" / "faulty" / ".fault-injected").exists()
+    history = mlflow_store.get_metric_history(faulty.run_id, "val_neg_elbo")
+    assert sorted(m.step for m in history) == [1, 2]  # exactly the requested epochs, none repeated
+    assert faulty.metrics["epoch"] == 2
+    # Per-epoch seeding makes the resumed run retrace the uninterrupted one.
+    assert faulty.metrics["val_neg_elbo"] == pytest.approx(clean.metrics["val_neg_elbo"], rel=0.01)
+
+
+def test_same_name_resumes_and_a_changed_config_is_refused(local_ray, mlflow_store, tmp_path):
+    from vaedist.train import run_training
+
+    cfg = experiment_from_dict({**SMALL, "train": {**SMALL["train"], "epochs": 1}})
+    first = run_training(cfg, name="again", storage=str(tmp_path / "runs"), echo=lambda *_: None)
+    before = mlflow_store.get_run(first.run_id).data.params
+    changed = cfg.replace(**{"model.latent_dim": 6})
+    with pytest.raises(UsageError, match=r"a run named 'again' already exists with model.latent_dim=4 \(now 6\)"):
+        run_training(changed, name="again", storage=str(tmp_path / "runs"), echo=lambda *_: None)
+    assert mlflow_store.get_run(first.run_id).data.params == before
+
+
+def _cli(args, env_extra=None, cwd=None, timeout=240):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "vaedist", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--dataset", "imagenet"], 2, "Invalid value for '--dataset'"),
+        (["--variant", "gan"], 2, "Invalid value for '--variant'"),
+        (["--gpus-per-worker", "1"], 2, "error: asked for 1 worker(s) x 1 GPU but the Ray cluster has 0 GPU(s)"),
+        (["--workers", "64"], 2, "error: asked for 64 worker(s) x 1 CPU but the Ray cluster has"),
+        (["--latent-dim", "0"], 2, "error: model.latent_dim: must be an integer >= 1, got 0"),
+        (["--arch", "conv", "--depth", "3"], 2, "error: model.depth: 3 stride-2 blocks"),
+    ],
+)
+def test_cli_bad_input_is_one_line(args, code, message, tmp_path):
+    proc = _cli(["train", "--epochs", "1", *args, "--storage-path", str(tmp_path / "runs")], cwd=tmp_path)
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any run was recorded
+
+
+def test_cli_unwritable_storage_and_unreachable_mlflow_fail_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = _cli(["train", "--epochs", "1", "--storage-path", str(blocker / "runs")], cwd=tmp_path)
+    assert proc.returncode == 2 and "error: storage path" in proc.stderr and "not writable" in proc.stderr
+    assert blocker.read_text() == "not a folder"
+
+    proc = _cli(["train", "--epochs", "1"], env_extra={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: MLflow tracking server http://127.0.0.1:9 is not reachable")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "vaedist-runs").exists()
+
+
+def test_dry_run_prints_the_resolved_config(tmp_path):
+    proc = _cli(["train", "--dataset", "fashion-mnist", "--latent-dim", "8", "--dry-run"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "model.latent_dim = 8" in proc.stdout and "data.dataset = fashion-mnist" in proc.stdout
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_data_of_every_rank_is_disjoint():
+    from vaedist.loop import epoch_indices
+
+    parts = [epoch_indices(1001, epoch=3, seed=7, rank=r, world_size=2) for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 500
+    assert not set(parts[0]) & set(parts[1])
+    assert np.array_equal(parts[0], epoch_indices(1001, epoch=3, seed=7, rank=0, world_size=2))
+    assert not np.array_equal(parts[0], epoch_indices(1001, epoch=4, seed=7, rank=0, world_size=2))
