@@ -194,6 +194,52 @@ def _max_depth(h: int, w: int) -> int:
     return depth
 
 
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """A Ray Tune search over ExperimentConfig keys, with ASHA stopping weak trials early.
+
+    ``search_space`` maps dotted config keys to one distribution each, e.g.
+    ``{"model.latent_dim": {"choice": [8, 16, 32]}, "train.lr": {"loguniform": [3e-4, 3e-3]}}``.
+    """
+
+    search_space: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 8  # trials drawn (times each grid point)
+    metric: str = "val_neg_elbo"
+    mode: str = "min"
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's resources allow
+    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: int = 3  # ASHA: keep the best 1/reduction_factor at each rung
+    seed: int = 0  # the search's own sampling seed
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.search_space, dict) and len(self.search_space) > 0,
+               "tune.search_space", "is empty: give at least one key, e.g. model.latent_dim: {choice: [8, 16]}")  # fmt: skip
+        valid = set(flatten(ExperimentConfig()))
+        for key, dist in self.search_space.items():
+            where = f"tune.search_space.{key}"
+            _check(key in valid and not key.startswith(("resources.", "data.")), where,
+                   "is not a searchable key (model.* or train.*, e.g. model.latent_dim, train.lr)")  # fmt: skip
+            _check(isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS, where,
+                   f"must be one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {dist!r}")  # fmt: skip
+            kind, args = next(iter(dist.items()))
+            _check(isinstance(args, list) and len(args) > 0, where, f"{kind} needs a non-empty list")
+            if kind in ("uniform", "loguniform", "randint"):
+                _check(len(args) == 2 and all(isinstance(a, int | float) for a in args) and args[0] < args[1],
+                       where, f"{kind} needs [low, high] with low < high, got {args!r}")  # fmt: skip
+                if kind == "loguniform":
+                    _check(args[0] > 0, where, "loguniform needs low > 0")
+        _check_int(self.num_samples, "tune.num_samples", 1)
+        _check_choice(self.mode, ("min", "max"), "tune.mode")
+        if self.max_concurrent_trials is not None:
+            _check_int(self.max_concurrent_trials, "tune.max_concurrent_trials", 1)
+        _check_int(self.grace_period, "tune.grace_period", 1)
+        _check_int(self.reduction_factor, "tune.reduction_factor", 2)
+        _check_int(self.seed, "tune.seed", 0)
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     """A synthetic dataset: which model, which labels, how many, where (``vaedist generate``)."""
@@ -284,6 +330,12 @@ def section_from_dict(cls: type, values: dict[str, Any] | None, where: str) -> A
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
     return cls(**values)
+
+
+def tune_config_from_section(section: dict[str, Any] | None) -> TuneConfig:
+    if not section:
+        raise ConfigError("tune: the spec has no 'tune' section with a search_space")
+    return section_from_dict(TuneConfig, section, "tune")
 
 
 def experiment_from_dict(d: dict[str, Any] | None) -> ExperimentConfig:

@@ -13,7 +13,13 @@ from typing import Any
 
 import yaml
 
-from vaedist.config import SECTIONS, ConfigError, ExperimentConfig, experiment_from_dict
+from vaedist.config import (
+    SECTIONS,
+    ConfigError,
+    ExperimentConfig,
+    experiment_from_dict,
+    tune_config_from_section,
+)
 
 KINDS = ("train", "tune", "generate", "evaluate", "pipeline")
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
@@ -97,8 +103,10 @@ def spec_from_dict(
         sections = deep_merge(sections, overrides)
     spec = JobSpec(kind=kind, name=str(raw.get("name") or default_name), description=raw.get("description", ""),
                    sections=sections)  # fmt: skip
-    if kind == "train":
+    if kind in ("train", "tune"):
         spec.experiment  # noqa: B018 - validate now, so a bad spec fails before Ray starts
+    if kind == "tune":
+        tune_config_from_section(sections.get("tune"))
     return spec
 
 
@@ -111,4 +119,13 @@ def run_spec(spec: JobSpec, echo=print, name: str | None = None) -> Any:
         echo(f"model: {result.model_uri}  (val -ELBO {result.metrics.get('val_neg_elbo', float('nan')):.2f} nats"
              f"{', now champion' if result.champion else ''})")  # fmt: skip
         return result
+    if spec.kind == "tune":
+        from vaedist.tune import run_tune
+
+        return run_tune(spec.experiment, tune_config_from_section(spec.sections.get("tune")), job_name=name or spec.name,
+                        echo=echo)  # fmt: skip
     raise ConfigError(f"kind {spec.kind!r} is not available yet in this version of vaedist")
+
+
+# ----------------------------------------------------------------------------------------------------
+# (section: submission through the Ray Jobs API)

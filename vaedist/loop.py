@@ -81,10 +81,10 @@ class Sums:
     count: int = 0
 
     def add(self, out, batch: int) -> None:
-        self.neg_elbo += float(out.neg_elbo.sum())
-        self.recon += float(out.recon.sum())
-        self.kl += float(out.kl.sum())
-        self.loss += float(out.loss) * batch
+        self.neg_elbo += float(out.neg_elbo.detach().sum())
+        self.recon += float(out.recon.detach().sum())
+        self.kl += float(out.kl.detach().sum())
+        self.loss += float(out.loss.detach()) * batch
         self.count += batch
 
     def as_tensor(self) -> torch.Tensor:

@@ -27,7 +27,7 @@ CHAMPION = "champion"
 NAME_TAG = "vaedist.name"  # the job's deterministic name: a rerun with the same name resumes this run
 KIND_TAG = "vaedist.kind"
 VAL_METRIC = "val_neg_elbo"  # lower is better; the metric the champion alias is decided on
-CHECKPOINT_FILE = "model.pt"
+CHECKPOINT_FILE = "model.pt"  # = vaedist.checkpoint.CHECKPOINT_FILE (tracking must not import torch at module load)
 
 
 def tracking_uri() -> str:
@@ -134,6 +134,21 @@ def find_or_create_run(
     return run.info.run_id
 
 
+def find_run(dataset: str, name: str) -> str | None:
+    """The id of the run tagged with ``name`` in the dataset's experiment, or None."""
+    exp = _client().get_experiment_by_name(experiment_name(dataset))
+    if exp is None:
+        return None
+    found = _client().search_runs([exp.experiment_id], filter_string=f"tags.`{NAME_TAG}` = '{name}'", max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
+    client = _client()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     _client().set_terminated(run_id, status=status)
 
@@ -173,6 +188,12 @@ class RunLogger:
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
 
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
     def close(self) -> None:
         if self._system is not None:
             with contextlib.suppress(Exception):
@@ -195,6 +216,9 @@ class NullLogger:
         pass
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
+        pass
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         pass
 
     def close(self) -> None:
@@ -316,3 +340,21 @@ def model_version_info(uri: str) -> dict[str, str]:
         name, version = ref.split("/", 1)
         mv = client.get_model_version(name, version)
     return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id or ""}
+
+
+# --- evaluation runs
+
+
+def model_run_id(uri: str) -> str | None:
+    """The MLflow run that logged the model behind ``uri``, or None (a checkpoint path, or a model the
+    tracking store does not know): evaluation logs its numbers on that run when there is one."""
+    if uri.startswith("runs:/"):
+        run_id = uri[len("runs:/") :].split("/", 1)[0]
+        return run_id or None
+    if not uri.startswith("models:/"):
+        return None
+    mlflow = _mlflow()
+    try:
+        return model_version_info(uri).get("run_id") or None
+    except (mlflow.exceptions.MlflowException, ValueError):
+        return None

@@ -22,10 +22,11 @@ import ray.train.torch
 import torch
 
 from vaedist import loop, tracking
+from vaedist.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model, save_checkpoint
 from vaedist.config import ExperimentConfig, ResourcesConfig, from_flat
 from vaedist.data import get_spec, load_split
 from vaedist.errors import UsageError, VaedistError
-from vaedist.models import BaseVAE, build_model, build_model_from_hparams
+from vaedist.models import BaseVAE, build_model
 
 # Fault injection for the fault-tolerance test: "epoch=E,step=S,rank=R". The worker of that rank exits
 # hard at that step the first time only (a marker file next to the checkpoints remembers it).
@@ -60,7 +61,8 @@ def connect_ray(address: str | None = None) -> None:
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:
-            ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+            # The dashboard process also serves the State API that Ray Train's controller polls.
+            ray.init(runtime_env=runtime_env, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VaedistError(
@@ -141,37 +143,6 @@ def default_run_name(cfg: ExperimentConfig) -> str:
     return f"{cfg.data.dataset}-{cfg.model.variant}-{cfg.model.arch}-{digest}"
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoints: one file, loadable with torch.load(weights_only=True)
-
-
-def save_checkpoint(path: Path, model: BaseVAE, optimizer, epoch: int, cfg_flat: dict, metrics: dict) -> None:
-    torch.save(
-        {
-            "hparams": model.hparams,
-            "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else {},
-            "epoch": epoch,
-            "config": {k: v for k, v in cfg_flat.items()},
-            "metrics": metrics,
-        },
-        path,
-    )
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict; weights only, so a checkpoint from elsewhere cannot run code on load."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_model(path: str | Path) -> tuple[BaseVAE, dict[str, Any]]:
-    ckpt = load_checkpoint(path)
-    model = build_model_from_hparams(ckpt["hparams"])
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, ckpt
-
-
 class Generator(torch.nn.Module):
     """(z, label) -> images (B, C, H, W) in [0, 1]: the part of a VAE that MLflow serves."""
 
@@ -224,7 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = load_checkpoint(Path(d) / tracking.CHECKPOINT_FILE)
+            state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
         core.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
@@ -285,6 +256,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "beta": beta_at(steps),
             }
             logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+            if is_rank_zero():
+                print(
+                    f"[vaedist] epoch {epoch + 1}/{cfg.train.epochs}: train -ELBO {tr['neg_elbo']:.2f}, "
+                    f"val -ELBO {va['neg_elbo']:.2f} nats ({va['bits_per_dim']:.4f} bits/dim), "
+                    f"{metrics['train_images_per_s']:,.0f} img/s",
+                    flush=True,
+                )
             last = epoch + 1 == cfg.train.epochs
             if pictures is not None and ((epoch + 1) % cfg.train.image_every == 0 or last):
                 for key, image in pictures.render().items():
@@ -294,7 +272,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ckpt = None
                 if is_rank_zero():
                     save_checkpoint(
-                        Path(d) / tracking.CHECKPOINT_FILE, core, optimizer, epoch + 1, config["experiment"], metrics
+                        Path(d) / CHECKPOINT_FILE, core, optimizer, epoch + 1, config["experiment"], metrics
                     )
                     ckpt = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
@@ -304,6 +282,77 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # The driver
+
+
+def put_data(cfg: ExperimentConfig, plan: WorkerPlan) -> list:
+    """Train and validation arrays into the object store once; every worker maps them zero-copy."""
+    train = load_split(cfg.data.dataset, "train", root=cfg.data.data_dir, val_size=cfg.data.val_size)
+    val = load_split(cfg.data.dataset, "val", root=cfg.data.data_dir, val_size=cfg.data.val_size)
+    if plan.workers * max(1, cfg.train.batch_size // plan.workers) > len(train[0]):
+        raise UsageError(f"train.batch_size {cfg.train.batch_size} is larger than the {len(train[0])} training images")
+    return [ray.put(np.ascontiguousarray(a)) for a in (*train, *val)]
+
+
+def experiment_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """MLflow params: the flattened config (minus where it ran) plus what was resolved from defaults."""
+    params = {k: v for k, v in cfg.flatten().items() if k != "resources.address"}
+    params["resolved.likelihood"] = cfg.likelihood
+    return params
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    name: str,
+    storage: str,
+    run_id: str,
+    plan: WorkerPlan,
+    data_refs: list,
+    callbacks: list | None = None,
+) -> ray.train.torch.TorchTrainer:
+    """One TorchTrainer; the same ``name`` and ``storage`` resume from its latest checkpoint."""
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "experiment": cfg.flatten(),
+            "run_id": run_id,
+            "tracking_uri": tracking.tracking_uri(),
+            "_fault": os.environ.get(FAULT_ENV),
+            "torch_threads": plan.torch_threads,
+            "data_refs": data_refs,
+            "_marker_dir": str(Path(storage) / name) if "://" not in storage else tempfile.gettempdir(),
+        },
+        scaling_config=plan.scaling_config(),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.checkpoints_to_keep,
+                checkpoint_score_attribute="val_neg_elbo",
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def register_checkpoint(checkpoint: ray.train.Checkpoint | str, run_id: str, dataset: str) -> tuple[str, str, bool, float]:
+    """Log a checkpoint's generator to ``run_id``, register it, move ``champion`` if it is better.
+
+    Returns (model URI, version, became champion, validation -ELBO).
+    """
+    if isinstance(checkpoint, str):
+        checkpoint = ray.train.Checkpoint(checkpoint)
+    with checkpoint.as_directory() as d:
+        ckpt_file = Path(d) / CHECKPOINT_FILE
+        model, state = load_model(ckpt_file)
+        val_metric = float(state["metrics"]["val_neg_elbo"])
+        # Batch of 2: torch.export specialises a batch dimension of size 1 to a constant.
+        z = torch.randn(2, model.latent_dim, generator=torch.Generator().manual_seed(0))
+        example = (z, torch.arange(2, dtype=torch.int64)) if model.conditional else (z,)
+        model_uri, version = tracking.log_model(run_id, dataset, ckpt_file, Generator(model), example, val_metric)
+    moved, _ = tracking.promote_if_better(dataset, version, val_metric)
+    return model_uri, version, moved, val_metric
 
 
 @dataclass
@@ -334,41 +383,12 @@ def run_training(
     connect_ray(cfg.resources.address)
     plan = plan_workers(cfg.resources)
 
-    train = load_split(cfg.data.dataset, "train", root=cfg.data.data_dir, val_size=cfg.data.val_size)
-    val = load_split(cfg.data.dataset, "val", root=cfg.data.data_dir, val_size=cfg.data.val_size)
-    if plan.workers * max(1, cfg.train.batch_size // plan.workers) > len(train[0]):
-        raise UsageError(f"train.batch_size {cfg.train.batch_size} is larger than the {len(train[0])} training images")
-
-    flat = cfg.flatten()
-    params = {k: v for k, v in flat.items() if k != "resources.address"}
-    params["resolved.likelihood"] = cfg.likelihood
+    data_refs = put_data(cfg, plan)
+    params = experiment_params(cfg)
     run_id = tracking.find_or_create_run(cfg.data.dataset, name, params, kind="train", parent_run_id=parent_run_id)
     echo(f"training {name}: {plan.workers} worker(s) x {plan.cpus_per_worker:g} CPU"
          f"{f' x {plan.gpus_per_worker:g} GPU' if plan.use_gpu else ''}; MLflow run {run_id} in {uri}")  # fmt: skip
-
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "experiment": flat,
-            "run_id": run_id,
-            "tracking_uri": uri,
-            "_fault": os.environ.get(FAULT_ENV),
-            "torch_threads": plan.torch_threads,
-            "data_refs": [ray.put(np.ascontiguousarray(a)) for a in (*train, *val)],
-            "_marker_dir": str(Path(storage) / name) if "://" not in storage else tempfile.gettempdir(),
-        },
-        scaling_config=plan.scaling_config(),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.train.checkpoints_to_keep,
-                checkpoint_score_attribute="val_neg_elbo",
-                checkpoint_score_order="min",
-            ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-        ),
-    )
+    trainer = build_trainer(cfg, name, storage, run_id, plan, data_refs)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
@@ -379,19 +399,9 @@ def run_training(
     best = result.get_best_checkpoint("val_neg_elbo", "min") if result.best_checkpoints else result.checkpoint
     if best is None:
         raise VaedistError(f"training {name} produced no checkpoint (see {storage}/{name})")
-    with best.as_directory() as d:
-        ckpt_file = Path(d) / tracking.CHECKPOINT_FILE
-        model, state = load_model(ckpt_file)
-        val_metric = float(state["metrics"]["val_neg_elbo"])
-        model_uri, version, moved = "", "", False
-        if register:
-            # Batch of 2: torch.export specialises a batch dimension of size 1 to a constant.
-            z = torch.randn(2, model.latent_dim, generator=torch.Generator().manual_seed(0))
-            example = (z, torch.arange(2, dtype=torch.int64)) if model.conditional else (z,)
-            model_uri, version = tracking.log_model(
-                run_id, cfg.data.dataset, ckpt_file, Generator(model), example, val_metric
-            )
-            moved, _ = tracking.promote_if_better(cfg.data.dataset, version, val_metric)
+    model_uri, version, moved = "", "", False
+    if register:
+        model_uri, version, moved, _ = register_checkpoint(best, run_id, cfg.data.dataset)
     tracking.end_run(run_id, "FINISHED")
     return TrainResult(
         name=name,

@@ -1,0 +1,259 @@
+"""Ray Tune over Ray Train: search architecture size, latent size, epochs (and more) per dataset.
+
+The Ray 2.60 way (DESIGN.md): each trial is a Tune function that builds and fits a TorchTrainer with
+``RunConfig(name=<search>-<trial id>, callbacks=[TuneReportCallback()])``; ASHA stops weak trials early
+on validation -ELBO. MLflow gets one parent run per search and one child run per trial, so the UI's
+compare / parallel-coordinates views show the search; the best trial's model is registered and becomes
+``champion`` only if it beats the current one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from vaedist import tracking
+from vaedist.config import ExperimentConfig, TuneConfig, from_flat
+from vaedist.errors import VaedistError
+from vaedist.train import (
+    WorkerPlan,
+    build_trainer,
+    connect_ray,
+    experiment_params,
+    plan_workers,
+    put_data,
+    register_checkpoint,
+    storage_path,
+)
+
+TRIAL_ID_TAG = "vaedist.trial_id"
+
+
+def to_tune_space(space: dict[str, dict[str, list]]) -> dict[str, Any]:
+    """``{"model.latent_dim": {"choice": [8, 16]}}`` -> ``{"model.latent_dim": tune.choice([8, 16])}``."""
+    out = {}
+    for key, dist in space.items():
+        kind, args = next(iter(dist.items()))
+        if kind == "choice":
+            out[key] = ray.tune.choice(args)
+        elif kind == "grid":
+            out[key] = ray.tune.grid_search(args)
+        elif kind == "uniform":
+            out[key] = ray.tune.uniform(*args)
+        elif kind == "loguniform":
+            out[key] = ray.tune.loguniform(*args)
+        elif kind == "randint":
+            out[key] = ray.tune.randint(*args)
+    return out
+
+
+def max_epochs(base: ExperimentConfig, tune_cfg: TuneConfig) -> int:
+    """ASHA's max_t: the most epochs any trial can ask for."""
+    dist = tune_cfg.search_space.get("train.epochs")
+    if not dist:
+        return base.train.epochs
+    kind, args = next(iter(dist.items()))
+    return int(max(args))
+
+
+def concurrent_trials(plan: WorkerPlan, tune_cfg: TuneConfig, cluster: dict[str, float] | None = None) -> int:
+    """How many trials fit at once: each needs ``workers`` x (CPU, GPU) of the cluster."""
+    cluster = cluster if cluster is not None else ray.cluster_resources()
+    fits = math.floor(cluster.get("CPU", 0) / (plan.workers * plan.cpus_per_worker))
+    if plan.use_gpu:
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / (plan.workers * plan.gpus_per_worker)))
+    fits = max(1, fits)
+    return min(fits, tune_cfg.max_concurrent_trials) if tune_cfg.max_concurrent_trials else fits
+
+
+def search_name(job_name: str, base: ExperimentConfig, tune_cfg: TuneConfig) -> str:
+    """Deterministic from the job and its config: a rerun of the same search resumes it."""
+    payload = json.dumps(
+        {"base": {k: v for k, v in base.flatten().items() if not k.startswith("resources.")},
+         "tune": tune_cfg.__dict__}, sort_keys=True, default=str,
+    )  # fmt: skip
+    return f"{job_name}-{hashlib.sha1(payload.encode()).hexdigest()[:8]}"
+
+
+def run_trial(
+    config: dict[str, Any],
+    base_flat: dict[str, Any],
+    name: str,
+    parent_run_id: str,
+    storage: str,
+    plan: WorkerPlan,
+    data_refs: list,
+) -> None:
+    """One trial (runs in a Tune actor): merge the sampled values into the base config and fit."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = from_flat({**base_flat, **config})  # a ConfigError here fails this trial only
+    trial_name = f"{name}-{trial_id}"
+    run_id = tracking.find_or_create_run(
+        cfg.data.dataset, trial_name, experiment_params(cfg), kind="trial", parent_run_id=parent_run_id
+    )
+    tracking.set_run_tags(run_id, {TRIAL_ID_TAG: trial_id})
+    trainer = build_trainer(cfg, trial_name, storage, run_id, plan, data_refs, callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+@dataclass
+class TuneResult:
+    name: str
+    parent_run_id: str
+    table: list[dict[str, Any]]
+    best_trial: str | None
+    model_uri: str
+    version: str
+    champion: bool
+
+
+def run_tune(
+    base: ExperimentConfig,
+    tune_cfg: TuneConfig,
+    job_name: str = "tune",
+    storage: str | None = None,
+    echo=print,
+) -> TuneResult:
+    """Run (or resume) the search, then register the best trial's model."""
+    uri = tracking.tracking_uri()
+    tracking.check_tracking(uri)
+    storage = storage_path(storage)
+    connect_ray(base.resources.address)
+    resources = base.resources
+    if resources.cpus_per_worker is None:
+        # One CPU per worker by default, so that trials run side by side (ASHA compares them as they go).
+        resources = dataclasses.replace(resources, cpus_per_worker=1.0)
+    plan = plan_workers(resources)
+    name = search_name(job_name, base, tune_cfg)
+    dataset = base.data.dataset
+    parent_params = {**experiment_params(base), "tune.search_space": json.dumps(tune_cfg.search_space),
+                     "tune.num_samples": tune_cfg.num_samples, "tune.metric": tune_cfg.metric}  # fmt: skip
+    parent_run_id = tracking.find_or_create_run(dataset, name, parent_params, kind="tune")
+    data_refs = put_data(base, plan)
+    concurrency = concurrent_trials(plan, tune_cfg)
+    echo(f"search {name}: {tune_cfg.num_samples} trial(s), {concurrency} at a time, each {plan.workers} worker(s) "
+         f"x {plan.cpus_per_worker:g} CPU; MLflow parent run {parent_run_id} in {uri}")  # fmt: skip
+
+    trainable = ray.tune.with_parameters(
+        run_trial, base_flat=base.flatten(), name=name, parent_run_id=parent_run_id,
+        storage=storage, plan=plan, data_refs=data_refs,
+    )  # fmt: skip
+    # The trial function only waits on its TorchTrainer, whose workers hold the CPUs/GPUs; a CPU-less
+    # bundle (Tune refuses an empty one) keeps it from taking a core a worker needs.
+    trainable = ray.tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20})
+    experiment_path = f"{storage.rstrip('/')}/{name}"
+    if ray.tune.Tuner.can_restore(experiment_path):
+        echo(f"resuming search {name} from {experiment_path} (finished trials are not repeated)")
+        tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=False)
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=to_tune_space(tune_cfg.search_space),
+            tune_config=ray.tune.TuneConfig(
+                metric=tune_cfg.metric,
+                mode=tune_cfg.mode,
+                num_samples=tune_cfg.num_samples,
+                max_concurrent_trials=concurrency,
+                scheduler=ASHAScheduler(
+                    time_attr="epoch",
+                    max_t=max_epochs(base, tune_cfg),
+                    grace_period=tune_cfg.grace_period,
+                    reduction_factor=tune_cfg.reduction_factor,
+                ),
+                search_alg=ray.tune.search.BasicVariantGenerator(random_state=tune_cfg.seed),
+            ),
+            run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=1),
+        )
+    grid = tuner.fit()
+
+    table = results_table(grid, tune_cfg, base)
+    _close_child_runs(dataset, name, table)
+    text = format_table(table, tune_cfg.metric)
+    echo(text)
+    logger = tracking.RunLogger(parent_run_id, uri)
+    logger.log_text(text, "tune_results.txt")
+    logger.log_text(table_csv(table), "tune_results.csv")
+
+    ok = [row for row in table if row["status"] != "ERROR" and row.get(tune_cfg.metric) is not None]
+    if not ok:
+        tracking.end_run(parent_run_id, "FAILED")
+        raise VaedistError(f"search {name}: every trial failed (see the child runs in MLflow and {experiment_path})")
+    best_row = (min if tune_cfg.mode == "min" else max)(ok, key=lambda r: r[tune_cfg.metric])
+    model_uri, version, moved, metric = register_checkpoint(best_row["checkpoint"], best_row["run_id"], dataset)
+    logger.log_metrics({f"best_{tune_cfg.metric}": metric}, step=0)
+    tracking.set_run_tags(parent_run_id, {"vaedist.best_trial": best_row["trial"], "vaedist.best_model": model_uri})
+    tracking.end_run(parent_run_id, "FINISHED")
+    echo(f"best trial {best_row['trial']}: {tune_cfg.metric} {metric:.2f} -> {model_uri}"
+         f"{' (now champion)' if moved else ' (champion unchanged: it is at least as good)'}")  # fmt: skip
+    return TuneResult(name, parent_run_id, table, best_row["trial"], model_uri, version, moved)
+
+
+def results_table(grid, tune_cfg: TuneConfig, base: ExperimentConfig) -> list[dict[str, Any]]:
+    """One row per trial: its params, best metric, epochs run, stopped early?, best checkpoint."""
+    rows = []
+    for result in grid:
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        params = {k: result.config.get(k) for k in tune_cfg.search_space}
+        row: dict[str, Any] = {"trial": trial_id, **params, "status": "ERROR" if result.error else "OK"}
+        df = result.metrics_dataframe
+        if df is not None and len(df) and tune_cfg.metric in df:
+            best_idx = df[tune_cfg.metric].idxmin() if tune_cfg.mode == "min" else df[tune_cfg.metric].idxmax()
+            row[tune_cfg.metric] = float(df.loc[best_idx, tune_cfg.metric])
+            row["checkpoint"] = df.loc[best_idx, "checkpoint_path"] if "checkpoint_path" in df else None
+            epochs_run = int(df["epoch"].max())
+            wanted = int(result.config.get("train.epochs", base.train.epochs))
+            row["epochs_run"] = epochs_run
+            row["stopped_early"] = not result.error and epochs_run < wanted
+        else:
+            row.update({tune_cfg.metric: None, "checkpoint": None, "epochs_run": 0, "stopped_early": False})
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r[tune_cfg.metric] is None, r[tune_cfg.metric] or 0))
+
+
+def _close_child_runs(dataset: str, name: str, table: list[dict[str, Any]]) -> None:
+    """A trial that ASHA stopped or that crashed never closes its own MLflow run: close it here."""
+    for row in table:
+        run_id = tracking.find_run(dataset, f"{name}-{row['trial']}")
+        row["run_id"] = run_id
+        if run_id:
+            status = "FAILED" if row["status"] == "ERROR" else "FINISHED"
+            tracking.set_run_tags(run_id, {"vaedist.stopped_early": row["stopped_early"]})
+            tracking.end_run(run_id, status)
+
+
+def format_table(table: list[dict[str, Any]], metric: str) -> str:
+    if not table:
+        return "(no trials)"
+    cols = [c for c in table[0] if c not in ("checkpoint", "run_id")]
+    cells = [[_fmt(row.get(c)) for c in cols] for row in table]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
+    body = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join([line, "-" * len(line), *body])
+
+
+def table_csv(table: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if table:
+        writer = csv.DictWriter(buf, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    return buf.getvalue()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
