@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,12 +99,13 @@ def run_trial(
 ) -> None:
     """One trial (runs in a Tune actor): merge the sampled values into the base config and fit."""
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = from_flat({**base_flat, **config})  # a ConfigError here fails this trial only
+    flat = {**base_flat, **config}
     trial_name = f"{name}-{trial_id}"
-    run_id = tracking.find_or_create_run(
-        cfg.data.dataset, trial_name, experiment_params(cfg), kind="trial", parent_run_id=parent_run_id
-    )
+    # The child run exists before the config is checked, so a trial that fails shows up in MLflow as FAILED.
+    params = {k: v for k, v in flat.items() if k != "resources.address"}
+    run_id = tracking.find_or_create_run(flat["data.dataset"], trial_name, params, kind="trial", parent_run_id=parent_run_id)
     tracking.set_run_tags(run_id, {TRIAL_ID_TAG: trial_id})
+    cfg = from_flat(flat)  # a ConfigError here fails this trial only; the search goes on
     trainer = build_trainer(cfg, trial_name, storage, run_id, plan, data_refs, callbacks=[TuneReportCallback()])
     trainer.fit()
 
@@ -165,14 +167,15 @@ def run_tune(
                 metric=tune_cfg.metric,
                 mode=tune_cfg.mode,
                 num_samples=tune_cfg.num_samples,
-                max_concurrent_trials=concurrency,
                 scheduler=ASHAScheduler(
                     time_attr="epoch",
                     max_t=max_epochs(base, tune_cfg),
                     grace_period=tune_cfg.grace_period,
                     reduction_factor=tune_cfg.reduction_factor,
                 ),
-                search_alg=ray.tune.search.BasicVariantGenerator(random_state=tune_cfg.seed),
+                # Seeded sampling; the generator itself caps concurrency (Tune ignores max_concurrent_trials
+                # when given a search generator).
+                search_alg=ray.tune.search.BasicVariantGenerator(random_state=tune_cfg.seed, max_concurrent=concurrency),
             ),
             run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=1),
         )
@@ -204,8 +207,9 @@ def results_table(grid, tune_cfg: TuneConfig, base: ExperimentConfig) -> list[di
     """One row per trial: its params, best metric, epochs run, stopped early?, best checkpoint."""
     rows = []
     for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        params = {k: result.config.get(k) for k in tune_cfg.search_space}
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
+        config = result.config or _params_json(result.path)  # a trial that crashed early reported nothing
+        params = {k: config.get(k) for k in tune_cfg.search_space}
         row: dict[str, Any] = {"trial": trial_id, **params, "status": "ERROR" if result.error else "OK"}
         df = result.metrics_dataframe
         if df is not None and len(df) and tune_cfg.metric in df:
@@ -220,6 +224,19 @@ def results_table(grid, tune_cfg: TuneConfig, base: ExperimentConfig) -> list[di
             row.update({tune_cfg.metric: None, "checkpoint": None, "epochs_run": 0, "stopped_early": False})
         rows.append(row)
     return sorted(rows, key=lambda r: (r[tune_cfg.metric] is None, r[tune_cfg.metric] or 0))
+
+
+def _trial_id_from_path(path: str) -> str:
+    """Tune names trial folders ``<trainable>_<trial id>_<index>_<params>...``; the id is ``xxxxx_NNNNN``."""
+    match = re.match(r"^[a-z_]+?_([0-9a-f]{5}_\d{5})", Path(path).name)
+    return match.group(1) if match else Path(path).name
+
+
+def _params_json(path: str) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / "params.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _close_child_runs(dataset: str, name: str, table: list[dict[str, Any]]) -> None:
