@@ -91,7 +91,7 @@ def test_train_two_workers_records_everything_in_mlflow(local_ray, mlflow_store,
     # Registered, champion, and the model loads back with weights_only=True to identical outputs.
     assert result.model_uri == "models:/vaedist-mnist/1" and result.champion
     mv = mlflow_store.get_model_version_by_alias("vaedist-mnist", "champion")
-    assert mv.version == "1" and mv.run_id == result.run_id
+    assert str(mv.version) == "1" and mv.run_id == result.run_id
     path = tracking.resolve_checkpoint("models:/vaedist-mnist@champion")
     loaded, state = load_model(path)
     original, _ = load_model(Path(result.checkpoint) / tracking.CHECKPOINT_FILE)

@@ -292,7 +292,7 @@ def promote_if_better(dataset: str, version: str, val_metric: float) -> tuple[bo
     previous = None
     if current is not None:
         previous = float(current.tags.get(VAL_METRIC, "inf"))
-        if current.version == version or previous <= val_metric:
+        if str(current.version) == str(version) or previous <= val_metric:
             return False, previous
     client.set_registered_model_alias(name, CHAMPION, version)
     return True, previous

@@ -170,6 +170,9 @@ def _maybe_inject_fault(cfg: dict, epoch: int, step: int, rank: int) -> None:
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(spec)
+    # Crash only once the controller has registered the previous epoch's checkpoint, so the test
+    # exercises "resume from the last checkpoint" rather than a race with the controller's polling.
+    ray.train.get_all_reported_checkpoints(timeout_s=60)
     os._exit(1)  # a hard crash, as if the worker's node died
 
 
@@ -218,6 +221,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         pictures = EpochPictures(core, val_x.numpy(), val_y.numpy(), spec.class_names, seed=cfg.train.seed)
 
+    first_step_at: list[float | None] = [None]  # wall clock of this worker's first step (start-up cost)
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             t0 = time.perf_counter()
@@ -229,6 +233,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 return loop.kl_weight(epoch, step, steps, cfg.train.beta, cfg.train.kl_warmup_epochs)
 
             def on_step(step: int, epoch: int = epoch) -> None:
+                if first_step_at[0] is None:
+                    first_step_at[0] = time.time()
                 _maybe_inject_fault(config, epoch, step, rank)
 
             train_sums = loop.train_epoch(
@@ -254,8 +260,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "val_bits_per_dim": va["bits_per_dim"],
                 "train_images_per_s": train_t[4].item() / max(seconds, 1e-9),
                 "beta": beta_at(steps),
+                "first_step_unix_s": first_step_at[0] or 0.0,
             }
-            logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+            logger.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "first_step_unix_s")}, step=epoch + 1)
             if is_rank_zero():
                 print(
                     f"[vaedist] epoch {epoch + 1}/{cfg.train.epochs}: train -ELBO {tr['neg_elbo']:.2f}, "
@@ -364,7 +371,7 @@ class TrainResult:
     checkpoint: str
     metrics: dict[str, float]
     champion: bool
-    resumed_finished: bool = False
+    fit_started_unix_s: float = 0.0
 
 
 def run_training(
@@ -389,6 +396,7 @@ def run_training(
     echo(f"training {name}: {plan.workers} worker(s) x {plan.cpus_per_worker:g} CPU"
          f"{f' x {plan.gpus_per_worker:g} GPU' if plan.use_gpu else ''}; MLflow run {run_id} in {uri}")  # fmt: skip
     trainer = build_trainer(cfg, name, storage, run_id, plan, data_refs)
+    fit_started = time.time()
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
@@ -411,4 +419,5 @@ def run_training(
         checkpoint=best.path,
         metrics={k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)},
         champion=moved,
+        fit_started_unix_s=fit_started,
     )

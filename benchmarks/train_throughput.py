@@ -1,0 +1,97 @@
+"""Training throughput, side by side in one run: plain PyTorch vs Ray Train (1 worker x 2 threads,
+2 workers x 1 thread), same model, same data, same total CPU threads.
+
+    python benchmarks/train_throughput.py [--epochs 3] [--dataset mnist]
+
+Images/s are steady-state: the mean over epochs after the first (the first pays for start-up and
+warm-up), measured around the training steps only, for all three set-ups alike. "fit to first batch"
+is the wall time from ``TorchTrainer.fit()`` (in ``run_training``) to the first optimizer step on a worker.
+Ends with one line per figure: ``<figure>: <value> (goal <op> <target>)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def plain_loop(cfg, epochs: int, threads: int) -> list[float]:
+    from vaedist import loop
+    from vaedist.data import get_spec, load_split
+    from vaedist.models import build_model
+
+    torch.set_num_threads(threads)
+    spec = get_spec(cfg.data.dataset)
+    images, labels = load_split(cfg.data.dataset, "train", val_size=cfg.data.val_size)
+    images_t, labels_t = torch.from_numpy(np.array(images)), torch.from_numpy(np.array(labels))
+    loop.seed_everything(cfg.train.seed)
+    model = build_model(cfg.model, spec.image_shape, spec.num_classes, cfg.likelihood)
+    objective = loop.ElboObjective(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    rates = []
+    for epoch in range(epochs):
+        indices = loop.epoch_indices(len(images_t), epoch, cfg.train.seed)
+        generator = torch.Generator().manual_seed(loop.derive_seed(cfg.train.seed, epoch, 0))
+        t0 = time.perf_counter()
+        sums = loop.train_epoch(objective, model, optimizer, images_t, labels_t, indices, cfg.train.batch_size,
+                                lambda _: cfg.train.beta, 0.0, generator, torch.device("cpu"))  # fmt: skip
+        rates.append(sums.count / (time.perf_counter() - t0))
+    return rates
+
+
+def ray_train(cfg, name: str, storage: str) -> tuple[list[float], float]:
+    import mlflow
+
+    from vaedist import tracking
+    from vaedist.train import run_training
+
+    result = run_training(cfg, name=name, storage=storage, register=False, echo=lambda *_: None)
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    history = sorted(client.get_metric_history(result.run_id, "train_images_per_s"), key=lambda m: m.step)
+    # From the driver's fit() to the worker's first optimizer step (same machine, same clock).
+    return [m.value for m in history], result.metrics["first_step_unix_s"] - result.fit_started_unix_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+
+    work = tempfile.mkdtemp(prefix="vaedist-bench-")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
+    import ray
+
+    from vaedist.config import experiment_from_dict
+
+    base = {
+        "data": {"dataset": args.dataset},
+        "model": {"variant": "cvae", "arch": "conv", "latent_dim": 16, "base_channels": 32, "depth": 2},
+        "train": {"epochs": args.epochs, "batch_size": 128, "image_every": 1000},
+    }
+    plain = plain_loop(experiment_from_dict(base), args.epochs, threads=2)
+    ray.init(num_cpus=2)
+    one = experiment_from_dict({**base, "resources": {"workers": 1, "cpus_per_worker": 2}})
+    two = experiment_from_dict({**base, "resources": {"workers": 2, "cpus_per_worker": 1}})
+    r1, first1 = ray_train(one, "bench-1x2", f"{work}/runs")
+    r2, first2 = ray_train(two, "bench-2x1", f"{work}/runs")
+    ray.shutdown()
+
+    steady = {k: statistics.mean(v[1:]) for k, v in {"plain": plain, "1x2": r1, "2x1": r2}.items()}
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.epochs} epochs of {args.dataset}")
+    for key, rates in {"plain 2 threads": plain, "Ray 1 worker x 2 threads": r1, "Ray 2 workers x 1 thread": r2}.items():
+        print(f"  {key:26s} per epoch: {', '.join(f'{r:,.0f}' for r in rates)} img/s")
+    print(f"ray_2x1_vs_plain: {steady['2x1'] / steady['plain']:.2f} (goal >= 1.05)")
+    print(f"ray_1x2_vs_plain: {steady['1x2'] / steady['plain']:.2f} (goal >= 0.95)")
+    print(f"plain_images_per_s: {steady['plain']:.0f} (goal > 0)")
+    print(f"fit_to_first_batch_s: {max(first1, first2):.1f} (goal <= 8)")
+
+
+if __name__ == "__main__":
+    main()
