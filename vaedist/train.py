@@ -133,6 +133,45 @@ def storage_path(path: str | None = None) -> str:
     return str(local)
 
 
+def _read_marker(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def check_storage_shared(storage: str) -> None:
+    """On a multi-node cluster, every node must see the same checkpoint folder (NFS, or s3://...).
+
+    A node-local path would "work" until a worker on another node restores from a checkpoint it cannot
+    see; instead, write a marker here and read it back from a task pinned to every alive node.
+    """
+    if "://" in storage:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len({n["NodeManagerAddress"] for n in nodes}) <= 1 and len(nodes) <= 1:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = os.urandom(8).hex()
+    marker = Path(storage) / f".shared-check-{token}"
+    marker.write_text(token)
+    try:
+        read = ray.remote(num_cpus=0)(_read_marker)
+        seen = ray.get([
+            read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
+            for n in nodes
+        ])  # fmt: skip
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [n["NodeManagerAddress"] for n, got in zip(nodes, seen, strict=True) if got != token]
+    if blind:
+        raise UsageError(
+            f"storage path {storage} is not shared across nodes ({', '.join(sorted(set(blind)))} cannot see it): "
+            "use a shared mount (NFS) on every node or an s3:// / gs:// URI via --storage-path or VAEDIST_STORAGE_PATH"
+        )
+
+
 def default_run_name(cfg: ExperimentConfig) -> str:
     """Deterministic from the config: the same command resumes, a changed config starts fresh."""
     import hashlib
@@ -389,6 +428,7 @@ def run_training(
     storage = storage_path(storage)
     connect_ray(cfg.resources.address)
     plan = plan_workers(cfg.resources)
+    check_storage_shared(storage)
 
     data_refs = put_data(cfg, plan)
     params = experiment_params(cfg)

@@ -31,6 +31,7 @@ from vaedist.errors import VaedistError
 from vaedist.train import (
     WorkerPlan,
     build_trainer,
+    check_storage_shared,
     connect_ray,
     experiment_params,
     plan_workers,
@@ -138,6 +139,7 @@ def run_tune(
         # One CPU per worker by default, so that trials run side by side (ASHA compares them as they go).
         resources = dataclasses.replace(resources, cpus_per_worker=1.0)
     plan = plan_workers(resources)
+    check_storage_shared(storage)
     name = search_name(job_name, base, tune_cfg)
     dataset = base.data.dataset
     parent_params = {**experiment_params(base), "tune.search_space": json.dumps(tune_cfg.search_space),
