@@ -135,9 +135,13 @@ class ResourcesConfig:
     # None: derived from the cluster (all CPUs of the node split across workers).
     cpus_per_worker: float | None = None
     address: str | None = None  # None: $RAY_ADDRESS, else local Ray in-process
+    # > 0 on an autoscaling cluster: request missing CPUs/GPUs from the autoscaler and wait this long
+    # before giving up (0: fail at once if the cluster cannot hold the job).
+    scale_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int(self.workers, "resources.workers", 1)
+        _check_float(self.scale_timeout_s, "resources.scale_timeout_s", 0.0)
         _check_float(self.gpus_per_worker, "resources.gpus_per_worker", 0.0)
         if self.cpus_per_worker is not None:
             _check_float(self.cpus_per_worker, "resources.cpus_per_worker", 0.0, strict=True)

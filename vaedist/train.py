@@ -99,21 +99,57 @@ def plan_workers(res: ResourcesConfig, cluster: dict[str, float] | None = None) 
 
     Ray Train V2 retries an unschedulable worker group indefinitely, so a request for GPUs on a
     CPU-only cluster would hang; ``use_gpu`` is derived from ``gpus_per_worker`` and checked here.
+    On an autoscaling cluster (``resources.scale_timeout_s`` > 0) the missing resources are first
+    requested from the autoscaler and awaited for that long.
     """
-    cluster = cluster if cluster is not None else ray.cluster_resources()
+    if cluster is None:
+        cluster = ray.cluster_resources()
+        if res.scale_timeout_s > 0 and _shortfall(res, cluster):
+            cluster = _scale_up(res)
+    short = _shortfall(res, cluster)
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    if res.gpus_per_worker > 0 and gpus < res.gpus_per_worker * res.workers:
+    if short == "GPU":
         raise UsageError(
             f"asked for {res.workers} worker(s) x {res.gpus_per_worker:g} GPU but the Ray cluster has "
             f"{gpus:g} GPU(s); use --gpus-per-worker 0 to train on CPUs"
+            + ("" if res.scale_timeout_s else ", or resources.scale_timeout_s to wait for an autoscaler")
         )
-    cpus_per_worker = res.cpus_per_worker or max(1.0, math.floor(cpus / res.workers))
-    if res.workers * cpus_per_worker > cpus:
+    cpus_per_worker = _cpus_per_worker(res, cluster)
+    if short == "CPU":
         raise UsageError(
             f"asked for {res.workers} worker(s) x {cpus_per_worker:g} CPU but the Ray cluster has {cpus:g} "
             f"CPU(s); use --workers {max(1, int(cpus // cpus_per_worker))} or fewer CPUs per worker"
         )
     return WorkerPlan(res.workers, float(cpus_per_worker), float(res.gpus_per_worker))
+
+
+def _cpus_per_worker(res: ResourcesConfig, cluster: dict[str, float]) -> float:
+    return res.cpus_per_worker or max(1.0, math.floor(cluster.get("CPU", 0.0) / res.workers))
+
+
+def _shortfall(res: ResourcesConfig, cluster: dict[str, float]) -> str | None:
+    """'GPU' or 'CPU' if the cluster cannot hold the worker group at all, else None."""
+    if res.gpus_per_worker > 0 and cluster.get("GPU", 0.0) < res.gpus_per_worker * res.workers:
+        return "GPU"
+    if res.workers * _cpus_per_worker(res, cluster) > cluster.get("CPU", 0.0):
+        return "CPU"
+    return None
+
+
+def _scale_up(res: ResourcesConfig) -> dict[str, float]:
+    """Ask the autoscaler for the worker group's bundles and wait until they exist (or time out)."""
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {"CPU": res.cpus_per_worker or 1.0}
+    if res.gpus_per_worker:
+        bundle["GPU"] = res.gpus_per_worker
+    request_resources(bundles=[bundle] * res.workers)
+    deadline = time.monotonic() + res.scale_timeout_s
+    cluster = ray.cluster_resources()
+    while _shortfall(res, cluster) and time.monotonic() < deadline:
+        time.sleep(5)
+        cluster = ray.cluster_resources()
+    return cluster
 
 
 def storage_path(path: str | None = None) -> str:
