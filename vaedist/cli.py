@@ -189,11 +189,153 @@ def run(job: str, preset: str | None, dry_run: bool) -> None:
 
 
 # --------------------------------------------------------------------------------- submit, jobs
-# (section: submit and jobs commands)
+
+
+def _err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _out(text: str) -> None:
+    click.echo(text, nl=False)
+
+
+_ADDRESS_HELP = (
+    "The head's dashboard URL, e.g. http://HEAD:8265 [default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS]."
+)
+
+
+@main.command()
+@click.argument("job")
+@click.option("--address", help=_ADDRESS_HELP + " Without one, the job runs here on local Ray.")
+@click.option("--preset", help="A preset of the spec, e.g. 'smoke' for a one-minute run.")
+@click.option("--no-wait", is_flag=True, help="Print the submission id and how to follow it, then return.")
+@click.option(
+    "--resubmit",
+    is_flag=True,
+    help="Run it again even if this spec and preset already ran (id gets -r2, -r3, ...).",
+)
+@click.pass_context
+def submit(
+    ctx: click.Context, job: str, address: str | None, preset: str | None, no_wait: bool, resubmit: bool
+) -> None:
+    """Send 'python -m vaedist run jobs/JOB.yaml' to a Ray cluster through the Jobs API.
+
+    The project folder goes as working_dir; MLFLOW_TRACKING_URI (and VAEDIST_DATA_DIR, where set) go in
+    env_vars. The submission id comes from the job name, the preset and a hash of the spec file, so
+    repeating a submit attaches to the job that is running, or reports the one that finished; --resubmit
+    runs it again. Streams the logs and exits with the job's outcome (0 SUCCEEDED, 1 FAILED or STOPPED).
+
+    \b
+    The token of a token-auth cluster is read the way Ray reads it: $RAY_AUTH_TOKEN,
+    the file $RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (`ray get-auth-token` on the head prints it).
+    """
+    from vaedist.errors import UsageError
+    from vaedist.jobs import jobs_address, load_spec, submit_spec
+
+    if jobs_address(address) is None:
+        if no_wait:
+            raise UsageError("--no-wait needs a Ray cluster: pass --address or set RAY_ADDRESS")
+        load_spec(job, preset=preset)  # a bad spec fails here, before Ray starts
+        _err(f"no --address and no RAY_ADDRESS: running {job} here, on local Ray in this process")
+        ctx.invoke(run, job=job, preset=preset, dry_run=False)
+        return
+    ctx.exit(
+        submit_spec(
+            job, address, preset=preset, wait=not no_wait, resubmit=resubmit, echo=echo, warn=_err, out=_out
+        )
+    )
+
+
+@main.group("jobs")
+def jobs_group() -> None:
+    """List, inspect, follow and stop the jobs of a Ray cluster (the Ray Jobs API)."""
+
+
+_address_option = click.option("--address", help=_ADDRESS_HELP)
+
+
+@jobs_group.command("list")
+@_address_option
+def jobs_list_cmd(address: str | None) -> None:
+    """Every job submitted to the cluster, oldest first."""
+    from vaedist.jobs import jobs_list
+
+    jobs_list(address, echo=echo)
+
+
+@jobs_group.command("status")
+@click.argument("job_id")
+@_address_option
+def jobs_status_cmd(job_id: str, address: str | None) -> None:
+    """Status, message, entrypoint and vaedist metadata of one job."""
+    from vaedist.jobs import jobs_status
+
+    jobs_status(address, job_id, echo=echo)
+
+
+@jobs_group.command("logs")
+@click.argument("job_id")
+@_address_option
+@click.option("--follow", "-f", is_flag=True, help="Stream until the job ends, then exit with its outcome.")
+@click.pass_context
+def jobs_logs_cmd(ctx: click.Context, job_id: str, address: str | None, follow: bool) -> None:
+    """The job's driver output (stdout and stderr)."""
+    from vaedist.jobs import jobs_logs
+
+    ctx.exit(jobs_logs(address, job_id, follow_logs=follow, echo=echo, out=_out))
+
+
+@jobs_group.command("stop")
+@click.argument("job_id")
+@_address_option
+def jobs_stop_cmd(job_id: str, address: str | None) -> None:
+    """Ask the job to stop (SIGTERM, then SIGKILL) and wait up to 30 s for it to end."""
+    from vaedist.jobs import jobs_stop
+
+    jobs_stop(address, job_id, echo=echo)
 
 
 # ------------------------------------------------------------------------------------- generate
-# (section: generate command)
+
+
+@main.command()
+@click.option("--model", "model_uri", required=True, help="models:/vaedist-mnist@champion, runs:/<run_id>/model, or a path to model.pt.")
+@click.option("--out", required=True, help="Output folder or s3://bucket/prefix, one per generation run (part-NNNNN.parquet + _manifest.json).")
+@click.option("--labels", help="Class indices, e.g. 0,3,7, or 'all' [default: all]. An unconditional model takes none (its rows get label -1).")
+@click.option("--per-label", type=int, help="Rows per label (give this or --total).")
+@click.option("--total", type=int, help="Rows in all, split across the labels by --class-balance.")
+@click.option("--class-balance", type=click.Choice(["uniform", "as-train"]), help="With --total: equal rows per label, or the real train split's class frequencies [default: uniform].")
+@click.option("--shard-rows", type=int, help="Rows per part file [default: 10000].")
+@click.option("--image-format", type=click.Choice(["raw", "png"]), help="raw = uint8 HxWxC fixed-shape tensor column, png = PNG bytes [default: raw].")
+@click.option("--temperature", type=float, help="z ~ N(0, T^2 I) [default: 1].")
+@click.option("--seed", type=int, help="Seed of every sample's z (with its sample_id) [default: 0].")
+@click.option("--batch-size", type=int, help="Images per decoder call [default: 1024].")
+@click.option("--workers", type=int, help="Decoder actors (each loads the model once) [default: 1].")
+@click.option("--gpus-per-worker", type=float, help="GPUs per actor; 0 decodes on CPUs [default: 0].")
+@click.option("--cpus-per-worker", type=float, help="CPUs (torch threads) per actor [default: the cluster's CPUs / workers].")
+@click.option("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local Ray in-process].")
+@click.option("--overwrite", is_flag=True, help="Replace a complete or unfinished run of another plan in --out.")
+@click.option("--dry-run", is_flag=True, help="Resolve the model, print the plan and what would be written; write nothing.")
+def generate(model_uri: str, out: str, labels: str | None, dry_run: bool, **flags: Any) -> None:
+    """Generate label-conditioned images from a model into Parquet shards, on Ray Data.
+
+    \b
+    A rerun of the same command finishes an interrupted run (only missing shards are written); the
+    same sample_id always gets the same image. The run is recorded in MLflow (vaedist/<dataset>).
+    Example:
+      vaedist generate --model models:/vaedist-mnist@champion --out out/mnist-60k --per-label 6000
+    """
+    from vaedist.config import GenerateConfig, ResourcesConfig
+    from vaedist.errors import UsageError
+    from vaedist.generate import parse_labels, run_generate
+
+    if (flags["per_label"] is None) == (flags["total"] is None):
+        raise UsageError("give exactly one of --per-label N (rows per label) or --total N (rows in all)")
+    res_keys = ("workers", "gpus_per_worker", "cpus_per_worker", "address")
+    gen = {k: v for k, v in flags.items() if k not in res_keys and v is not None}
+    cfg = GenerateConfig(model=model_uri, out=out, labels=parse_labels(labels), **gen)
+    resources = ResourcesConfig(**{k: flags[k] for k in res_keys if flags[k] is not None})
+    run_generate(cfg, resources, echo=echo, dry_run=dry_run)
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -207,61 +349,103 @@ def evaluate() -> None:
 def _resources(workers, cpus_per_worker, gpus_per_worker, address):
     from vaedist.config import ResourcesConfig
 
-    given = {"workers": workers, "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker, "address": address}
+    given = {
+        "workers": workers,
+        "cpus_per_worker": cpus_per_worker,
+        "gpus_per_worker": gpus_per_worker,
+        "address": address,
+    }
     return ResourcesConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def _resource_options(fn):
-    fn = click.option("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local Ray in-process].")(fn)
+    fn = click.option(
+        "--address", help="Ray cluster address [default: $RAY_ADDRESS, else local Ray in-process]."
+    )(fn)
     fn = click.option("--gpus-per-worker", type=float, help="GPUs per worker [default: 0].")(fn)
-    fn = click.option("--cpus-per-worker", type=float, help="CPUs per worker [default: the node's CPUs / workers].")(fn)
+    fn = click.option(
+        "--cpus-per-worker", type=float, help="CPUs per worker [default: the node's CPUs / workers]."
+    )(fn)
     return click.option("--workers", type=int, help="Ray workers [default: 1].")(fn)
 
 
 @evaluate.command("likelihood")
-@click.option("--model", required=True, help="models:/vaedist-mnist@champion, models:/NAME/VERSION, runs:/ID/model or a model.pt.")
-@click.option("--dataset", type=click.Choice(["mnist", "fashion-mnist", "cifar10"]), help="Test set [default: the model's].")
+@click.option(
+    "--model",
+    required=True,
+    help="models:/vaedist-mnist@champion, models:/NAME/VERSION, runs:/ID/model or a model.pt.",
+)
+@click.option(
+    "--dataset",
+    type=click.Choice(["mnist", "fashion-mnist", "cifar10"]),
+    help="Test set [default: the model's].",
+)
 @click.option("--k", type=int, help="Importance samples for the IW-NLL [default: 1000].")
-@click.option("--k-batch", type=int, help="Importance samples per forward pass (bounds memory) [default: 100].")
+@click.option(
+    "--k-batch", type=int, help="Importance samples per forward pass (bounds memory) [default: 100]."
+)
 @click.option("--batch-size", type=int, help="Test images per forward pass [default: 100].")
 @click.option("--seed", type=int, help="Seed of the test-set binarization and the z draws [default: 0].")
 @click.option("--limit", type=int, help="Score only the first N test images (smoke runs) [default: all].")
 @_resource_options
-def evaluate_likelihood(model, dataset, k, k_batch, batch_size, seed, limit, workers, cpus_per_worker, gpus_per_worker, address) -> None:
+def evaluate_likelihood(
+    model, dataset, k, k_batch, batch_size, seed, limit, workers, cpus_per_worker, gpus_per_worker, address
+) -> None:
     """Test -ELBO and importance-weighted NLL (nats, bits/dim) of a model, logged on its MLflow run.
 
     Bernoulli models are scored on the test set binarized once with --seed (the MNIST literature's
     protocol), others on the 8-bit images; a conditional model as -log p(x|y) with the true label.
     """
     from vaedist.config import EvaluateConfig
-    from vaedist.evaluate import run_evaluate
 
-    given = {"model": model, "dataset": dataset, "k": k, "k_batch": k_batch, "batch_size": batch_size, "seed": seed}
+    given = {
+        "model": model,
+        "dataset": dataset,
+        "k": k,
+        "k_batch": k_batch,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
     cfg = EvaluateConfig(**{key: v for key, v in given.items() if v is not None})
-    run_evaluate(cfg, _resources(workers, cpus_per_worker, gpus_per_worker, address), "likelihood", echo=echo, limit=limit)
+    resources = _resources(workers, cpus_per_worker, gpus_per_worker, address)
+    from vaedist.evaluate import run_evaluate  # torch and Ray load only once the flags are valid
+
+    run_evaluate(cfg, resources, "likelihood", echo=echo, limit=limit)
 
 
 @evaluate.command("cas")
-@click.option("--generated", required=True, help="A folder written by vaedist generate (with _manifest.json).")
-@click.option("--dataset", type=click.Choice(["mnist", "fashion-mnist", "cifar10"]), help="Real dataset [default: the manifest's].")
-@click.option("--epochs", type=int, help="Classifier epochs, the same for generated and real data [default: 5].")
+@click.option(
+    "--generated", required=True, help="A folder written by vaedist generate (with _manifest.json)."
+)
+@click.option(
+    "--dataset",
+    type=click.Choice(["mnist", "fashion-mnist", "cifar10"]),
+    help="Real dataset [default: the manifest's].",
+)
+@click.option(
+    "--epochs", type=int, help="Classifier epochs, the same for generated and real data [default: 5]."
+)
 @click.option("--batch-size", type=int, help="Classifier global batch size [default: 256].")
 @click.option("--lr", type=float, help="Classifier Adam learning rate [default: 1e-3].")
 @click.option("--seed", type=int, help="Seed of the classifier and of the real-data subset [default: 0].")
 @_resource_options
-def evaluate_cas(generated, dataset, epochs, batch_size, lr, seed, workers, cpus_per_worker, gpus_per_worker, address) -> None:
+def evaluate_cas(
+    generated, dataset, epochs, batch_size, lr, seed, workers, cpus_per_worker, gpus_per_worker, address
+) -> None:
     """Classification Accuracy Score: a fixed CNN trained on the generated images, tested on real ones.
 
     The same CNN and budget trained on as many real training images gives the ceiling; CAS, ceiling,
     their ratio, per-class accuracy and the confusion matrix go to an MLflow run in vaedist/<dataset>.
     """
     from vaedist.config import EvaluateConfig
-    from vaedist.evaluate import run_evaluate
 
     given = {"generated": generated, "dataset": dataset, "classifier_epochs": epochs,
              "classifier_batch_size": batch_size, "classifier_lr": lr, "seed": seed}  # fmt: skip
     cfg = EvaluateConfig(**{key: v for key, v in given.items() if v is not None})
-    run_evaluate(cfg, _resources(workers, cpus_per_worker, gpus_per_worker, address), "cas", echo=echo)
+    resources = _resources(workers, cpus_per_worker, gpus_per_worker, address)
+    from vaedist.evaluate import run_evaluate
+
+    run_evaluate(cfg, resources, "cas", echo=echo)
 
 
 # --------------------------------------------------------------------------------------------- ui

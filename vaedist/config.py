@@ -138,8 +138,14 @@ class ResourcesConfig:
     # > 0 on an autoscaling cluster: request missing CPUs/GPUs from the autoscaler and wait this long
     # before giving up (0: fail at once if the cluster cannot hold the job).
     scale_timeout_s: float = 0.0
+    # What the job's driver process itself reserves under `vaedist submit` (Ray Jobs API entrypoint).
+    entrypoint_num_cpus: float | None = None
+    entrypoint_num_gpus: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("entrypoint_num_cpus", "entrypoint_num_gpus"):
+            if getattr(self, name) is not None:
+                _check_float(getattr(self, name), f"resources.{name}", 0.0)
         _check_int(self.workers, "resources.workers", 1)
         _check_float(self.scale_timeout_s, "resources.scale_timeout_s", 0.0)
         _check_float(self.gpus_per_worker, "resources.gpus_per_worker", 0.0)

@@ -168,7 +168,7 @@ SUBMIT_EXCLUDES = (
     "/.venv", "/.git", "/mlflow.db", "/mlruns", "/mlartifacts", "/vaedist-runs", "/out",
     "__pycache__", "/test-artifacts", "*.egg-info", "/.pytest_cache", "/.ruff_cache",
 )  # fmt: skip
-PASS_THROUGH_ENV = ("VAEDIST_DATA_DIR",)  # sent to the job only where set here
+PASS_THROUGH_ENV = ("VAEDIST_DATA_DIR", "VAEDIST_STORAGE_PATH")  # sent to the job only where set here
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 TOKEN_HELP = (
     "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, a file holding it) to the cluster's token: "
@@ -438,9 +438,6 @@ def plan_submission(
         ) from None
     env = {"MLFLOW_TRACKING_URI": tracking_uri()}
     env.update({k: os.environ[k] for k in PASS_THROUGH_ENV if os.environ.get(k)})
-    # The driver's own ray.init(runtime_env={"env_vars": ...}) (train.connect_ray) repeats these keys, with
-    # the same values; without this Ray refuses to merge the two ("Failed to merge the Job's runtime env").
-    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     resources = spec.sections.get("resources") or {}
     preset_arg = f" --preset {shlex.quote(preset)}" if preset else ""
     base_id = submission_id(spec.name, preset, path.read_bytes())
@@ -505,7 +502,7 @@ def submit_spec(
 ) -> int:
     """Submit jobs/JOB.yaml to the cluster at ``address`` (once: a repeat attaches); return the exit code."""
     warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
-    spec, plan = plan_submission(job, preset)
+    _, plan = plan_submission(job, preset)
     url = jobs_address(address)
     assert url is not None
     api = JobsAPI(url)
@@ -579,6 +576,7 @@ def follow(
     """Stream a job's logs until it ends, with status changes (and a heartbeat when it is quiet) on stderr."""
     warn = warn or (lambda m: print(m, file=sys.stderr, flush=True))
     out = out or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    api.info(job_id)  # an unknown id fails here, in one line
     t0 = time.monotonic()
     last_output = [time.monotonic()]
 
@@ -651,13 +649,14 @@ def jobs_list(address: str | None, echo: Callable[[str], None] = print) -> int:
     if not jobs:
         echo(f"no jobs on {redact_url(api.url)}")
         return 0
-    width = max(len(j.submission_id) for j in jobs)
+    width = max(len("SUBMISSION ID"), *(len(j.submission_id) for j in jobs))
     echo(f"{'SUBMISSION ID':{width}s}  {'STATUS':9s}  {'STARTED':19s}  {'TIME':>7s}  ENTRYPOINT")
     for j in jobs:
         started = (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else "-"
         )
-        entry = j.entrypoint if len(j.entrypoint) <= 70 else j.entrypoint[:67] + "..."
+        entry = " ".join(j.entrypoint.split())
+        entry = entry if len(entry) <= 70 else entry[:67] + "..."
         echo(f"{j.submission_id:{width}s}  {str(j.status):9s}  {started:19s}  {_duration(j):>7s}  {entry}")
     return 0
 

@@ -7,6 +7,7 @@ then fits a TorchTrainer and logs/registers the best checkpoint in MLflow.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -56,7 +57,10 @@ def connect_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": worker_env()}
+    # Inside a Ray job (vaedist submit, ray job submit) the job's runtime env may already set these;
+    # Ray refuses to merge a key set twice, and the job's value is the one the user meant.
+    job_env = (json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}).get("env_vars") or {}
+    runtime_env = {"env_vars": {k: v for k, v in worker_env().items() if k not in job_env}}
     try:
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
@@ -154,7 +158,11 @@ def _scale_up(res: ResourcesConfig) -> dict[str, float]:
 
 def storage_path(path: str | None = None) -> str:
     """Where Ray keeps checkpoints: --storage-path, $VAEDIST_STORAGE_PATH, or ./vaedist-runs."""
-    path = path or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    # Inside a Ray job the working directory is a temporary copy of the project: keep checkpoints in
+    # the home folder instead, where they outlive the job.
+    in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    default = str(Path.home() / DEFAULT_STORAGE) if in_job else DEFAULT_STORAGE
+    path = path or os.environ.get(STORAGE_ENV) or default
     if "://" in path:
         return path  # s3://, gs://, ... : checked by pyarrow when Ray writes
     local = Path(path).expanduser().resolve()
@@ -377,7 +385,8 @@ def put_data(cfg: ExperimentConfig, plan: WorkerPlan) -> list:
 
 def experiment_params(cfg: ExperimentConfig) -> dict[str, Any]:
     """MLflow params: the flattened config (minus where it ran) plus what was resolved from defaults."""
-    params = {k: v for k, v in cfg.flatten().items() if k != "resources.address"}
+    skip = ("resources.address", "resources.entrypoint_num_cpus", "resources.entrypoint_num_gpus")
+    params = {k: v for k, v in cfg.flatten().items() if k not in skip}
     params["resolved.likelihood"] = cfg.likelihood
     return params
 
