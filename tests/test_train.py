@@ -131,6 +131,13 @@ def test_same_name_resumes_and_a_changed_config_is_refused(local_ray, mlflow_sto
     with pytest.raises(UsageError, match=r"a run named 'again' already exists with model.latent_dim=4 \(now 6\)"):
         run_training(changed, name="again", storage=str(tmp_path / "runs"), echo=lambda *_: None)
     assert mlflow_store.get_run(first.run_id).data.params == before
+    # The same name and config again: a finished run is reused, nothing is trained or registered twice.
+    said: list[str] = []
+    again = run_training(cfg, name="again", storage=str(tmp_path / "runs"), echo=said.append)
+    assert again.run_id == first.run_id and again.model_uri == first.model_uri
+    assert "already trained" in said[0]
+    assert len(mlflow_store.get_metric_history(first.run_id, "val_neg_elbo")) == 1
+    assert len(mlflow_store.search_model_versions("name='vaedist-mnist'")) == 1
 
 
 def _cli(args, env_extra=None, cwd=None, timeout=240):

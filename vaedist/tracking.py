@@ -112,14 +112,7 @@ def find_or_create_run(
     str_params = {k: str(v) for k, v in params.items()}
     if found:
         run = found[0]
-        old = {k: v for k, v in run.data.params.items() if k in str_params}
-        changed = sorted(k for k, v in str_params.items() if k in old and old[k] != v)
-        if changed:
-            k = changed[0]
-            raise UsageError(
-                f"a run named {name!r} already exists with {k}={old[k]} (now {str_params[k]}); "
-                "use a new --name to start a fresh run, or the same config to resume"
-            )
+        check_same_params(run, params, name)
         if run.info.status != "RUNNING":
             client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id
@@ -143,10 +136,32 @@ def find_run(dataset: str, name: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
+def finished_run(dataset: str, name: str) -> Any | None:
+    """The FINISHED run named ``name`` (with its tags and metrics), or None: lets a rerun skip done work."""
+    run_id = find_run(dataset, name)
+    if run_id is None:
+        return None
+    run = _client().get_run(run_id)
+    return run if run.info.status == "FINISHED" else None
+
+
 def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
     client = _client()
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
+
+
+def check_same_params(run: Any, params: dict[str, Any], name: str) -> None:
+    """Refuse to reuse a run whose recorded params differ from ``params``."""
+    str_params = {k: str(v) for k, v in params.items()}
+    old = run.data.params
+    changed = sorted(k for k, v in str_params.items() if k in old and old[k] != v)
+    if changed:
+        k = changed[0]
+        raise UsageError(
+            f"a run named {name!r} already exists with {k}={old[k]} (now {str_params[k]}); "
+            "use a new --name to start a fresh run, or the same config to resume"
+        )
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

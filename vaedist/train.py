@@ -34,6 +34,9 @@ from vaedist.models import BaseVAE, build_model
 FAULT_ENV = "VAEDIST_INJECT_FAULT"
 STORAGE_ENV = "VAEDIST_STORAGE_PATH"
 DEFAULT_STORAGE = "vaedist-runs"
+DONE_TAG = "vaedist.checkpoint"  # set on a train run once it finished: where its best checkpoint is
+MODEL_TAG = "vaedist.model_uri"
+VERSION_TAG = "vaedist.model_version"
 
 
 def is_rank_zero() -> bool:
@@ -471,6 +474,17 @@ def run_training(
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
     storage = storage_path(storage)
+    done = tracking.finished_run(cfg.data.dataset, name)
+    if done is not None:
+        tracking.check_same_params(done, experiment_params(cfg), name)
+    if done is not None and done.data.tags.get(DONE_TAG) and (done.data.tags.get(MODEL_TAG) or not register):
+        # The same name finished before (same config: params are immutable): reuse it, train nothing.
+        echo(f"{name} already trained (MLflow run {done.info.run_id}); reusing it - pass a new --name to retrain")
+        return TrainResult(
+            name=name, run_id=done.info.run_id, model_uri=done.data.tags.get(MODEL_TAG, ""),
+            version=done.data.tags.get(VERSION_TAG, ""), checkpoint=done.data.tags[DONE_TAG],
+            metrics=dict(done.data.metrics), champion=False,
+        )  # fmt: skip
     connect_ray(cfg.resources.address)
     plan = plan_workers(cfg.resources)
     check_storage_shared(storage)
@@ -495,6 +509,7 @@ def run_training(
     model_uri, version, moved = "", "", False
     if register:
         model_uri, version, moved, _ = register_checkpoint(best, run_id, cfg.data.dataset)
+    tracking.set_run_tags(run_id, {DONE_TAG: best.path, MODEL_TAG: model_uri, VERSION_TAG: version})
     tracking.end_run(run_id, "FINISHED")
     return TrainResult(
         name=name,
