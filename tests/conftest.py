@@ -27,3 +27,38 @@ os.environ.setdefault("VAEDIST_DATA_DIR", str(_data_dir()))
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return _data_dir()
+
+
+@pytest.fixture(scope="session")
+def tuned_store(tmp_path_factory):
+    """One real smoke search (tune-mnist --preset smoke, plus a crashing trial) shared by the tests that
+    need a populated MLflow store: a parent run with child runs, pictures, a registered champion.
+
+    Yields (tracking URI, TuneResult, JobSpec, folder). Ray is shut down again afterwards.
+    """
+    import ray
+
+    from vaedist.jobs import load_spec, run_spec
+
+    folder = tmp_path_factory.mktemp("tuned")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "VAEDIST_STORAGE_PATH")}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["VAEDIST_STORAGE_PATH"] = str(folder / "runs")
+    if ray.is_initialized():
+        ray.shutdown()
+    # The smoke preset, with a grid over conv depth: depth 3 does not fit 28x28 MNIST, so that trial
+    # crashes on its config while the search goes on.
+    spec = load_spec("tune-mnist", preset="smoke", overrides={"tune": {"num_samples": 1, "search_space": {
+        "model.arch": {"choice": ["conv"]}, "model.depth": {"grid": [1, 3]}, "train.epochs": {"choice": [1]}}}})  # fmt: skip
+    lines: list[str] = []
+    try:
+        result = run_spec(spec, echo=lines.append)
+        yield uri, result, spec, folder, lines
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

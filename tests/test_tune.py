@@ -6,7 +6,6 @@ import mlflow
 import pytest
 
 from vaedist.config import ConfigError, TuneConfig, tune_config_from_section
-from vaedist.jobs import load_spec
 
 pytestmark = pytest.mark.slow
 
@@ -24,55 +23,46 @@ def test_search_space_validation_names_the_problem():
         tune_config_from_section({"samples": 3, "search_space": {"train.lr": {"choice": [0.1]}}})
 
 
-def test_tune_smoke_parent_children_champion_and_resume(tmp_path, monkeypatch):
-    import ray
-
+def test_tune_smoke_parent_children_champion_and_resume(tuned_store, monkeypatch):
     from vaedist.jobs import run_spec
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri, result, spec, folder, lines = tuned_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("VAEDIST_STORAGE_PATH", str(tmp_path / "runs"))
-    monkeypatch.chdir(tmp_path)
-    if ray.is_initialized():
-        ray.shutdown()
-    # The smoke preset, with a grid over conv depth: depth 3 does not fit 28x28 MNIST, so that trial
-    # crashes on its config while the search goes on.
-    spec = load_spec("tune-mnist", preset="smoke", overrides={"tune": {"num_samples": 1, "search_space": {
-        "model.arch": {"choice": ["conv"]}, "model.depth": {"grid": [1, 3]}, "train.epochs": {"choice": [1]}}}})  # fmt: skip
-    lines: list[str] = []
-    try:
-        result = run_spec(spec, echo=lines.append)
-        client = mlflow.MlflowClient(uri)
-        parent = client.get_run(result.parent_run_id)
-        assert parent.info.status == "FINISHED"
-        children = client.search_runs(
-            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
-        )
-        assert len(children) == 2
-        by_depth = {c.data.params["model.depth"]: c for c in children}
-        assert by_depth["1"].info.status == "FINISHED"
-        assert by_depth["3"].info.status == "FAILED"  # the crashed trial is marked, not lost
-        assert len(client.get_metric_history(by_depth["1"].info.run_id, "val_neg_elbo")) == 1
-        assert [r["status"] for r in result.table] == ["OK", "ERROR"]
-        assert result.table[0]["model.depth"] == 1 and result.table[0]["epochs_run"] == 1
-        assert any("model.depth" in line and "val_neg_elbo" in line for line in lines)  # the printed table
-        artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
-        assert {"tune_results.txt", "tune_results.csv"} <= artifacts
-        champion = client.get_model_version_by_alias("vaedist-mnist", "champion")
-        assert champion.run_id == by_depth["1"].info.run_id and result.champion
+    monkeypatch.setenv("VAEDIST_STORAGE_PATH", str(folder / "runs"))
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    )
+    assert len(children) == 2
+    by_depth = {c.data.params["model.depth"]: c for c in children}
+    assert by_depth["1"].info.status == "FINISHED"
+    assert by_depth["3"].info.status == "FAILED"  # the crashed trial is marked, not lost
+    assert len(client.get_metric_history(by_depth["1"].info.run_id, "val_neg_elbo")) == 1
+    assert [r["status"] for r in result.table] == ["OK", "ERROR"]
+    assert result.table[0]["model.depth"] == 1 and result.table[0]["epochs_run"] == 1
+    assert any("model.depth" in line and "val_neg_elbo" in line for line in lines)  # the printed table
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"tune_results.txt", "tune_results.csv"} <= artifacts
+    champion = client.get_model_version_by_alias("vaedist-mnist", "champion")
+    assert champion.run_id == by_depth["1"].info.run_id and result.champion
 
-        # The same search again resumes from its experiment folder: no trial runs twice, no new child run,
-        # and the champion (same metric) does not move.
-        lines.clear()
-        again = run_spec(spec, echo=lines.append)
-        assert any(line.startswith("resuming search") for line in lines)
-        assert again.parent_run_id == result.parent_run_id
-        children_after = client.search_runs(
-            [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
-        )
-        assert len(children_after) == 2
-        assert len(client.get_metric_history(by_depth["1"].info.run_id, "val_neg_elbo")) == 1
-        assert not again.champion
-        assert client.get_model_version_by_alias("vaedist-mnist", "champion").version == champion.version
+    # The same search again resumes from its experiment folder: no trial runs twice, no new child run,
+    # and the champion (same metric) does not move.
+    said: list[str] = []
+    try:
+        again = run_spec(spec, echo=said.append)
     finally:
+        import ray
+
         ray.shutdown()
+    assert any(line.startswith("resuming search") for line in said)
+    assert again.parent_run_id == result.parent_run_id
+    children_after = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    )
+    assert len(children_after) == 2
+    assert len(client.get_metric_history(by_depth["1"].info.run_id, "val_neg_elbo")) == 1
+    assert not again.champion
+    assert client.get_model_version_by_alias("vaedist-mnist", "champion").version == champion.version

@@ -17,8 +17,11 @@ from vaedist.config import (
     DISTRIBUTIONS,
     SECTIONS,
     ConfigError,
+    EvaluateConfig,
     ExperimentConfig,
+    ResourcesConfig,
     experiment_from_dict,
+    section_from_dict,
     tune_config_from_section,
 )
 
@@ -113,6 +116,9 @@ def spec_from_dict(
         spec.experiment  # noqa: B018 - validate now, so a bad spec fails before Ray starts
     if kind == "tune":
         tune_config_from_section(sections.get("tune"))
+    if kind == "evaluate":
+        section_from_dict(EvaluateConfig, sections.get("evaluate"), "evaluate")
+        section_from_dict(ResourcesConfig, sections.get("resources"), "resources")
     return spec
 
 
@@ -130,6 +136,13 @@ def run_spec(spec: JobSpec, echo=print, name: str | None = None) -> Any:
 
         return run_tune(spec.experiment, tune_config_from_section(spec.sections.get("tune")), job_name=name or spec.name,
                         echo=echo)  # fmt: skip
+    if spec.kind == "evaluate":
+        from vaedist.evaluate import run_evaluate
+
+        cfg = section_from_dict(EvaluateConfig, spec.sections.get("evaluate"), "evaluate")
+        resources = section_from_dict(ResourcesConfig, spec.sections.get("resources"), "resources")
+        what = "all" if cfg.model and cfg.generated else "likelihood" if cfg.model else "cas"
+        return run_evaluate(cfg, resources, what, echo=echo)
     raise ConfigError(f"kind {spec.kind!r} is not available yet in this version of vaedist")
 
 

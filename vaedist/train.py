@@ -69,7 +69,8 @@ def connect_ray(address: str | None = None) -> None:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:
             # The dashboard process also serves the State API that Ray Train's controller polls.
-            ray.init(runtime_env=runtime_env, log_to_driver=True)
+            # "local": a new in-process Ray, never some other Ray that happens to run on this machine.
+            ray.init(address="local", runtime_env=runtime_env, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VaedistError(
