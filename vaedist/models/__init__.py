@@ -1,0 +1,28 @@
+"""Models: plain PyTorch (no Ray, MLflow or vaedist.data imports).
+
+Encoders/decoders (dense, conv) with size knobs, the likelihoods, and one interface for every
+variant: ``BaseVAE`` with ``encode / reparameterize / decode / forward / loss / sample / generate /
+iw_nll``. ``MODELS`` maps a config's ``model.variant`` to its class.
+"""
+
+from vaedist.models.base import BaseVAE, LossOutput, count_parameters, gaussian_kl
+from vaedist.models.likelihoods import LIKELIHOODS, binarize, bits_per_dim, build_likelihood, to_model_input
+from vaedist.models.vae import CVAE, MODELS, VAE, AutoEncoder, build_model, build_model_from_hparams
+
+__all__ = [
+    "CVAE",
+    "LIKELIHOODS",
+    "MODELS",
+    "VAE",
+    "AutoEncoder",
+    "BaseVAE",
+    "LossOutput",
+    "binarize",
+    "bits_per_dim",
+    "build_likelihood",
+    "build_model",
+    "build_model_from_hparams",
+    "count_parameters",
+    "gaussian_kl",
+    "to_model_input",
+]

@@ -1,0 +1,259 @@
+"""Encoders and decoders with size knobs: dense (MLP) and conv (strided conv / transposed conv).
+
+An encoder maps an image ``x`` ``(B, C, H, W)`` (and, for a conditional model, a label code
+``cond`` ``(B, k)``: one-hot or a learned embedding) to a flat vector ``(B, out_dim)``; the model
+splits it into ``(mu, logvar)``. A decoder maps a flat vector ``(B, in_dim)`` (the latent ``z``,
+with the label code appended for a conditional model) to likelihood parameters ``(B, P, H, W)``.
+
+No normalisation layers and no dropout: train and eval mode compute the same function, and DDP
+needs no buffer sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU}
+ARCHS = ("dense", "conv")
+CONDITIONINGS = ("onehot", "embedding")
+MAX_CHANNEL_MULT = 8  # conv: channels double per block up to base_channels * 8
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r} (allowed: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]()
+
+
+class LabelCode(nn.Module):
+    """Label ``y`` ``(B,)`` int64 to a code ``(B, dim)``: one-hot (``dim = num_classes``) or a learned
+    ``nn.Embedding(num_classes, embedding_dim)``. One code is shared by encoder and decoder."""
+
+    def __init__(self, num_classes: int, conditioning: str = "onehot", embedding_dim: int = 16) -> None:
+        super().__init__()
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"unknown conditioning {conditioning!r} (allowed: {', '.join(CONDITIONINGS)})")
+        self.num_classes = num_classes
+        self.conditioning = conditioning
+        if conditioning == "embedding":
+            self.embedding: nn.Embedding | None = nn.Embedding(num_classes, embedding_dim)
+            self.dim = embedding_dim
+        else:
+            self.embedding = None
+            self.dim = num_classes
+
+    def forward(self, y: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        if self.embedding is not None:
+            return self.embedding(y).to(dtype)  # (B, e)
+        return F.one_hot(y, self.num_classes).to(dtype)  # (B, num_classes)
+
+
+def _mlp(in_dim: int, width: int, depth: int, out_dim: int, activation: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(in_dim if i == 0 else width, width), _activation(activation)]
+    layers.append(nn.Linear(width if depth else in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class DenseEncoder(nn.Module):
+    """Flattened image (with the label code appended) -> ``depth`` hidden layers of ``width`` -> out_dim."""
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        out_dim: int,
+        *,
+        width: int = 512,
+        depth: int = 2,
+        cond_dim: int = 0,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        h, w, c = image_shape
+        self.cond_dim = cond_dim
+        self.net = _mlp(c * h * w + cond_dim, width, depth, out_dim, activation)
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        h = x.flatten(1)  # (B, C*H*W)
+        if self.cond_dim:
+            h = torch.cat([h, cond], dim=1)  # (B, C*H*W + k)
+        return self.net(h)  # (B, out_dim)
+
+
+class DenseDecoder(nn.Module):
+    """``(B, in_dim)`` -> ``depth`` hidden layers of ``width`` -> likelihood parameters ``(B, P, H, W)``."""
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        out_channels: int,
+        in_dim: int,
+        *,
+        width: int = 512,
+        depth: int = 2,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        h, w, _ = image_shape
+        self.out_shape = (out_channels, h, w)
+        self.net = _mlp(in_dim, width, depth, out_channels * h * w, activation)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h).unflatten(1, self.out_shape)  # (B, P, H, W)
+
+
+def conv_channels(base_channels: int, depth: int) -> list[int]:
+    """Channels of the ``depth`` stride-2 blocks: base, 2*base, 4*base, ... capped at 8*base."""
+    return [base_channels * min(2**i, MAX_CHANNEL_MULT) for i in range(depth)]
+
+
+def _check_side(image_shape: tuple[int, int, int], depth: int) -> tuple[int, int]:
+    h, w, _ = image_shape
+    side = 2**depth
+    assert h % side == 0 and w % side == 0, (
+        f"conv depth {depth} needs image sides divisible by {side}, got {h}x{w}"
+    )
+    return h // side, w // side
+
+
+class ConvEncoder(nn.Module):
+    """``depth`` blocks of Conv2d(kernel 4, stride 2, padding 1) + activation, each halving H and W,
+    then a linear bottleneck to ``out_dim``.
+
+    Conditioning: the label code ``(B, k)`` enters as ``k`` constant label maps appended to the
+    image's channels (one map per class for one-hot, one per embedding coordinate otherwise).
+    Convolution is linear, so rather than convolving ``B`` stacks of ``C + k`` channels (most of
+    them constant) we convolve the image's ``C`` channels and add the first layer's response to the
+    ``k`` unit label maps, computed once per call on ``k`` images and mixed by the code with one
+    matmul. That is exactly ``conv(cat([x, maps]))`` with the same ``(c0, C + k, 4, 4)`` weight,
+    zero padding included, at about a third of the cost for MNIST's one-hot labels.
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        out_dim: int,
+        *,
+        base_channels: int = 32,
+        depth: int = 2,
+        cond_dim: int = 0,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        _, _, c = image_shape
+        h_out, w_out = _check_side(image_shape, depth)
+        chans = conv_channels(base_channels, depth)
+        self.in_channels = c
+        self.cond_dim = cond_dim
+        self.first = nn.Conv2d(c + cond_dim, chans[0], 4, stride=2, padding=1)  # on [x, label maps]
+        layers: list[nn.Module] = [_activation(activation)]
+        for c_in, c_out in zip(chans[:-1], chans[1:], strict=True):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), _activation(activation)]
+        self.blocks = nn.Sequential(*layers)
+        self.head = nn.Linear(chans[-1] * h_out * w_out, out_dim)
+
+    def first_conv(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``self.first(cat([x, label maps]))`` without materialising the label maps."""
+        c, k = self.in_channels, self.cond_dim
+        weight = self.first.weight  # (c0, C + k, 4, 4)
+        out = F.conv2d(x, weight[:, :c], self.first.bias, stride=2, padding=1)  # (B, c0, H/2, W/2)
+        if k:
+            h, w = x.shape[2:]
+            unit_maps = torch.eye(k, dtype=x.dtype, device=x.device)[:, :, None, None].expand(k, k, h, w)
+            response = F.conv2d(unit_maps, weight[:, c:], stride=2, padding=1)  # (k, c0, H/2, W/2)
+            out = out + (cond.to(x.dtype) @ response.flatten(1)).view_as(out)
+        return out
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        h = self.blocks(self.first_conv(x, cond))  # (B, c_last, H/2^depth, W/2^depth)
+        return self.head(h.flatten(1))  # (B, out_dim)
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of :class:`ConvEncoder`: a linear layer to ``(c_last, H/2^depth, W/2^depth)``, then
+    ``depth`` ConvTranspose2d(kernel 4, stride 2, padding 1) blocks, each doubling H and W; the last
+    one outputs the likelihood's ``P`` parameter channels with no activation."""
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        out_channels: int,
+        in_dim: int,
+        *,
+        base_channels: int = 32,
+        depth: int = 2,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        h_in, w_in = _check_side(image_shape, depth)
+        chans = conv_channels(base_channels, depth)
+        self.start_shape = (chans[-1], h_in, w_in)
+        self.fc = nn.Sequential(nn.Linear(in_dim, chans[-1] * h_in * w_in), _activation(activation))
+        layers: list[nn.Module] = []
+        outs = chans[::-1][1:] + [out_channels]
+        for i, (c_in, c_out) in enumerate(zip(chans[::-1], outs, strict=True)):
+            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
+            if i < depth - 1:
+                layers.append(_activation(activation))
+        self.blocks = nn.Sequential(*layers)
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = self.fc(h).unflatten(1, self.start_shape)  # (B, c_last, H/2^depth, W/2^depth)
+        return self.blocks(h)  # (B, P, H, W)
+
+
+def build_encoder(
+    arch: str,
+    image_shape: tuple[int, int, int],
+    out_dim: int,
+    *,
+    width: int,
+    base_channels: int,
+    depth: int,
+    cond_dim: int = 0,
+    activation: str = "relu",
+) -> nn.Module:
+    if arch == "dense":
+        return DenseEncoder(
+            image_shape, out_dim, width=width, depth=depth, cond_dim=cond_dim, activation=activation
+        )
+    if arch == "conv":
+        return ConvEncoder(
+            image_shape,
+            out_dim,
+            base_channels=base_channels,
+            depth=depth,
+            cond_dim=cond_dim,
+            activation=activation,
+        )
+    raise ValueError(f"unknown arch {arch!r} (allowed: {', '.join(ARCHS)})")
+
+
+def build_decoder(
+    arch: str,
+    image_shape: tuple[int, int, int],
+    out_channels: int,
+    in_dim: int,
+    *,
+    width: int,
+    base_channels: int,
+    depth: int,
+    activation: str = "relu",
+) -> nn.Module:
+    if arch == "dense":
+        return DenseDecoder(
+            image_shape, out_channels, in_dim, width=width, depth=depth, activation=activation
+        )
+    if arch == "conv":
+        return ConvDecoder(
+            image_shape,
+            out_channels,
+            in_dim,
+            base_channels=base_channels,
+            depth=depth,
+            activation=activation,
+        )
+    raise ValueError(f"unknown arch {arch!r} (allowed: {', '.join(ARCHS)})")
