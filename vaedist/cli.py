@@ -186,6 +186,29 @@ def run(job: str, preset: str | None, dry_run: bool) -> None:
     result = run_spec(spec, echo=echo)
     if spec.kind == "train":
         _print_train_result(result)
+    elif spec.kind == "pipeline":
+        _print_pipeline_result(result)
+
+
+def _print_pipeline_result(result) -> None:
+    from vaedist.tracking import tracking_uri
+
+    echo("done:")
+    if result.model_uri:
+        echo(f"  model        {result.model_uri}{'  (champion)' if result.champion else ''}")
+    if result.generated:
+        echo(f"  Parquet      {result.generated}  ({result.rows:,} rows)")
+    likelihood = (result.evaluation.get("likelihood") or {}).get("metrics", {})
+    nll = next((v for k, v in likelihood.items() if k.startswith("test_iw_nll_k") and not k.endswith("stderr")), None)
+    if nll is not None:
+        echo(f"  test NLL     {nll:.2f} nats ({likelihood.get('test_bits_per_dim', float('nan')):.4f} bits/dim)")
+    cas = result.evaluation.get("cas")
+    if cas:
+        echo(f"  CAS          {cas['cas']:.4f} (classifier trained on real data: {cas['real_accuracy']:.4f}, "
+             f"ratio {cas['ratio']:.3f})")  # fmt: skip
+    store = tracking_uri()
+    ui = "vaedist ui" if store.startswith("sqlite:///") and store.endswith("/mlflow.db") else f"vaedist ui --backend-store-uri {store}"
+    echo(f"  MLflow       {store}  ->  open it with: {ui}")
 
 
 # --------------------------------------------------------------------------------- submit, jobs

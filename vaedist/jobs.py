@@ -6,7 +6,17 @@ of that kind, optional ``presets`` (deep-merged overrides chosen with ``--preset
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
+import hashlib
+import os
+import re
+import shlex
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +34,7 @@ from vaedist.config import (
     section_from_dict,
     tune_config_from_section,
 )
+from vaedist.errors import UsageError, VaedistError
 
 KINDS = ("train", "tune", "generate", "evaluate", "pipeline")
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
@@ -119,6 +130,8 @@ def spec_from_dict(
     if kind == "evaluate":
         section_from_dict(EvaluateConfig, sections.get("evaluate"), "evaluate")
         section_from_dict(ResourcesConfig, sections.get("resources"), "resources")
+    if kind == "pipeline":
+        _pipeline_steps(spec)
     return spec
 
 
@@ -136,6 +149,13 @@ def run_spec(spec: JobSpec, echo=print, name: str | None = None) -> Any:
 
         return run_tune(spec.experiment, tune_config_from_section(spec.sections.get("tune")), job_name=name or spec.name,
                         echo=echo)  # fmt: skip
+    if spec.kind == "generate":
+        from vaedist.generate import configs_from_spec, run_generate
+
+        cfg, resources = configs_from_spec(spec.sections)
+        return run_generate(cfg, resources, echo=echo)
+    if spec.kind == "pipeline":
+        return run_pipeline(spec, echo=echo)
     if spec.kind == "evaluate":
         from vaedist.evaluate import run_evaluate
 
@@ -144,6 +164,85 @@ def run_spec(spec: JobSpec, echo=print, name: str | None = None) -> Any:
         what = "all" if cfg.model and cfg.generated else "likelihood" if cfg.model else "cas"
         return run_evaluate(cfg, resources, what, echo=echo)
     raise ConfigError(f"kind {spec.kind!r} is not available yet in this version of vaedist")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pipelines: tune (or train) -> champion -> generate -> evaluate, each step fed by the one before
+
+PIPELINE_STEPS = ("train", "tune", "generate", "evaluate")
+
+
+@dataclass
+class PipelineResult:
+    model_uri: str = ""
+    champion: bool = False
+    generated: str = ""
+    rows: int = 0
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    steps: list[str] = field(default_factory=list)
+
+
+def _pipeline_steps(spec: JobSpec) -> list[str]:
+    steps = spec.sections.get("steps")
+    where = f"{spec.name}: steps"
+    if not isinstance(steps, list) or not steps or any(s not in PIPELINE_STEPS for s in steps):
+        raise ConfigError(f"{where}: must be a list drawn from {', '.join(PIPELINE_STEPS)}, got {steps!r}")
+    if "train" in steps and "tune" in steps:
+        raise ConfigError(f"{where}: give train or tune, not both (each produces the model)")
+    order = [s for s in PIPELINE_STEPS if s in steps]
+    if steps != order or len(set(steps)) != len(steps):
+        raise ConfigError(f"{where}: {steps} must run in the order {', '.join(order)}, each once")
+    spec.experiment  # noqa: B018 - the shared data/model/train/resources sections
+    if "tune" in steps:
+        tune_config_from_section(spec.sections.get("tune"))
+    return steps
+
+
+def run_pipeline(spec: JobSpec, echo=print) -> PipelineResult:
+    """Run the steps in order; each takes the previous step's output (model URI, Parquet folder).
+
+    A rerun skips what is done: a finished train run or search is reused, a complete generated folder
+    with the same plan is left alone, and only missing work runs.
+    """
+    steps = _pipeline_steps(spec)
+    out = PipelineResult(steps=steps)
+    resources = spec.sections.get("resources") or {}
+    for i, step in enumerate(steps, 1):
+        echo(f"== step {i}/{len(steps)}: {step}")
+        if step == "train":
+            from vaedist.train import run_training
+
+            result = run_training(spec.experiment, name=f"{spec.name}-train", echo=echo)
+            out.model_uri, out.champion = result.model_uri, result.champion
+        elif step == "tune":
+            from vaedist.tune import run_tune
+
+            result = run_tune(spec.experiment, tune_config_from_section(spec.sections.get("tune")),
+                              job_name=spec.name, echo=echo)  # fmt: skip
+            out.model_uri, out.champion = result.model_uri, result.champion
+        elif step == "generate":
+            from vaedist.generate import configs_from_spec, run_generate
+
+            section = dict(spec.sections.get("generate") or {})
+            if out.model_uri:
+                section["model"] = out.model_uri  # the exact version the previous step produced
+            cfg, res = configs_from_spec({"generate": section, "resources": resources})
+            result = run_generate(cfg, res, echo=echo)
+            out.generated, out.rows = result.out, result.rows
+        elif step == "evaluate":
+            from vaedist.evaluate import run_evaluate
+
+            section = dict(spec.sections.get("evaluate") or {})
+            if out.model_uri:
+                section["model"] = out.model_uri
+            if out.generated:
+                section["generated"] = out.generated
+            section.setdefault("dataset", spec.experiment.data.dataset)
+            cfg = section_from_dict(EvaluateConfig, section, "evaluate")
+            res = section_from_dict(ResourcesConfig, resources, "resources")
+            what = "all" if cfg.model and cfg.generated else "likelihood" if cfg.model else "cas"
+            out.evaluation = run_evaluate(cfg, res, what, echo=echo)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,18 +261,6 @@ def run_spec(spec: JobSpec, echo=print, name: str | None = None) -> Any:
 # - The SDK's requests carry no timeout: a probe with one comes first, and names the failure.
 # - Ray documents re-submitting a deleted job's submission_id as unsupported: --resubmit adds "-rN".
 
-import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import hashlib  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.parse  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-from vaedist.errors import UsageError, VaedistError  # noqa: E402
 
 DASHBOARD_PORT = 8265
 # Never uploaded: environments, stores, outputs (.gitignore is honoured too, by Ray).
