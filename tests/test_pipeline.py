@@ -1,0 +1,62 @@
+"""The pipeline job kind end to end (train -> generate -> evaluate) at toy size, and a rerun that skips."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from vaedist.config import ConfigError
+from vaedist.jobs import load_spec, run_spec, spec_from_dict
+
+pytestmark = pytest.mark.slow
+
+TOY = {
+    "data": {"val_size": 1000},
+    "model": {"base_channels": 8, "latent_dim": 4},
+    "train": {"epochs": 1, "batch_size": 256},
+    "generate": {"per_label": 40, "shard_rows": 200},
+    "evaluate": {"k": 4, "classifier_epochs": 1},
+}
+
+
+def test_pipeline_steps_are_validated():
+    with pytest.raises(ConfigError, match=r"steps: must be a list drawn from train, tune, generate, evaluate"):
+        spec_from_dict({"kind": "pipeline", "steps": ["train", "deploy"]}, default_name="p")
+    with pytest.raises(ConfigError, match="give train or tune, not both"):
+        spec_from_dict({"kind": "pipeline", "steps": ["train", "tune"]}, default_name="p")
+    with pytest.raises(ConfigError, match="must run in the order train, generate"):
+        spec_from_dict({"kind": "pipeline", "steps": ["generate", "train"]}, default_name="p")
+
+
+def test_demo_pipeline_at_toy_size_then_rerun_skips(tmp_path, monkeypatch):
+    import ray
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    if ray.is_initialized():
+        ray.shutdown()
+    spec = load_spec("demo", overrides=TOY)
+    lines: list[str] = []
+    try:
+        result = run_spec(spec, echo=lines.append)
+        assert result.steps == ["train", "generate", "evaluate"]
+        assert result.model_uri == "models:/vaedist-mnist/1" and result.champion
+        assert result.rows == 400 and (tmp_path / "out/demo/mnist/_manifest.json").exists()
+        cas = result.evaluation["cas"]
+        assert cas["model_uri"] == result.model_uri and 0.0 < cas["cas"] <= 1.0
+        assert cas["ratio"] == pytest.approx(cas["cas"] / cas["real_accuracy"])
+        nll = result.evaluation["likelihood"]["metrics"]
+        assert nll["test_iw_nll_k4"] <= nll["test_neg_elbo"] + 1e-6
+
+        # The same pipeline again: training is reused and the complete Parquet folder left alone.
+        parts = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/demo/mnist").glob("part-*.parquet")}
+        lines.clear()
+        again = run_spec(spec, echo=lines.append)
+        assert any("already trained" in line for line in lines)
+        assert again.model_uri == result.model_uri
+        assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/demo/mnist").glob("part-*.parquet")} == parts
+        client = mlflow.MlflowClient(uri)
+        assert len(client.search_model_versions("name='vaedist-mnist'")) == 1
+    finally:
+        ray.shutdown()
