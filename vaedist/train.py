@@ -8,6 +8,7 @@ then fits a TorchTrainer and logs/registers the best checkpoint in MLflow.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -32,6 +33,7 @@ from vaedist.models import BaseVAE, build_model
 # Fault injection for the fault-tolerance test: "epoch=E,step=S,rank=R". The worker of that rank exits
 # hard at that step the first time only (a marker file next to the checkpoints remembers it).
 FAULT_ENV = "VAEDIST_INJECT_FAULT"
+log = logging.getLogger("vaedist.train")
 STORAGE_ENV = "VAEDIST_STORAGE_PATH"
 DEFAULT_STORAGE = "vaedist-runs"
 DONE_TAG = "vaedist.checkpoint"  # set on a train run once it finished: where its best checkpoint is
@@ -351,11 +353,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             logger.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "first_step_unix_s")}, step=epoch + 1)
             if is_rank_zero():
-                print(
+                # Ray Train routes a worker's logging to the driver's console (print would be teed twice).
+                log.info(
                     f"[vaedist] epoch {epoch + 1}/{cfg.train.epochs}: train -ELBO {tr['neg_elbo']:.2f}, "
                     f"val -ELBO {va['neg_elbo']:.2f} nats ({va['bits_per_dim']:.4f} bits/dim), "
-                    f"{metrics['train_images_per_s']:,.0f} img/s",
-                    flush=True,
+                    f"{metrics['train_images_per_s']:,.0f} img/s"
                 )
             last = epoch + 1 == cfg.train.epochs
             if pictures is not None and ((epoch + 1) % cfg.train.image_every == 0 or last):
