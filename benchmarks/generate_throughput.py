@@ -1,0 +1,150 @@
+"""Generation throughput: decoder-only forward (the limit) vs end-to-end ``vaedist generate`` into Parquet.
+
+One run, side by side, on this machine: a conv CVAE (the default MNIST model: base_channels 32,
+latent 16, depth 2) briefly trained on real MNIST so its digits are mostly black (a realistic zstd size),
+then
+  1. decoder-only: ``model.generate`` at the pipeline's batch size and thread count, on N latents,
+     measured before and after the end-to-end run (the mean is the limit, the spread the noise);
+  2. end to end: ``run_generate`` (Ray Data actor -> Parquet shards + manifest + MLflow), raw + zstd,
+     timed from the pipeline's start (actor start-up included) to the last shard;
+  3. PNG: the same through ``--image-format png`` on N/4 images, for its size and cost.
+
+Goals: end-to-end >= 0.8x decoder-only; raw + zstd <= 0.5 byte per pixel.
+
+    .venv/bin/python benchmarks/generate_throughput.py            # N = 200,000
+    .venv/bin/python benchmarks/generate_throughput.py --n 20000  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def train_briefly(path: Path, steps: int, threads: int) -> None:
+    import torch
+
+    from vaedist.checkpoint import save_checkpoint
+    from vaedist.config import ModelConfig
+    from vaedist.data import load_split
+    from vaedist.models import binarize, build_model, to_model_input
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    model = build_model(ModelConfig(variant="cvae", arch="conv"), (28, 28, 1), 10, "bernoulli")
+    x, y = load_split("mnist", "train", progress=False)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (128,), generator=gen).numpy()
+        loss = model.loss(binarize(to_model_input(torch.from_numpy(x[i])), gen), torch.from_numpy(y[i])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(f"trained {steps} steps in {time.perf_counter() - t0:.0f} s (-ELBO {loss.item():.1f} nats)")
+    save_checkpoint(path, model.eval(), None, 1, {"data.dataset": "mnist", "model.variant": "cvae"}, {})
+
+
+def decoder_only(ckpt: Path, n: int, batch_size: int, threads: int) -> float:
+    """Images/s of the decoder alone: the same z, labels, batch and uint8 conversion, no I/O."""
+    import numpy as np
+    import torch
+
+    from vaedist.checkpoint import load_model
+    from vaedist.generate import decode_images, latents
+
+    torch.set_num_threads(threads)
+    model, _ = load_model(ckpt)
+    z = latents(0, 0, n, model.latent_dim)
+    labels = np.arange(n, dtype=np.int64) % 10
+    decode_images(model, z[:batch_size], labels[:batch_size], batch_size)  # warm-up
+    t0 = time.perf_counter()
+    decode_images(model, z, labels, batch_size)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=200_000, help="images to generate (default 200,000)")
+    ap.add_argument("--batch-size", type=int, default=1024, help="decoder batch (default 1024)")
+    ap.add_argument("--shard-rows", type=int, default=10_000, help="rows per part file (default 10,000)")
+    ap.add_argument(
+        "--train-steps", type=int, default=1000, help="Adam steps of the brief training (default 1000)"
+    )
+    ap.add_argument("--workdir", help="where the model, Parquet and MLflow store go (default: a temp folder)")
+    args = ap.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vaedist-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if "VAEDIST_DATA_DIR" not in os.environ and (shared / "mnist").is_dir():
+        os.environ["VAEDIST_DATA_DIR"] = str(shared)
+
+    import ray
+
+    from vaedist.config import GenerateConfig, ResourcesConfig
+    from vaedist.generate import plan_actors, run_generate
+    from vaedist.train import connect_ray
+
+    connect_ray()
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    threads = plan_actors(ResourcesConfig(), ray.cluster_resources()).threads
+    print(f"machine: {os.cpu_count()} CPU(s), Ray sees {cpus:g}; decoder threads {threads}; work in {work}")
+
+    ckpt = work / "cvae-conv.pt"
+    if not ckpt.exists():
+        train_briefly(ckpt, args.train_steps, threads)
+
+    before = decoder_only(ckpt, args.n, args.batch_size, threads)
+    print(f"decoder-only: {before:,.0f} images/s")
+
+    def generate(name: str, n: int, fmt: str):
+        cfg = GenerateConfig(model=str(ckpt), out=str(work / name), total=n, shard_rows=args.shard_rows,
+                             image_format=fmt, batch_size=args.batch_size, overwrite=True)  # fmt: skip
+        t0 = time.perf_counter()
+        result = run_generate(cfg, ResourcesConfig(workers=1), echo=lambda line: print("   ", line))
+        return result, n / (time.perf_counter() - t0)
+
+    raw, raw_command_rate = generate("raw", args.n, "raw")
+    after = decoder_only(ckpt, args.n, args.batch_size, threads)
+    print(f"decoder-only again: {after:,.0f} images/s")
+    png, _ = generate("png", max(args.shard_rows, args.n // 4), "png")
+    limit = (before + after) / 2
+    pixels = 28 * 28
+
+    print()
+    print(
+        f"n: {args.n} images, batch {args.batch_size}, shards of {args.shard_rows}, {os.cpu_count()} CPU(s)"
+    )
+    print(f"decoder_only_images_per_s: {limit:,.0f} (before {before:,.0f}, after {after:,.0f})")
+    steady = raw.rows / max(raw.seconds - raw.startup_seconds, 1e-9)
+    print(
+        f"end_to_end_images_per_s: {raw.images_per_s:,.0f} (pipeline start to last shard, {raw.seconds:.1f} s)"
+    )
+    print(
+        f"end_to_end_startup_s: {raw.startup_seconds:.1f} (actor start + model load, before the first shard)"
+    )
+    print(
+        f"end_to_end_steady_images_per_s: {steady:,.0f} (after start-up: {steady / limit:.2f}x decoder-only)"
+    )
+    print(f"whole_command_images_per_s: {raw_command_rate:,.0f} (with model resolution, MLflow, sample grid)")
+    print(f"png_images_per_s: {png.images_per_s:,.0f}")
+    print(f"raw_zstd_bytes_per_image: {raw.bytes / raw.rows:,.1f}")
+    print(f"png_bytes_per_image: {png.bytes / png.rows:,.1f}")
+    print(f"end_to_end_ratio: {raw.images_per_s / limit:.2f} (goal >= 0.8)")
+    # The same ratio measured inside the run (decoder seconds / wall seconds): immune to other load.
+    print(f"decoder_busy_fraction: {raw.decoder_busy_fraction:.2f} (goal >= 0.8)")
+    print(f"raw_zstd_bytes_per_pixel: {raw.bytes / raw.rows / pixels:.3f} (goal <= 0.5)")
+    ok = raw.images_per_s / limit >= 0.8 and raw.bytes / raw.rows / pixels <= 0.5
+    sys.exit(0 if ok or math.isnan(limit) else 1)
+
+
+if __name__ == "__main__":
+    main()

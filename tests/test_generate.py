@@ -1,0 +1,460 @@
+"""vaedist generate, for real: a small conv CVAE trained on real MNIST, local Ray on 2 CPUs, Parquet on disk.
+
+The kill-and-resume test runs ``python -m vaedist generate`` as a subprocess, SIGKILLs its process group
+once some shards exist, and checks that the rerun finishes the folder without touching finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from vaedist import generate as G
+from vaedist.checkpoint import save_checkpoint
+from vaedist.cli import main
+from vaedist.config import GenerateConfig, ModelConfig
+from vaedist.data import load_split
+from vaedist.models import binarize, build_model, to_model_input
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+N_PER_LABEL = 200  # 2,000 rows in 10 shards of 200
+SHARD_ROWS = 200
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures: a briefly trained conditional model, an untrained unconditional one, local Ray, MLflow
+
+
+def _save(model, path: Path, variant: str) -> Path:
+    save_checkpoint(path, model, None, 1, {"data.dataset": "mnist", "model.variant": variant}, {})
+    return path
+
+
+@pytest.fixture(scope="session")
+def cvae_ckpt(tmp_path_factory) -> Path:
+    """A small conv CVAE, 200 Adam steps on real MNIST with plain torch (no Ray, no MLflow)."""
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(variant="cvae", arch="conv", base_channels=8, latent_dim=4), (28, 28, 1), 10, "bernoulli"
+    )
+    x, y = load_split("mnist", "train", progress=False)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        i = torch.randint(0, len(x), (64,), generator=gen).numpy()
+        loss = model.loss(binarize(to_model_input(torch.from_numpy(x[i])), gen), torch.from_numpy(y[i])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return _save(model, tmp_path_factory.mktemp("models") / "cvae.pt", "cvae")
+
+
+@pytest.fixture(scope="session")
+def vae_ckpt(tmp_path_factory) -> Path:
+    """An unconditional VAE; its weights do not matter for the checks that use it."""
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(variant="vae", arch="conv", base_channels=8, latent_dim=4), (28, 28, 1), 10, "bernoulli"
+    )
+    return _save(model.eval(), tmp_path_factory.mktemp("models") / "vae.pt", "vae")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False)  # the 2-CPU node the actor sizing must not deadlock on
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A throwaway MLflow store for the whole module (the in-process runs share it)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(root)
+        mlflow.set_tracking_uri(uri)
+        yield mlflow.MlflowClient(uri)
+
+
+def _cfg(model: Path, out: Path, **kw) -> GenerateConfig:
+    kw.setdefault("per_label", N_PER_LABEL)
+    kw.setdefault("shard_rows", SHARD_ROWS)
+    return GenerateConfig(model=str(model), out=str(out), **kw)
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def generated(local_ray, store, cvae_ckpt, tmp_path_factory):
+    """The same plan twice (raw, to two folders) and once as PNG."""
+    root = tmp_path_factory.mktemp("generated")
+    out = {}
+    for name, fmt in (("a", "raw"), ("b", "raw"), ("png", "png")):
+        out[name] = (root / name, G.run_generate(_cfg(cvae_ckpt, root / name, image_format=fmt), echo=_quiet))
+    return out
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
+    if not folder.exists():
+        return {}
+    return {
+        p.name: (p.stat().st_mtime_ns, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.iterdir())
+    }
+
+
+def _by_id(folder: Path) -> pa.Table:
+    return pq.read_table(folder).sort_by("sample_id")
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan: exact counts, a permutation of sample ids, z independent of the shard layout
+
+
+def test_split_rows_is_exact_largest_remainder():
+    assert G.split_rows(10, [1, 1, 1]) == [4, 3, 3]
+    assert G.split_rows(7, [5, 3, 2]) == [4, 2, 1]  # quotas 3.5, 2.1, 1.4: the .5 gets the leftover row
+    _, y = load_split("mnist", "train_full", progress=False)
+    freq = np.bincount(y).tolist()
+    counts = G.split_rows(1999, [freq[k] for k in (1, 3, 7)])
+    assert sum(counts) == 1999
+    exact = [1999 * freq[k] / sum(freq[j] for j in (1, 3, 7)) for k in (1, 3, 7)]
+    assert all(abs(c - e) < 1 for c, e in zip(counts, exact, strict=True))
+
+
+def _plan(counts=(700, 0, 300, 1), shard_rows=97) -> G.Plan:
+    k = len(counts)
+    return G.Plan("m", "", "0" * 64, "mnist", tuple(range(k)), tuple(map(str, range(k))), tuple(counts), 3, 1.0,
+                  shard_rows, "raw", (28, 28, 1), 4)  # fmt: skip
+
+
+def test_labels_are_exact_and_every_shard_mixes_the_classes():
+    plan = _plan()
+    idx = np.concatenate([plan.label_index(*plan.shard_range(s)) for s in range(plan.num_shards)])
+    assert np.bincount(idx, minlength=4).tolist() == [700, 0, 300, 1]
+    for s in range(plan.num_shards - 1):
+        counts = plan.shard_label_counts(s)
+        assert abs(counts[0] - 97 * 0.7) <= 2 and abs(counts[2] - 97 * 0.3) <= 2, counts
+
+
+def test_latents_depend_on_seed_and_sample_id_only():
+    z = G.latents(7, 0, 1000, 16)
+    assert z.dtype == np.float32 and z.shape == (1000, 16)
+    np.testing.assert_array_equal(G.latents(7, 300, 50, 16), z[300:350])  # any shard layout, same z
+    np.testing.assert_array_equal(G.latents(7, 0, 10, 16, temperature=0.5), z[:10] * np.float32(0.5))
+    assert not np.array_equal(G.latents(8, 0, 1000, 16), z)
+    big = G.latents(0, 0, 50_000, 8).astype(np.float64)
+    assert abs(big.mean()) < 0.01 and abs(big.std() - 1) < 0.01
+    assert abs(np.corrcoef(big[:, 0], big[:, 1])[0, 1]) < 0.02
+
+
+def test_read_images_round_trips_both_formats_without_ray():
+    plan = _plan(counts=(3, 2), shard_rows=5)
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    z = G.latents(0, 0, 5, 4)
+    for fmt in ("raw", "png"):
+        p = G.Plan(**{**plan.__dict__, "image_format": fmt})
+        data = G.parquet_bytes(G.shard_table(p, 0, images, z))
+        table = pq.read_table(pa.BufferReader(data))
+        assert table.schema.metadata[b"vaedist.image_format"] == fmt.encode()
+        np.testing.assert_array_equal(G.read_images(table), images)
+        np.testing.assert_array_equal(G.read_images(table.to_pandas()), images)
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end in-process: determinism, formats, readers, manifest, MLflow
+
+
+def test_same_plan_gives_identical_images_and_files(generated):
+    (a, ra), (b, rb) = generated["a"], generated["b"]
+    assert ra.status == rb.status == "written" and ra.rows == 2000 and ra.plan_hash == rb.plan_hash
+    ta, tb = _by_id(a), _by_id(b)
+    assert ta["sample_id"].to_pylist() == list(range(2000))
+    assert ta["image"].equals(tb["image"]) and ta["z"].equals(tb["z"]) and ta["label"].equals(tb["label"])
+    parts = sorted(p.name for p in a.glob("part-*.parquet"))
+    assert parts == [f"part-{i:05d}.parquet" for i in range(10)]
+    for name in parts:  # same model + seed + plan: byte-identical files
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert json.loads((a / "_manifest.json").read_text()) == json.loads((b / "_manifest.json").read_text())
+
+
+def test_schema_manifest_and_rows_per_label(generated, cvae_ckpt):
+    folder, result = generated["a"]
+    table = pq.read_table(folder / "part-00000.parquet")
+    schema = table.schema
+    assert schema.field("sample_id").type == pa.int64() and schema.field("label").type == pa.int16()
+    assert schema.field("label_name").type == pa.string()
+    assert schema.field("image").type == pa.fixed_shape_tensor(pa.uint8(), (28, 28, 1))
+    assert schema.field("z").type == pa.list_(pa.float32(), 4)
+    meta = {k.decode(): v.decode() for k, v in schema.metadata.items()}
+    assert meta["vaedist.model_uri"] == str(cvae_ckpt) and meta["vaedist.dataset"] == "mnist"
+    assert meta["vaedist.seed"] == "0" and meta["vaedist.version"] and meta["vaedist.image_format"] == "raw"
+    assert "vaedist.model_version" in meta
+    assert pq.ParquetFile(folder / "part-00000.parquet").metadata.row_group(0).column(3).compression == "ZSTD"
+
+    full = _by_id(folder)
+    labels = full["label"].to_numpy()
+    assert np.bincount(labels).tolist() == [N_PER_LABEL] * 10
+    assert [str(v) for v in labels[:50]] == full["label_name"].to_pylist()[:50]
+
+    m = json.loads((folder / "_manifest.json").read_text())
+    assert m["rows"] == 2000 and m["dataset"] == "mnist" and m["seed"] == 0
+    assert m["model"]["uri"] == str(cvae_ckpt) and m["plan_hash"] == result.plan_hash
+    assert [r["rows"] for r in m["rows_per_label"]] == [N_PER_LABEL] * 10
+    assert [s["file"] for s in m["shards"]] == [f"part-{i:05d}.parquet" for i in range(10)]
+    for s in m["shards"]:
+        data = (folder / s["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
+        assert sum(s["rows_per_label"]) == s["rows"] == SHARD_ROWS
+    assert [f["name"] for f in m["schema"]] == ["sample_id", "label", "label_name", "image", "z"]
+    assert json.loads((folder / "_plan.json").read_text()) == m["plan"]
+    assert not list(folder.glob(".*"))  # no temporary files left
+
+
+def test_png_holds_the_same_images_and_pandas_and_ray_read_both(generated):
+    raw_folder, png_folder = generated["a"][0], generated["png"][0]
+    raw = G.read_images(_by_id(raw_folder))
+    png_table = _by_id(png_folder)
+    assert png_table.schema.field("image").type == pa.binary()
+    assert png_table["image"][0].as_py()[:8] == b"\x89PNG\r\n\x1a\n"
+    np.testing.assert_array_equal(G.read_images(png_table), raw)  # PNG is lossless: same pixels
+    assert raw.shape == (2000, 28, 28, 1) and raw.dtype == np.uint8 and 0 < raw.mean() < 128
+
+    for folder in (raw_folder, png_folder):
+        df = pd.read_parquet(folder).sort_values("sample_id")
+        assert df["sample_id"].tolist() == list(range(2000)) and df["label"].dtype == np.int16
+        np.testing.assert_array_equal(G.read_images(df), raw)
+
+    import ray
+
+    for folder in (raw_folder, png_folder):
+        batch = ray.data.read_parquet(str(folder)).take_batch(2000)
+        order = np.argsort(batch["sample_id"])
+        assert batch["sample_id"][order].tolist() == list(range(2000))
+        images = G.read_images(batch["image"])[order]
+        assert images.shape == (2000, 28, 28, 1) and images.dtype == np.uint8
+        np.testing.assert_array_equal(images, raw)
+
+
+def test_mlflow_run_links_the_model_and_has_metrics_and_picture(generated, store, cvae_ckpt):
+    folder, result = generated["a"]
+    run = store.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert store.get_experiment(run.info.experiment_id).name == "vaedist/mnist"
+    assert run.data.tags["vaedist.kind"] == "generate" and run.data.tags["vaedist.model_uri"] == str(
+        cvae_ckpt
+    )
+    assert run.data.tags["vaedist.plan_hash"] == result.plan_hash and "vaedist.model_version" in run.data.tags
+    m = run.data.metrics
+    assert m["rows"] == 2000 and all(m[f"rows_label_{k}"] == N_PER_LABEL for k in range(10))
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    assert m["images_per_s"] > 0 and m["bytes_per_image"] == pytest.approx(manifest["bytes"] / 2000)
+    artifacts = [a.path for a in store.list_artifacts(result.run_id, "images")]
+    assert any(p.startswith("images/generated_samples+step+0") for p in artifacts), artifacts
+    assert generated["b"][1].run_id != result.run_id  # another folder: another run
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written or removed
+
+
+def _cli(*args: str):
+    result = CliRunner().invoke(main, ["generate", *args], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _assert_refused(args: list[str], folder: Path, match: str) -> None:
+    before = _snapshot(folder)
+    code, _, err = _cli(*args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
+    assert _snapshot(folder) == before
+
+
+def test_bad_inputs_are_refused_with_one_line(store, cvae_ckpt, vae_ckpt, tmp_path):
+    out = tmp_path / "out"
+    base = ["--model", str(cvae_ckpt), "--out", str(out), "--per-label", "10"]
+    _assert_refused([*base, "--labels", "3,12"], out, "label 12 is not a class of the model")
+    _assert_refused([*base, "--labels", "three"], out, "--labels")
+    _assert_refused(
+        ["--model", str(vae_ckpt), "--out", str(out), "--per-label", "5", "--labels", "3"],
+        out,
+        "unconditional",
+    )
+    _assert_refused(
+        ["--model", str(tmp_path / "nope.pt"), "--out", str(out), "--total", "5"], out, "neither a checkpoint"
+    )
+    _assert_refused(
+        ["--model", "models:/vaedist-mnist@champion", "--out", str(out), "--total", "5"],
+        out,
+        "does not resolve",
+    )
+    _assert_refused(["--model", str(cvae_ckpt), "--out", str(out), "--per-label", "0"], out, "per_label")
+    _assert_refused(["--model", str(cvae_ckpt), "--out", str(out), "--per-label", "-3"], out, "per_label")
+    _assert_refused(["--model", str(cvae_ckpt), "--out", str(out)], out, "--per-label")
+    _assert_refused([*base, "--class-balance", "as-train"], out, "--total only")
+    assert not out.exists()
+
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "part-00000.parquet").write_bytes(b"not ours")
+    _assert_refused(base, out, "not from vaedist generate (notes.txt)")
+
+    # root writes through chmod 555, so as root use a path in a filesystem nobody can write (sysfs).
+    readonly = Path("/sys/vaedist-generate-test") if os.geteuid() == 0 else tmp_path / "ro" / "out"
+    if os.geteuid() != 0:
+        readonly.parent.mkdir()
+        readonly.parent.chmod(0o555)
+    _assert_refused(
+        ["--model", str(cvae_ckpt), "--out", str(readonly), "--per-label", "10"], readonly, "not writable"
+    )
+    assert not readonly.exists()
+
+
+def test_overwrite_and_plan_guards(local_ray, store, cvae_ckpt, tmp_path):
+    out = tmp_path / "small"
+    args = ["--model", str(cvae_ckpt), "--out", str(out), "--per-label", "20", "--shard-rows", "50"]
+    code, stdout, err = _cli(*args)
+    assert code == 0, err
+    first = _snapshot(out)
+    assert len([n for n in first if n.startswith("part-")]) == 4 and "_manifest.json" in first
+
+    code, stdout, _ = _cli(*args)  # the same plan again: nothing to do, nothing touched
+    assert code == 0 and "already complete" in stdout and _snapshot(out) == first
+    _assert_refused(
+        [*args, "--seed", "1"], out, "complete generation run of another plan (seed 0 there, 1 now)"
+    )
+
+    code, _, err = _cli(*args, "--seed", "1", "--overwrite")
+    assert code == 0, err
+    m = json.loads((out / "_manifest.json").read_text())
+    assert m["seed"] == 1 and len(m["shards"]) == 4
+    after = _snapshot(out)
+    assert all(after[n][2] != first[n][2] for n in first if n.startswith("part-"))  # other z, other bytes
+
+    # An unfinished folder (no manifest) of another plan is refused, not mixed.
+    (out / "_manifest.json").unlink()
+    (out / "part-00003.parquet").unlink()
+    _assert_refused([*args, "--labels", "0,1"], out, "unfinished run of another plan (labels")
+    _assert_refused([*args, "--per-label", "21"], out, "unfinished run of another plan (counts")
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults: SIGKILL the driver's process group halfway, rerun, check the result
+
+
+def _session_pids(sid: int) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,sid="], capture_output=True, text=True).stdout
+    return [int(pid) for pid, s in (line.split() for line in out.splitlines()) if int(s) == sid]
+
+
+def test_killed_run_resumes_without_touching_finished_shards(cvae_ckpt, tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "vaedist", "generate", "--model", str(cvae_ckpt), "--out", str(out),
+            "--labels", "1,3,7", "--total", "1999", "--class-balance", "as-train", "--shard-rows", "100",
+            "--seed", "5"]  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        G.SHARD_DELAY_ENV: "0.4",
+    }
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("part-*.parquet"))) < 3:
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+        assert time.monotonic() < deadline, "no shards after 120 s"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)
+    for pid in _session_pids(proc.pid):  # anything of that session that outlived the kill (Ray's own)
+        os.kill(pid, signal.SIGKILL)
+
+    assert not (out / "_manifest.json").exists() and (out / "_plan.json").exists()
+    finished = {
+        p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in out.glob("part-*")
+    }
+    assert 3 <= len(finished) < 20
+    # A shard damaged after the kill must be rewritten; the others must stay as they are.
+    damaged = sorted(finished)[-1]
+    (out / damaged).write_bytes(b"PAR1 truncated")
+    del finished[damaged]
+
+    env.pop(G.SHARD_DELAY_ENV)
+    rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"unfinished: {len(finished)} shard(s) verified" in rerun.stdout
+
+    for name, (mtime, digest) in finished.items():
+        p = out / name
+        assert p.stat().st_mtime_ns == mtime and hashlib.sha256(p.read_bytes()).hexdigest() == digest, name
+    table = _by_id(out)
+    assert table["sample_id"].to_pylist() == list(range(1999))  # every id exactly once
+    _, y = load_split("mnist", "train_full", progress=False)
+    freq = np.bincount(y)
+    expected = G.split_rows(1999, [int(freq[k]) for k in (1, 3, 7)])
+    labels = table["label"].to_numpy()
+    assert [int((labels == k).sum()) for k in (1, 3, 7)] == expected and set(labels) == {1, 3, 7}
+
+    m = json.loads((out / "_manifest.json").read_text())
+    assert m["rows"] == 1999 and [r["rows"] for r in m["rows_per_label"]] == expected
+    assert [r["label"] for r in m["rows_per_label"]] == [1, 3, 7] and m["seed"] == 5
+    assert len(m["shards"]) == 20 and m["shards"][-1]["rows"] == 99
+    for s in m["shards"]:
+        assert hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() == s["sha256"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["_manifest.json", "_plan.json", *(s["file"] for s in m["shards"])]
+    )
+    assert pq.read_metadata(out / damaged).num_rows == 100
+
+
+def test_unconditional_model_rows_get_label_minus_one(local_ray, store, vae_ckpt, tmp_path):
+    result = G.run_generate(
+        _cfg(vae_ckpt, tmp_path / "vae", per_label=None, total=30, shard_rows=16), echo=_quiet
+    )
+    table = _by_id(tmp_path / "vae")
+    assert result.rows == 30 and table["sample_id"].to_pylist() == list(range(30))
+    assert set(table["label"].to_pylist()) == {-1} and set(table["label_name"].to_pylist()) == {""}
+    m = json.loads((tmp_path / "vae" / "_manifest.json").read_text())
+    assert m["rows_per_label"] == [{"label": -1, "name": "", "rows": 30}]
+
+
+@pytest.mark.parametrize("name", ["generate-mnist", "generate-fashion-mnist", "generate-cifar"])
+def test_job_specs_parse(name):
+    from vaedist.jobs import load_spec
+
+    for preset in (None, "smoke"):
+        spec = load_spec(name, preset=preset)
+        cfg, resources = G.configs_from_spec(spec.sections)
+        assert spec.kind == "generate" and cfg.model.startswith("models:/vaedist-") and cfg.labels is None
+        assert resources.workers >= 1
