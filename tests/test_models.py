@@ -4,7 +4,6 @@ model, a CVAE that learns real MNIST, checkpoints that round-trip, and the error
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from pathlib import Path
@@ -42,17 +41,15 @@ SHAPES = [(28, 28, 1), (32, 32, 3)]
 SMALL = {"latent_dim": 4, "width": 32, "base_channels": 8, "depth": 2}
 
 
-@contextlib.contextmanager
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Train on one thread. On a busy host, 2 OpenMP threads that spin at every barrier run ~10x
-    slower than one (measured: 70 vs 800 img/s for the conv CVAE); in a quiet one, one thread
-    costs at most 2x. Tiny models are faster on one thread anyway."""
+    """Every test here runs on one thread (the 2 above is the cap). On a busy host, 2 OpenMP threads
+    that spin at every barrier run ~10x slower than one (measured: 70 vs 800 img/s for the conv
+    CVAE); on a quiet one, one thread costs the MNIST test a few seconds and the small models none."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    yield
+    torch.set_num_threads(before)
 
 
 def small_model(variant: str, arch: str, likelihood: str, shape=(28, 28, 1), **overrides) -> BaseVAE:
@@ -481,27 +478,31 @@ def test_importance_weighted_bound_tightens_with_k_on_a_trained_model():
         depth=1,
     )
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    with one_thread():
-        first = model.loss(test).neg_elbo.mean().item()
-        for _ in range(400):
-            loss = model.loss(train[torch.randint(0, 2048, (64,), generator=g)]).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            neg_elbo = torch.stack([model.loss(test).neg_elbo for _ in range(20)]).mean().item()
+    first = model.loss(test).neg_elbo.mean().item()
+    for _ in range(400):
+        loss = model.loss(train[torch.randint(0, 2048, (64,), generator=g)]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        neg_elbo = torch.stack([model.loss(test).neg_elbo for _ in range(20)]).mean().item()
+        # Each estimate averaged over 512 images and 4 seeds: std ~0.03 (k=1), ~0.01 (k=5, 50) nats.
         nll = {
-            k: model.iw_nll(test, k=k, chunk=10, generator=torch.Generator().manual_seed(7)).mean().item()
+            k: sum(
+                model.iw_nll(test, k=k, generator=torch.Generator().manual_seed(s)).mean().item()
+                for s in range(4)
+            )
+            / 4
             for k in (1, 5, 50)
         }
     assert neg_elbo < first - 10  # it trained (about 45 -> 22 nats)
-    # k = 1 is the ELBO estimator: equal in expectation (std of this mean ~0.05 nats).
-    assert abs(nll[1] - neg_elbo) < 0.25
+    # k = 1 is the ELBO estimator: equal in expectation.
+    assert abs(nll[1] - neg_elbo) < 0.2
     # Burda et al. 2016, Thm. 1: log p(x) >= L_k+1 >= L_k >= L_1 = ELBO. Gaps here ~0.3 and ~0.1 nats.
     assert nll[1] - nll[5] > 0.1
-    assert nll[5] - nll[50] > 0.05
-    assert nll[50] < neg_elbo - 0.3
+    assert nll[5] - nll[50] > 0.04
+    assert nll[50] < neg_elbo - 0.25
 
 
 # ------------------------------------------------------------------- real MNIST
@@ -536,13 +537,12 @@ def test_cvae_learns_real_mnist_and_its_samples_follow_the_label():
 
     before = held_out_recon()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with one_thread():
-        for _ in range(400):
-            idx = torch.randint(0, len(y_train), (64,), generator=g)
-            loss = model.loss(binarize(to_model_input(u8_train[idx]), g), y_train[idx]).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    for _ in range(400):
+        idx = torch.randint(0, len(y_train), (64,), generator=g)
+        loss = model.loss(binarize(to_model_input(u8_train[idx]), g), y_train[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     after = held_out_recon()
     assert after < 0.3 * before  # ~550 -> ~105 nats
     assert after < 140

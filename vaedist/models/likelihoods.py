@@ -165,8 +165,9 @@ class DiscretizedGaussian(Likelihood):
     """
 
     name = "gaussian"
-    # sigma starts at 0.2 on [-1, 1] (0.1 of the pixel range): near a trained model's reconstruction
-    # error, so the learned log sigma (moved ~lr per step by Adam) needs few steps to settle.
+    # sigma starts at 0.2 on [-1, 1] (a tenth of the pixel range), the order of a trained model's
+    # reconstruction error: Adam moves log sigma by about lr per step, so a start at sigma = 1 would
+    # spend thousands of steps with a reconstruction term too weak to learn from.
     INIT_LOG_SIGMA = math.log(0.2)
     LOG_SIGMA_RANGE = (_LOG_SCALE_MIN, 2.0)
     _NARROW = 1e-3  # standardised bin width below which the mid-bin density is used
