@@ -477,6 +477,9 @@ def run_training(
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
     storage = storage_path(storage)
+    connect_ray(cfg.resources.address)
+    plan = plan_workers(cfg.resources)
+    check_storage_shared(storage)
     done = tracking.finished_run(cfg.data.dataset, name)
     if done is not None:
         tracking.check_same_params(done, experiment_params(cfg), name)
@@ -488,9 +491,6 @@ def run_training(
             version=done.data.tags.get(VERSION_TAG, ""), checkpoint=done.data.tags[DONE_TAG],
             metrics=dict(done.data.metrics), champion=False,
         )  # fmt: skip
-    connect_ray(cfg.resources.address)
-    plan = plan_workers(cfg.resources)
-    check_storage_shared(storage)
 
     data_refs = put_data(cfg, plan)
     params = experiment_params(cfg)
