@@ -194,7 +194,8 @@ def cluster(tmp_path_factory):
     the data, the way a cluster is configured for jobs sent with plain `ray job submit`."""
     root = tmp_path_factory.mktemp("submit")
     mlflow = MlflowServer(root / "mlflow").launch()  # comes up while the head starts
-    head = RayHead(num_cpus=2, env={"MLFLOW_TRACKING_URI": mlflow.uri})
+    # Checkpoints in this test's folder, as a cluster configures shared storage for its jobs.
+    head = RayHead(num_cpus=2, env={"MLFLOW_TRACKING_URI": mlflow.uri, "VAEDIST_STORAGE_PATH": str(root / "runs")})
     try:
         head.start()
         mlflow.wait()

@@ -121,7 +121,7 @@ def test_fault_mid_epoch_resumes_from_checkpoint(local_ray, mlflow_store, tmp_pa
     assert faulty.metrics["val_neg_elbo"] == pytest.approx(clean.metrics["val_neg_elbo"], rel=0.01)
 
 
-def test_same_name_resumes_and_a_changed_config_is_refused(local_ray, mlflow_store, tmp_path):
+def test_same_name_resumes_and_a_changed_config_is_refused(local_ray, mlflow_store, tmp_path, monkeypatch):
     from vaedist.train import run_training
 
     cfg = experiment_from_dict({**SMALL, "train": {**SMALL["train"], "epochs": 1}})
@@ -138,6 +138,11 @@ def test_same_name_resumes_and_a_changed_config_is_refused(local_ray, mlflow_sto
     assert "already trained" in said[0]
     assert len(mlflow_store.get_metric_history(first.run_id, "val_neg_elbo")) == 1
     assert len(mlflow_store.search_model_versions("name='vaedist-mnist'")) == 1
+
+    # Another MLflow store, the same name and storage: Ray must not resume the first run's checkpoints.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    with pytest.raises(UsageError, match=r"runs/again holds checkpoints of another run \(MLflow run " + first.run_id):
+        run_training(cfg, name="again", storage=str(tmp_path / "runs"), echo=lambda *_: None)
 
 
 def _cli(args, env_extra=None, cwd=None, timeout=240):

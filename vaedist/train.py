@@ -397,6 +397,36 @@ def experiment_params(cfg: ExperimentConfig) -> dict[str, Any]:
     return params
 
 
+RUN_MARKER = ".vaedist-mlflow-run"
+
+
+def claim_run_folder(storage: str, name: str, run_id: str) -> None:
+    """Tie ``<storage>/<name>`` to one MLflow run, so Ray never resumes another run's checkpoints.
+
+    Ray Train resumes from whatever checkpoints a run folder holds. A folder left by a run recorded in a
+    different MLflow store (or by a deleted run) would silently hand this run its finished checkpoints.
+    """
+    if "://" in storage:
+        return  # object stores: the name is derived from the config, the user owns the bucket
+    folder = Path(storage) / name
+    marker = folder / RUN_MARKER
+    if marker.exists():
+        owner = marker.read_text().strip()
+        if owner != run_id:
+            raise UsageError(
+                f"{folder} holds checkpoints of another run (MLflow run {owner}, not {run_id} in "
+                f"{tracking.tracking_uri()}); use a new --name, another --storage-path, or delete that folder"
+            )
+        return
+    if folder.exists() and any(folder.iterdir()):
+        raise UsageError(
+            f"{folder} already holds files that no vaedist run claims; use a new --name, another "
+            "--storage-path, or delete that folder"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(run_id)
+
+
 def build_trainer(
     cfg: ExperimentConfig,
     name: str,
@@ -407,6 +437,7 @@ def build_trainer(
     callbacks: list | None = None,
 ) -> ray.train.torch.TorchTrainer:
     """One TorchTrainer; the same ``name`` and ``storage`` resume from its latest checkpoint."""
+    claim_run_folder(storage, name, run_id)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -497,7 +528,11 @@ def run_training(
     run_id = tracking.find_or_create_run(cfg.data.dataset, name, params, kind="train", parent_run_id=parent_run_id)
     echo(f"training {name}: {plan.workers} worker(s) x {plan.cpus_per_worker:g} CPU"
          f"{f' x {plan.gpus_per_worker:g} GPU' if plan.use_gpu else ''}; MLflow run {run_id} in {uri}")  # fmt: skip
-    trainer = build_trainer(cfg, name, storage, run_id, plan, data_refs)
+    try:
+        trainer = build_trainer(cfg, name, storage, run_id, plan, data_refs)
+    except UsageError:
+        tracking.end_run(run_id, "FAILED")
+        raise
     fit_started = time.time()
     try:
         result = trainer.fit()
