@@ -166,6 +166,7 @@ class RayHead:
         # Worker ports: a block of 200 below Linux's ephemeral range and above Ray's default 10002-19999.
         self._port_block = random.randrange(20000, 31000, 200)
         self._nodes = 0
+        self._node_dirs: list[Path] = []
 
     # The ports a raylet would otherwise take at fixed defaults (52365 ...), clashing with other Rays.
     def _node_ports(self) -> list[str]:
@@ -217,8 +218,12 @@ class RayHead:
 
     def add_node(self, num_cpus: int = 1, resources: str | None = None) -> None:
         """Another raylet on this machine joining the head (`ray start --address`), stopped with the head."""
+        # Its own temp dir, as on a separate machine: nodes sharing one would also share the unpacked
+        # job working_dir, and one node's runtime-env agent would delete it under the other's job.
+        node_dir = Path(tempfile.mkdtemp(prefix="vdn-", dir="/tmp"))
+        self._node_dirs.append(node_dir)
         args = ["--address", str(self.gcs_address), "--num-cpus", str(num_cpus), "--num-gpus", "0",
-                "--disable-usage-stats", *self._node_ports()]  # fmt: skip
+                "--temp-dir", str(node_dir), "--disable-usage-stats", *self._node_ports()]  # fmt: skip
         if resources:
             args += ["--resources", resources]
         self._ray_start(args, f"node-{self._nodes}")
@@ -231,6 +236,8 @@ class RayHead:
         left = terminate(self.processes(), grace=3.0) if self._sids else set()
         self._sids.clear()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for node_dir in self._node_dirs:
+            shutil.rmtree(node_dir, ignore_errors=True)
         if left:
             raise RuntimeError(f"Ray processes {sorted(left)} survived SIGKILL")
 
