@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vaedist.errors import UsageError
+from vaedist.errors import UsageError, first_line
 from vaedist.models import BaseVAE, build_model_from_hparams
 
 CHECKPOINT_FILE = "model.pt"
@@ -36,7 +36,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UsageError(f"{path} is not a readable vaedist checkpoint ({first})") from None
 
 

@@ -11,3 +11,9 @@ class UsageError(VaedistError):
     """The user asked for something invalid (a flag, a config value, a path): exit 2."""
 
     exit_code = 2
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name): what a one-line error quotes."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -47,7 +47,7 @@ from vaedist import __version__, loop, tracking
 from vaedist.checkpoint import load_model
 from vaedist.config import EvaluateConfig, ResourcesConfig
 from vaedist.data import get_spec, load_split
-from vaedist.errors import UsageError, VaedistError
+from vaedist.errors import UsageError, VaedistError, first_line
 from vaedist.models import BaseVAE, binarize, bits_per_dim, to_model_input
 
 WHATS = ("likelihood", "cas", "all")
@@ -457,7 +457,7 @@ def read_generated(folder: str) -> GeneratedSet:
             cols = ["label", "image"] + (["label_name"] if "label_name" in schema.names else [])
             table = pq.read_table(path, columns=cols, filesystem=fs)
         except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise UsageError(f"{folder}/{name} is not readable Parquet ({first})") from None
         meta = {
             k.decode(errors="replace").removeprefix(META_PREFIX): v.decode(errors="replace")
@@ -766,7 +766,7 @@ def train_classifier(
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise VaedistError(f"CAS classifier {name} failed: {first} (logs under {storage}/{name})") from None
     metrics = result.metrics or {}
     if "confusion" not in metrics:

@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 
 from vaedist import __version__
 from vaedist.config import GenerateConfig, ResourcesConfig, section_from_dict
-from vaedist.errors import UsageError, VaedistError
+from vaedist.errors import UsageError, VaedistError, first_line
 
 MANIFEST = "_manifest.json"
 PLAN_FILE = "_plan.json"
@@ -711,7 +711,7 @@ def prepare(cfg: GenerateConfig) -> Prepared:
     try:
         state = inspect_output(fs, root, uri)
     except OSError as exc:  # an unreachable bucket, missing credentials, a permission error
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UsageError(f"cannot list --out {uri}: {first}") from None
     if state.foreign:
         more = f" and {len(state.foreign) - 1} more" if len(state.foreign) > 1 else ""
@@ -1078,7 +1078,7 @@ def run_generate(
                             f"{len(shards)}/{plan.num_shards} shards, {done_rows / (now - t0):,.0f} images/s"
                         )
             except Exception as exc:  # Ray wraps the actor's error; its first line says what happened
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 raise VaedistError(f"generation into {p.uri} failed: {first} (rerun to resume)") from None
         seconds = time.perf_counter() - t0
         missing = [i for i in range(plan.num_shards) if i not in shards]

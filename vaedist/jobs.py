@@ -135,6 +135,11 @@ def spec_from_dict(
     return spec
 
 
+def evaluate_what(cfg: EvaluateConfig) -> str:
+    """Which evaluations an evaluate section asks for: a model is scored, generated data gets a CAS."""
+    return "all" if cfg.model and cfg.generated else "likelihood" if cfg.model else "cas"
+
+
 def run_spec(spec: JobSpec, echo=print, name: str | None = None) -> Any:
     """Run a job spec on this machine (local Ray, or the cluster given by resources.address/RAY_ADDRESS)."""
     if spec.kind == "train":
@@ -161,8 +166,7 @@ def run_spec(spec: JobSpec, echo=print, name: str | None = None) -> Any:
 
         cfg = section_from_dict(EvaluateConfig, spec.sections.get("evaluate"), "evaluate")
         resources = section_from_dict(ResourcesConfig, spec.sections.get("resources"), "resources")
-        what = "all" if cfg.model and cfg.generated else "likelihood" if cfg.model else "cas"
-        return run_evaluate(cfg, resources, what, echo=echo)
+        return run_evaluate(cfg, resources, evaluate_what(cfg), echo=echo)
     raise ConfigError(f"kind {spec.kind!r} is not available yet in this version of vaedist")
 
 
@@ -240,8 +244,7 @@ def run_pipeline(spec: JobSpec, echo=print) -> PipelineResult:
             section.setdefault("dataset", spec.experiment.data.dataset)
             cfg = section_from_dict(EvaluateConfig, section, "evaluate")
             res = section_from_dict(ResourcesConfig, resources, "resources")
-            what = "all" if cfg.model and cfg.generated else "likelihood" if cfg.model else "cas"
-            out.evaluation = run_evaluate(cfg, res, what, echo=echo)
+            out.evaluation = run_evaluate(cfg, res, evaluate_what(cfg), echo=echo)
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from vaedist.errors import UsageError, VaedistError
+from vaedist.errors import UsageError, VaedistError, first_line
 
 CHAMPION = "champion"
 NAME_TAG = "vaedist.name"  # the job's deterministic name: a rerun with the same name resumes this run
@@ -334,7 +334,7 @@ def resolve_checkpoint(uri: str) -> Path:
     try:
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="vaedist-")))
     except mlflow.exceptions.MlflowException as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UsageError(f"model {uri!r} does not resolve in {tracking_uri()}: {first}") from None
     found = sorted(path.rglob(CHECKPOINT_FILE))
     if not found:

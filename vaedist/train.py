@@ -27,7 +27,7 @@ from vaedist import loop, tracking
 from vaedist.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model, save_checkpoint
 from vaedist.config import ExperimentConfig, ResourcesConfig, from_flat
 from vaedist.data import get_spec, load_split
-from vaedist.errors import UsageError, VaedistError
+from vaedist.errors import UsageError, VaedistError, first_line
 from vaedist.models import BaseVAE, build_model
 
 # Fault injection for the fault-tolerance test: "epoch=E,step=S,rank=R". The worker of that rank exits
@@ -74,7 +74,7 @@ def connect_ray(address: str | None = None) -> None:
             # "local": a new in-process Ray, never some other Ray that happens to run on this machine.
             ray.init(address="local", runtime_env=runtime_env, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise VaedistError(
             f"cannot connect to Ray at {address or 'a new local instance'}: {first} "
             "(check --address / RAY_ADDRESS and that the head is running)"
@@ -538,7 +538,7 @@ def run_training(
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         tracking.end_run(run_id, "FAILED")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise VaedistError(f"training {name} failed: {first} (logs under {storage}/{name})") from None
 
     best = result.get_best_checkpoint("val_neg_elbo", "min") if result.best_checkpoints else result.checkpoint
