@@ -44,10 +44,23 @@ BIN = Path(sys.executable).parent  # the venv's bin: ray, mlflow, and the `pytho
 _DROP = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on every interface that this process has not handed out before.
+
+    The kernel may hand the same just-closed port to two bind(0) calls in a row; Ray refuses to start
+    when two of its components get the same port ("... is used by other components"), so ports given
+    out are remembered for the life of the test session.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))  # all interfaces: Ray binds some ports on the machine's address, not loopback
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -19,7 +19,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,17 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from raycluster import free_port
 
 DB_NAME = "mlflow"
 DB_USER = "vaedist"
 RUN_NAME = "pg-smoke"
 SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "cluster" / "mlflow" / "mlflow-server.sh"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pg_bindir() -> Path | None:
@@ -96,7 +90,7 @@ def postgres() -> Iterator[Postgres]:
         pw = pwd.getpwnam("postgres")
         os.chown(root, pw.pw_uid, pw.pw_gid)
     data, log = root / "data", root / "postgres.log"
-    port = _free_port()
+    port = free_port()
     password = secrets.token_hex(16)
 
     def pg(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -140,7 +134,7 @@ class MlflowServer:
 def mlflow_server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     root = tmp_path_factory.mktemp("mlflow-server")
     artifacts, log = root / "artifacts", root / "server.log"
-    port = _free_port()
+    port = free_port()
     # The recipe of cluster/mlflow, run as a team would run it on a VM: configuration and the password in
     # the environment; the script builds `mlflow server --backend-store-uri postgresql://... --serve-artifacts
     # --artifacts-destination ... --host 127.0.0.1 --port ...` and execs it (same pid: teardown stops it).
