@@ -117,6 +117,35 @@ def test_unknown_job_lists_the_valid_ones():
     assert "no job 'no-such-job'" in line and "train-mnist" in line and "demo" in line
 
 
+def _shipped_specs() -> list[tuple[str, str | None]]:
+    import yaml
+
+    out = []
+    for name in jobs.available_jobs():
+        presets = yaml.safe_load((jobs.JOBS_DIR / f"{name}.yaml").read_text()).get("presets") or {}
+        out += [(name, None), *((name, p) for p in presets)]
+    return out
+
+
+@pytest.mark.parametrize(("name", "preset"), _shipped_specs())
+def test_every_shipped_spec_and_preset_validates(name, preset):
+    spec = jobs.load_spec(name, preset=preset)
+    if spec.kind == "tune":
+        tune = spec.sections["tune"]
+        # A preset narrows the search: its space replaces the spec's keys one by one, never mixes them.
+        assert tune["search_space"] and all(len(d) == 1 for d in tune["search_space"].values())
+
+
+def test_small_tune_preset_is_a_real_search_of_both_architectures():
+    from vaedist.config import tune_config_from_section
+
+    for name in ("tune-mnist", "tune-fashion-mnist"):
+        spec = jobs.load_spec(name, preset="small")
+        tune = tune_config_from_section(spec.sections["tune"])
+        assert spec.experiment.data.val_size == 5000  # all the data, not the smoke subset
+        assert tune.num_samples >= 8 and set(tune.search_space["model.arch"]["choice"]) == {"dense", "conv"}
+
+
 def test_spec_with_an_unknown_key_is_refused_before_any_cluster(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: train\ndata: {dataset: mnist}\nbogus: 1\n")
@@ -195,7 +224,9 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("submit")
     mlflow = MlflowServer(root / "mlflow").launch()  # comes up while the head starts
     # Checkpoints in this test's folder, as a cluster configures shared storage for its jobs.
-    head = RayHead(num_cpus=2, env={"MLFLOW_TRACKING_URI": mlflow.uri, "VAEDIST_STORAGE_PATH": str(root / "runs")})
+    head = RayHead(
+        num_cpus=2, env={"MLFLOW_TRACKING_URI": mlflow.uri, "VAEDIST_STORAGE_PATH": str(root / "runs")}
+    )
     try:
         head.start()
         mlflow.wait()

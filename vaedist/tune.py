@@ -16,6 +16,7 @@ import io
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,10 +105,14 @@ def run_trial(
     trial_name = f"{name}-{trial_id}"
     # The child run exists before the config is checked, so a trial that fails shows up in MLflow as FAILED.
     params = {k: v for k, v in flat.items() if k != "resources.address"}
-    run_id = tracking.find_or_create_run(flat["data.dataset"], trial_name, params, kind="trial", parent_run_id=parent_run_id)
+    run_id = tracking.find_or_create_run(
+        flat["data.dataset"], trial_name, params, kind="trial", parent_run_id=parent_run_id
+    )
     tracking.set_run_tags(run_id, {TRIAL_ID_TAG: trial_id})
     cfg = from_flat(flat)  # a ConfigError here fails this trial only; the search goes on
-    trainer = build_trainer(cfg, trial_name, storage, run_id, plan, data_refs, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(
+        cfg, trial_name, storage, run_id, plan, data_refs, callbacks=[TuneReportCallback()]
+    )
     trainer.fit()
 
 
@@ -120,6 +125,9 @@ class TuneResult:
     model_uri: str
     version: str
     champion: bool
+    # Wall seconds per phase: "prepare" (checks, data into the object store, parent run), "trials"
+    # (Tuner.fit), "register" (results table, champion). The tune-overhead benchmark reads them.
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def run_tune(
@@ -130,6 +138,7 @@ def run_tune(
     echo=print,
 ) -> TuneResult:
     """Run (or resume) the search, then register the best trial's model."""
+    started = time.perf_counter()
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
     storage = storage_path(storage)
@@ -177,11 +186,15 @@ def run_tune(
                 ),
                 # Seeded sampling; the generator itself caps concurrency (Tune ignores max_concurrent_trials
                 # when given a search generator).
-                search_alg=ray.tune.search.BasicVariantGenerator(random_state=tune_cfg.seed, max_concurrent=concurrency),
+                search_alg=ray.tune.search.BasicVariantGenerator(
+                    random_state=tune_cfg.seed, max_concurrent=concurrency
+                ),
             ),
             run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=1),
         )
+    seconds = {"prepare": time.perf_counter() - started}
     grid = tuner.fit()
+    seconds["trials"] = time.perf_counter() - started - seconds["prepare"]
 
     table = results_table(grid, tune_cfg, base)
     _close_child_runs(dataset, name, table)
@@ -194,15 +207,22 @@ def run_tune(
     ok = [row for row in table if row["status"] != "ERROR" and row.get(tune_cfg.metric) is not None]
     if not ok:
         tracking.end_run(parent_run_id, "FAILED")
-        raise VaedistError(f"search {name}: every trial failed (see the child runs in MLflow and {experiment_path})")
+        raise VaedistError(
+            f"search {name}: every trial failed (see the child runs in MLflow and {experiment_path})"
+        )
     best_row = (min if tune_cfg.mode == "min" else max)(ok, key=lambda r: r[tune_cfg.metric])
-    model_uri, version, moved, metric = register_checkpoint(best_row["checkpoint"], best_row["run_id"], dataset)
+    model_uri, version, moved, metric = register_checkpoint(
+        best_row["checkpoint"], best_row["run_id"], dataset
+    )
     logger.log_metrics({f"best_{tune_cfg.metric}": metric}, step=0)
-    tracking.set_run_tags(parent_run_id, {"vaedist.best_trial": best_row["trial"], "vaedist.best_model": model_uri})
+    tracking.set_run_tags(
+        parent_run_id, {"vaedist.best_trial": best_row["trial"], "vaedist.best_model": model_uri}
+    )
     tracking.end_run(parent_run_id, "FINISHED")
     echo(f"best trial {best_row['trial']}: {tune_cfg.metric} {metric:.2f} -> {model_uri}"
          f"{' (now champion)' if moved else ' (champion unchanged: it is at least as good)'}")  # fmt: skip
-    return TuneResult(name, parent_run_id, table, best_row["trial"], model_uri, version, moved)
+    seconds["register"] = time.perf_counter() - started - seconds["prepare"] - seconds["trials"]
+    return TuneResult(name, parent_run_id, table, best_row["trial"], model_uri, version, moved, seconds)
 
 
 def results_table(grid, tune_cfg: TuneConfig, base: ExperimentConfig) -> list[dict[str, Any]]:
@@ -215,7 +235,9 @@ def results_table(grid, tune_cfg: TuneConfig, base: ExperimentConfig) -> list[di
         row: dict[str, Any] = {"trial": trial_id, **params, "status": "ERROR" if result.error else "OK"}
         df = result.metrics_dataframe
         if df is not None and len(df) and tune_cfg.metric in df:
-            best_idx = df[tune_cfg.metric].idxmin() if tune_cfg.mode == "min" else df[tune_cfg.metric].idxmax()
+            best_idx = (
+                df[tune_cfg.metric].idxmin() if tune_cfg.mode == "min" else df[tune_cfg.metric].idxmax()
+            )
             row[tune_cfg.metric] = float(df.loc[best_idx, tune_cfg.metric])
             row["checkpoint"] = df.loc[best_idx, "checkpoint_path"] if "checkpoint_path" in df else None
             epochs_run = int(df["epoch"].max())
