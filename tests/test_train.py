@@ -200,3 +200,36 @@ def test_data_of_every_rank_is_disjoint():
     assert not set(parts[0]) & set(parts[1])
     assert np.array_equal(parts[0], epoch_indices(1001, epoch=3, seed=7, rank=0, world_size=2))
     assert not np.array_equal(parts[0], epoch_indices(1001, epoch=4, seed=7, rank=0, world_size=2))
+
+
+# A process exits (as Ray shuts down the worker of a trial ASHA stopped) while a daemon thread trains.
+_EXIT_MID_STEP = """
+import threading, time, torch
+from vaedist.train import StopAtExit, WorkerExiting
+
+torch.set_num_threads(1)
+started = threading.Event()
+
+def train():
+    try:
+        with StopAtExit() as guard:
+            x, conv = torch.randn(64, 16, 14, 14), torch.nn.ConvTranspose2d(16, 8, 4, 2, 1)
+            started.set()
+            while True:  # nearly all of the time inside torch's C++ code
+                guard.check()
+                conv(x).sum().backward()
+    except WorkerExiting:
+        print("stopped at a step boundary", flush=True)
+
+threading.Thread(target=train, daemon=True).start()
+started.wait()
+time.sleep(0.5)
+"""
+
+
+def test_a_worker_exiting_mid_epoch_stops_its_training_thread_cleanly():
+    """Without the guard CPython kills the thread inside torch at exit and the process aborts (rc 134)."""
+    proc = subprocess.run([sys.executable, "-c", _EXIT_MID_STEP], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stopped at a step boundary" in proc.stdout
+    assert "Fatal Python error" not in proc.stderr and "terminate called" not in proc.stderr

@@ -7,11 +7,13 @@ then fits a TorchTrainer and logs/registers the best checkpoint in MLflow.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,6 +249,47 @@ class Generator(torch.nn.Module):
 # The per-worker loop
 
 
+class WorkerExiting(RuntimeError):
+    """Raised in the training thread when its process is exiting (e.g. ASHA stopped the trial)."""
+
+
+class StopAtExit:
+    """Lets the training thread leave torch before its process exits.
+
+    Ray Train runs the loop in a daemon thread. When Ray shuts a worker down mid-epoch (ASHA stopping a
+    trial), the interpreter finalizes while that thread is inside a torch op; CPython < 3.14 then kills
+    the thread with pthread_exit, whose forced unwind through torch's C++ frames aborts the process with
+    a "Fatal Python error: Aborted" stack in the user's logs. Here an atexit hook (atexit runs before
+    finalization) asks the loop to stop at its next step (``check``) and joins the thread.
+    """
+
+    def __init__(self, timeout_s: float = 10.0):
+        self.timeout_s = timeout_s
+        self.requested = threading.Event()
+        self._thread = threading.current_thread()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> StopAtExit:
+        atexit.register(self._on_exit)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            # Once the exit hook runs, atexit is iterating its callbacks: leave them alone.
+            if not self.requested.is_set():
+                atexit.unregister(self._on_exit)
+
+    def _on_exit(self) -> None:
+        with self._lock:
+            self.requested.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(self.timeout_s)
+
+    def check(self) -> None:
+        if self.requested.is_set():
+            raise WorkerExiting("the worker process is exiting; training stopped at a step boundary")
+
+
 def _maybe_inject_fault(cfg: dict, epoch: int, step: int, rank: int) -> None:
     spec = cfg.get("_fault")
     if not spec:
@@ -311,69 +354,71 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         pictures = EpochPictures(core, val_x.numpy(), val_y.numpy(), spec.class_names, seed=cfg.train.seed)
 
     first_step_at: list[float | None] = [None]  # wall clock of this worker's first step (start-up cost)
-    try:
-        for epoch in range(start_epoch, cfg.train.epochs):
-            t0 = time.perf_counter()
-            indices = loop.epoch_indices(len(train_x), epoch, cfg.train.seed, rank, world)
-            steps = len(indices) // per_rank_batch
-            generator = torch.Generator().manual_seed(loop.derive_seed(cfg.train.seed, epoch, rank))
+    with StopAtExit() as stop_at_exit:
+        try:
+            for epoch in range(start_epoch, cfg.train.epochs):
+                t0 = time.perf_counter()
+                indices = loop.epoch_indices(len(train_x), epoch, cfg.train.seed, rank, world)
+                steps = len(indices) // per_rank_batch
+                generator = torch.Generator().manual_seed(loop.derive_seed(cfg.train.seed, epoch, rank))
 
-            def beta_at(step: int, epoch: int = epoch, steps: int = steps) -> float:
-                return loop.kl_weight(epoch, step, steps, cfg.train.beta, cfg.train.kl_warmup_epochs)
+                def beta_at(step: int, epoch: int = epoch, steps: int = steps) -> float:
+                    return loop.kl_weight(epoch, step, steps, cfg.train.beta, cfg.train.kl_warmup_epochs)
 
-            def on_step(step: int, epoch: int = epoch) -> None:
-                if first_step_at[0] is None:
-                    first_step_at[0] = time.time()
-                _maybe_inject_fault(config, epoch, step, rank)
+                def on_step(step: int, epoch: int = epoch) -> None:
+                    if first_step_at[0] is None:
+                        first_step_at[0] = time.time()
+                    stop_at_exit.check()
+                    _maybe_inject_fault(config, epoch, step, rank)
 
-            train_sums = loop.train_epoch(
-                objective, core, optimizer, train_x, train_y, indices, per_rank_batch,
-                beta_at, cfg.train.free_bits, generator, device, on_step,
-            )  # fmt: skip
-            seconds = time.perf_counter() - t0
-            val_sums = loop.evaluate(
-                core, val_x, val_y, loop.shard_range(len(val_x), rank, world), 512, cfg.train.seed, device
-            )
-            train_t, val_t = train_sums.as_tensor(), val_sums.as_tensor()
-            if world > 1:
-                torch.distributed.all_reduce(train_t)
-                torch.distributed.all_reduce(val_t)
-            tr, va = loop.Sums.means(train_t, num_dims), loop.Sums.means(val_t, num_dims)
-            metrics = {
-                "epoch": epoch + 1,
-                "train_loss": tr["loss"],
-                "train_neg_elbo": tr["neg_elbo"],
-                "val_neg_elbo": va["neg_elbo"],
-                "val_recon": va["recon"],
-                "val_kl": va["kl"],
-                "val_bits_per_dim": va["bits_per_dim"],
-                "train_images_per_s": train_t[4].item() / max(seconds, 1e-9),
-                "beta": beta_at(steps),
-                "first_step_unix_s": first_step_at[0] or 0.0,
-            }
-            logger.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "first_step_unix_s")}, step=epoch + 1)
-            if is_rank_zero():
-                # Ray Train routes a worker's logging to the driver's console (print would be teed twice).
-                log.info(
-                    f"[vaedist] epoch {epoch + 1}/{cfg.train.epochs}: train -ELBO {tr['neg_elbo']:.2f}, "
-                    f"val -ELBO {va['neg_elbo']:.2f} nats ({va['bits_per_dim']:.4f} bits/dim), "
-                    f"{metrics['train_images_per_s']:,.0f} img/s"
+                train_sums = loop.train_epoch(
+                    objective, core, optimizer, train_x, train_y, indices, per_rank_batch,
+                    beta_at, cfg.train.free_bits, generator, device, on_step,
+                )  # fmt: skip
+                seconds = time.perf_counter() - t0
+                val_sums = loop.evaluate(
+                    core, val_x, val_y, loop.shard_range(len(val_x), rank, world), 512, cfg.train.seed, device
                 )
-            last = epoch + 1 == cfg.train.epochs
-            if pictures is not None and ((epoch + 1) % cfg.train.image_every == 0 or last):
-                for key, image in pictures.render().items():
-                    logger.log_image(key, image, step=epoch + 1)
-
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
+                train_t, val_t = train_sums.as_tensor(), val_sums.as_tensor()
+                if world > 1:
+                    torch.distributed.all_reduce(train_t)
+                    torch.distributed.all_reduce(val_t)
+                tr, va = loop.Sums.means(train_t, num_dims), loop.Sums.means(val_t, num_dims)
+                metrics = {
+                    "epoch": epoch + 1,
+                    "train_loss": tr["loss"],
+                    "train_neg_elbo": tr["neg_elbo"],
+                    "val_neg_elbo": va["neg_elbo"],
+                    "val_recon": va["recon"],
+                    "val_kl": va["kl"],
+                    "val_bits_per_dim": va["bits_per_dim"],
+                    "train_images_per_s": train_t[4].item() / max(seconds, 1e-9),
+                    "beta": beta_at(steps),
+                    "first_step_unix_s": first_step_at[0] or 0.0,
+                }
+                logger.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "first_step_unix_s")}, step=epoch + 1)
                 if is_rank_zero():
-                    save_checkpoint(
-                        Path(d) / CHECKPOINT_FILE, core, optimizer, epoch + 1, config["experiment"], metrics
+                    # Ray Train routes a worker's logging to the driver's console (print would be teed twice).
+                    log.info(
+                        f"[vaedist] epoch {epoch + 1}/{cfg.train.epochs}: train -ELBO {tr['neg_elbo']:.2f}, "
+                        f"val -ELBO {va['neg_elbo']:.2f} nats ({va['bits_per_dim']:.4f} bits/dim), "
+                        f"{metrics['train_images_per_s']:,.0f} img/s"
                     )
-                    ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
-    finally:
-        logger.close()
+                last = epoch + 1 == cfg.train.epochs
+                if pictures is not None and ((epoch + 1) % cfg.train.image_every == 0 or last):
+                    for key, image in pictures.render().items():
+                        logger.log_image(key, image, step=epoch + 1)
+
+                with tempfile.TemporaryDirectory() as d:
+                    ckpt = None
+                    if is_rank_zero():
+                        save_checkpoint(
+                            Path(d) / CHECKPOINT_FILE, core, optimizer, epoch + 1, config["experiment"], metrics
+                        )
+                        ckpt = ray.train.Checkpoint.from_directory(d)
+                    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+        finally:
+            logger.close()
 
 
 # --------------------------------------------------------------------------------------------------
