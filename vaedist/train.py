@@ -8,6 +8,7 @@ then fits a TorchTrainer and logs/registers the best checkpoint in MLflow.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,6 +310,19 @@ def _maybe_inject_fault(cfg: dict, epoch: int, step: int, rank: int) -> None:
     os._exit(1)  # a hard crash, as if the worker's node died
 
 
+def _open_logging(config: dict[str, Any], cfg: ExperimentConfig, nodes: list, core: BaseVAE,
+                  val_x: torch.Tensor, val_y: torch.Tensor, class_names: tuple[str, ...]):  # fmt: skip
+    """Rank 0's MLflow run logger (tags, system metrics) and the fixed inputs of its pictures."""
+    from vaedist.pictures import EpochPictures
+
+    # The tracking URI comes explicitly from the driver: a worker's own cwd/env may differ.
+    logger = tracking.RunLogger(config["run_id"], config["tracking_uri"])
+    logger.set_tags({"vaedist.nodes": ",".join(n[:12] for n in nodes), "vaedist.num_nodes": len(set(nodes))})
+    logger.start_system_metrics()
+    pictures = EpochPictures(core, val_x.numpy(), val_y.numpy(), class_names, seed=cfg.train.seed)
+    return logger, pictures
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker. ``config``: flat ExperimentConfig + data refs + run id."""
     cfg = from_flat(config["experiment"])
@@ -342,16 +357,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         nodes = [ray.get_runtime_context().get_node_id()]
 
-    # The tracking URI comes explicitly from the driver: a worker's own cwd/env may differ.
-    logger = tracking.RunLogger(config["run_id"], config["tracking_uri"]) if is_rank_zero() else tracking.NullLogger()
-    logger.set_tags({"vaedist.nodes": ",".join(n[:12] for n in nodes), "vaedist.num_nodes": len(set(nodes))})
-    logger.start_system_metrics()
-    per_rank_batch = max(1, cfg.train.batch_size // world)
+    # Rank 0's MLflow client and picture inputs are opened on a side thread while the first steps run:
+    # nothing is logged before the first epoch ends, and the ~2 s of imports and connecting would
+    # otherwise hold back the first step (on a GPU worker the device would sit idle meanwhile).
+    logger: tracking.RunLogger | tracking.NullLogger = tracking.NullLogger()
     pictures = None
+    opening = None
     if is_rank_zero():
-        from vaedist.pictures import EpochPictures
-
-        pictures = EpochPictures(core, val_x.numpy(), val_y.numpy(), spec.class_names, seed=cfg.train.seed)
+        side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaedist-mlflow")
+        opening = side.submit(_open_logging, config, cfg, nodes, core, val_x, val_y, spec.class_names)
+        side.shutdown(wait=False)
+    per_rank_batch = max(1, cfg.train.batch_size // world)
 
     first_step_at: list[float | None] = [None]  # wall clock of this worker's first step (start-up cost)
     with StopAtExit() as stop_at_exit:
@@ -396,6 +412,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "beta": beta_at(steps),
                     "first_step_unix_s": first_step_at[0] or 0.0,
                 }
+                if opening is not None:
+                    logger, pictures = opening.result()
+                    opening = None
                 logger.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "first_step_unix_s")}, step=epoch + 1)
                 if is_rank_zero():
                     # Ray Train routes a worker's logging to the driver's console (print would be teed twice).
@@ -418,6 +437,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         ckpt = ray.train.Checkpoint.from_directory(d)
                     ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
         finally:
+            if opening is not None:  # the loop ended before its first epoch did: close what was opened
+                with contextlib.suppress(Exception):
+                    logger, _ = opening.result()
             logger.close()
 
 
