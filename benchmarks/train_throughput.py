@@ -87,6 +87,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.epochs} epochs of {args.dataset}")
     for key, rates in {"plain 2 threads": plain, "Ray 1 worker x 2 threads": r1, "Ray 2 workers x 1 thread": r2}.items():
         print(f"  {key:26s} per epoch: {', '.join(f'{r:,.0f}' for r in rates)} img/s")
+    print(f"  fit() to first step: 1x2 {first1:.1f} s (the session's first fit), 2x1 {first2:.1f} s")
     print(f"ray_2x1_vs_plain: {steady['2x1'] / steady['plain']:.2f} (goal >= 1.05)")
     print(f"ray_1x2_vs_plain: {steady['1x2'] / steady['plain']:.2f} (goal >= 0.95)")
     print(f"plain_images_per_s: {steady['plain']:.0f} (goal > 0)")

@@ -298,6 +298,22 @@ def _assert_refused(args: list[str], folder: Path, match: str) -> None:
     assert _snapshot(folder) == before
 
 
+def test_a_model_uri_without_a_store_creates_none(tmp_path, monkeypatch):
+    """Resolving models:/... where no MLflow store exists must not leave an empty mlflow.db behind."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    _assert_refused(
+        ["--model", "models:/vaedist-mnist@champion", "--out", str(out), "--total", "5"], tmp_path,
+        f"there is no MLflow store at sqlite:///{tmp_path / 'mlflow.db'}",
+    )  # fmt: skip
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    code, _, err = _cli("--model", "models:/vaedist-mnist@champion", "--out", str(out), "--total", "5")
+    assert code == 1 and err.strip().startswith("error: MLflow tracking server http://127.0.0.1:9 is not reachable")
+    assert not list(tmp_path.iterdir())
+
+
 def test_bad_inputs_are_refused_with_one_line(store, cvae_ckpt, vae_ckpt, tmp_path):
     out = tmp_path / "out"
     base = ["--model", str(cvae_ckpt), "--out", str(out), "--per-label", "10"]

@@ -319,7 +319,7 @@ def test_size_knobs_shape_the_networks():
     cvae = small_model("cvae", "conv", "bernoulli", conditioning="embedding")
     assert isinstance(cvae.label_code.embedding, torch.nn.Embedding)
     assert cvae.hparams["conditioning"] == "embedding"
-    with pytest.raises(AssertionError, match="divisible by 8"):
+    with pytest.raises(ValueError, match="divisible by 8"):
         small_model("vae", "conv", "bernoulli", depth=3)  # 28 is not divisible by 8
 
 

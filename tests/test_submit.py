@@ -194,6 +194,51 @@ def test_an_http_server_that_is_not_ray_is_named_so():
     assert "HTTP 404 on /api/version: not a Ray dashboard" in line and "dashboard port (8265)" in line
 
 
+def _own_lan_address() -> str:
+    """This machine's non-loopback IPv4 address (a UDP connect sends nothing)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))
+        address = s.getsockname()[0]
+    assert not address.startswith("127."), "the test needs a non-loopback interface"
+    return address
+
+
+def test_the_token_never_goes_in_clear_text_to_a_remote_http_address(monkeypatch):
+    """A mistyped --address must not hand the cluster's token (run-anything rights) to a sniffer."""
+    seen: list[str | None] = []
+
+    class NeedsToken(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append(self.headers.get("Authorization"))
+            self.send_error(401)
+
+        def log_message(self, *args):
+            pass
+
+    for var in _RAY_AUTH:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t-token")
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), NeedsToken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        remote = f"http://{_own_lan_address()}:{port}"
+        result = CliRunner().invoke(main, ["jobs", "list", "--address", remote])
+        assert result.exit_code == 2 and seen == [None]
+        line = _one_error_line(result.output)
+        assert "did not send the one from $RAY_AUTH_TOKEN in clear text" in line and "SSH tunnel" in line
+        assert "RAY_AUTH_MODE=token" in line and "s3cr3t-token" not in result.output
+        # Loopback (a tunnel) gets it; so does a remote address once the user opts in as with Ray's CLI.
+        CliRunner().invoke(main, ["jobs", "list", "--address", f"http://127.0.0.1:{port}"])
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        CliRunner().invoke(main, ["jobs", "list", "--address", remote])
+    finally:
+        server.shutdown()
+    assert seen == [None, "Bearer s3cr3t-token", "Bearer s3cr3t-token"]
+
+
 def test_no_address_runs_the_spec_here(monkeypatch):
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(var, raising=False)

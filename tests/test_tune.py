@@ -47,6 +47,7 @@ def test_tune_smoke_parent_children_champion_and_resume(tuned_store, monkeypatch
     assert {"tune_results.txt", "tune_results.csv"} <= artifacts
     champion = client.get_model_version_by_alias("vaedist-mnist", "champion")
     assert champion.run_id == by_depth["1"].info.run_id and result.champion
+    versions = len(client.search_model_versions("name = 'vaedist-mnist'"))
 
     # The same search again resumes from its experiment folder: no trial runs twice, no new child run,
     # and the champion (same metric) does not move.
@@ -66,3 +67,7 @@ def test_tune_smoke_parent_children_champion_and_resume(tuned_store, monkeypatch
     assert len(client.get_metric_history(by_depth["1"].info.run_id, "val_neg_elbo")) == 1
     assert not again.champion
     assert client.get_model_version_by_alias("vaedist-mnist", "champion").version == champion.version
+    # The best trial registered its model once: the rerun hands back that version, not a duplicate
+    # (a pipeline's generate step is keyed on it).
+    assert (again.model_uri, again.version) == (result.model_uri, result.version)
+    assert len(client.search_model_versions("name = 'vaedist-mnist'")) == versions

@@ -142,25 +142,30 @@ def train(config_path: str | None, name: str | None, storage_path: str | None, d
     else:
         spec = spec_from_dict({"kind": "train", **overrides}, default_name="train")
     cfg = spec.experiment
+    # A spec's own name stands for the spec as written; flags that change the model or training make
+    # another config, named from it (else it would be refused as a changed config under the spec's name).
+    # Where it runs (resources) is not part of a run's identity.
+    changed = any(section != "resources" for section in overrides)
+    name = name or (spec.name if config_path and not changed else None)
     if dry_run:
         from vaedist.train import default_run_name
 
-        echo(f"name: {name or (spec.name if config_path else default_run_name(cfg))}")
+        echo(f"name: {name or default_run_name(cfg)}")
         for key, value in cfg.flatten().items():
             echo(f"  {key} = {value}")
         return
     from vaedist.train import run_training
 
-    result = run_training(cfg, name=name or (spec.name if config_path else None), storage=storage_path, echo=echo)
+    result = run_training(cfg, name=name, storage=storage_path, echo=echo)
     _print_train_result(result)
 
 
 def _print_train_result(result) -> None:
-    from vaedist.tracking import tracking_uri
+    from vaedist.tracking import shown_uri
 
     m = result.metrics
     echo(f"done: val -ELBO {m.get('val_neg_elbo', float('nan')):.2f} nats, {m.get('val_bits_per_dim', float('nan')):.4f} bits/dim")
-    echo(f"  MLflow run   {result.run_id} in {tracking_uri()}")
+    echo(f"  MLflow run   {result.run_id} in {shown_uri()}")
     echo(f"  model        {result.model_uri}{'  (now champion)' if result.champion else ''}")
     echo(f"  checkpoint   {result.checkpoint}")
     echo("  look at it   vaedist ui")
@@ -191,7 +196,7 @@ def run(job: str, preset: str | None, dry_run: bool) -> None:
 
 
 def _print_pipeline_result(result) -> None:
-    from vaedist.tracking import tracking_uri
+    from vaedist.tracking import shown_uri, tracking_uri
 
     echo("done:")
     if result.model_uri:
@@ -207,8 +212,13 @@ def _print_pipeline_result(result) -> None:
         echo(f"  CAS          {cas['cas']:.4f} (classifier trained on real data: {cas['real_accuracy']:.4f}, "
              f"ratio {cas['ratio']:.3f})")  # fmt: skip
     store = tracking_uri()
-    ui = "vaedist ui" if store.startswith("sqlite:///") and store.endswith("/mlflow.db") else f"vaedist ui --backend-store-uri {store}"
-    echo(f"  MLflow       {store}  ->  open it with: {ui}")
+    if store.startswith(("http://", "https://")):
+        ui = "a browser"
+    elif store.startswith("sqlite:///") and store.endswith("/mlflow.db"):
+        ui = "vaedist ui"
+    else:
+        ui = f"vaedist ui --backend-store-uri {store}"
+    echo(f"  MLflow       {shown_uri(store)}  ->  open it with: {ui}")
 
 
 # --------------------------------------------------------------------------------- submit, jobs
@@ -482,13 +492,13 @@ def ui(port: int, backend_store_uri: str | None) -> None:
     import os
     import subprocess
 
-    from vaedist.tracking import tracking_uri
+    from vaedist.tracking import shown_uri, tracking_uri
 
     store = backend_store_uri or tracking_uri()
     if store.startswith(("http://", "https://")):
-        echo(f"MLflow is already served at {store}: open it in a browser")
+        echo(f"MLflow is already served at {shown_uri(store)}: open it in a browser")
         return
-    echo(f"MLflow UI for {store} at http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    echo(f"MLflow UI for {shown_uri(store)} at http://127.0.0.1:{port}  (Ctrl-C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)]
     raise SystemExit(subprocess.call(cmd, env=os.environ.copy()))
 

@@ -326,7 +326,7 @@ def evaluate_likelihood(
         f"evaluation/likelihood-{dataset}-k{cfg.k}-seed{cfg.seed}-n{n}.json",
     )
     result["run_id"] = run_id
-    echo(f"  logged to MLflow run {run_id} in {tracking.tracking_uri()}")
+    echo(f"  logged to MLflow run {run_id} in {tracking.shown_uri()}")
     return result
 
 
@@ -847,7 +847,7 @@ def evaluate_cas(cfg: EvaluateConfig, resources: ResourcesConfig, echo=print) ->
          f"tested on {len(test_y)} real {dataset} test images")  # fmt: skip
     echo(f"  classifier CASClassifier v{CLASSIFIER_VERSION}: {cfg.classifier_epochs} epoch(s), batch "
          f"{cfg.classifier_batch_size}, lr {cfg.classifier_lr:g}, seed {cfg.seed}; {plan.workers} worker(s) x "
-         f"{plan.cpus_per_worker:g} CPU; MLflow run {run_id} in {uri}")  # fmt: skip
+         f"{plan.cpus_per_worker:g} CPU; MLflow run {run_id} in {tracking.shown_uri(uri)}")  # fmt: skip
     try:
         shape, k = spec.image_shape, spec.num_classes
         synthetic = train_classifier(

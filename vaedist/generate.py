@@ -819,8 +819,15 @@ def plan_actors(res: ResourcesConfig, cluster: dict[str, float], node_cpus: floa
         raise UsageError(
             f"asked for {w} decoder worker(s) but the Ray cluster has {cpus:g} CPU(s); use --workers {max(1, int(cpus))}"
         )
-    share = res.cpus_per_worker or cpus / w
-    threads = max(1, int(min(share, node_cpus or share)))
+    if res.cpus_per_worker is not None and node_cpus is not None and res.cpus_per_worker > node_cpus:
+        raise UsageError(
+            f"asked for {res.cpus_per_worker:g} CPU per worker but the largest Ray node has {node_cpus:g}; "
+            "an actor runs on one node: use --cpus-per-worker <= that"
+        )
+    # An actor lives on one node: by default it takes its share of the cluster, at most one node's CPUs
+    # (a larger request could never be placed, and Ray would wait for it forever).
+    share = res.cpus_per_worker or min(cpus / w, node_cpus or cpus)
+    threads = max(1, int(share))
     headroom = 1.0 if cpus >= 2 else cpus / 2
     num_cpus = round(min(float(share), (cpus - headroom) / w), 3)
     return ActorPlan(w, max(num_cpus, 0.001), g, threads)
@@ -1041,7 +1048,7 @@ def run_generate(
     )
     echo(
         f"generating with {actors.workers} worker(s) x {actors.threads} thread(s)"
-        f"{f' x {actors.num_gpus:g} GPU' if actors.use_gpu else ''}; MLflow run {run_id} in {uri}"
+        f"{f' x {actors.num_gpus:g} GPU' if actors.use_gpu else ''}; MLflow run {run_id} in {tracking.shown_uri(uri)}"
     )
     try:
         if p.action == "overwrite":

@@ -34,7 +34,7 @@ from vaedist.config import (
     section_from_dict,
     tune_config_from_section,
 )
-from vaedist.errors import UsageError, VaedistError
+from vaedist.errors import UsageError, VaedistError, redact_url
 
 KINDS = ("train", "tune", "generate", "evaluate", "pipeline")
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
@@ -260,7 +260,8 @@ def run_pipeline(spec: JobSpec, echo=print) -> PipelineResult:
 #   explicit --address is made to win by hiding those two while the client is built.
 # - The SDK adds the token header only when *this* process has RAY_AUTH_MODE=token. vaedist reads the token
 #   itself, the way Ray does ($RAY_AUTH_TOKEN, then the file $RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token),
-#   and always sends it as a header, so a client without RAY_AUTH_MODE still talks to a token-auth head.
+#   and sends it as a header, so a client without RAY_AUTH_MODE still talks to a token-auth head; but only
+#   over https:// or to a loopback address (a tunnel), unless RAY_AUTH_MODE=token says to (may_send_token).
 # - The SDK's requests carry no timeout: a probe with one comes first, and names the failure.
 # - Ray documents re-submitting a deleted job's submission_id as unsupported: --resubmit adds "-rN".
 
@@ -296,15 +297,6 @@ def jobs_address(address: str | None = None) -> str | None:
     if "://" not in address:
         address = f"http://{address}"
     return address.rstrip("/")
-
-
-def redact_url(url: str) -> str:
-    """``http://user:secret@host`` -> ``http://user:***@host``: URLs go to the console and job metadata."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def is_local_address(url: str) -> bool:
@@ -376,6 +368,25 @@ def _token_missing(url: str) -> UsageError:
     )
 
 
+def _token_withheld(url: str, source: str) -> UsageError:
+    return UsageError(
+        f"the Ray cluster at {redact_url(url)} needs an auth token; vaedist did not send the one from {source} "
+        "in clear text to a non-local http:// address: reach the dashboard through an SSH tunnel or kubectl "
+        "port-forward (http://127.0.0.1:8265) or https://, or set RAY_AUTH_MODE=token to send it anyway"
+    )
+
+
+def may_send_token(url: str) -> bool:
+    """The cluster token is a key to run any command there: send it only where it cannot be sniffed.
+
+    That is https://, or a loopback address (an SSH tunnel or ``kubectl port-forward``); elsewhere only
+    when the user opted in with ``RAY_AUTH_MODE=token``, as Ray's own CLI asks.
+    """
+    if urllib.parse.urlsplit(url).scheme == "https" or is_local_address(url):
+        return True
+    return os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "token"
+
+
 def _token_rejected(url: str, source: str) -> UsageError:
     return UsageError(
         f"the Ray cluster at {redact_url(url)} rejected the auth token from {source}; {TOKEN_HELP}"
@@ -404,7 +415,8 @@ class JobsAPI:
 
         self.url = url
         token, self.token_source = auth_token()
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.withheld = bool(token) and not may_send_token(url)
+        self._headers = {"Authorization": f"Bearer {token}"} if token and not self.withheld else {}
         try:
             r = requests.get(f"{url}/api/version", headers=self._headers, timeout=self.PROBE_TIMEOUT_S)
         except requests.exceptions.Timeout:
@@ -440,7 +452,7 @@ class JobsAPI:
 
     def _check_auth(self, status: int) -> None:
         if status == 401:
-            raise _token_missing(self.url)
+            raise _token_withheld(self.url, self.token_source) if self.withheld else _token_missing(self.url)
         if status == 403:
             raise _token_rejected(self.url, self.token_source)
 
@@ -455,7 +467,7 @@ class JobsAPI:
             text = str(exc)
             if "Forbidden" in text or "invalid" in text.lower():
                 raise _token_rejected(self.url, self.token_source) from None
-            raise _token_missing(self.url) from None
+            self._check_auth(401)
         except requests.exceptions.Timeout:
             raise _unreachable(self.url, "timed out") from None
         except (requests.exceptions.ConnectionError, ConnectionError) as exc:

@@ -9,8 +9,10 @@ This is the only module that imports mlflow. Conventions (DESIGN.md):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vaedist.errors import UsageError, VaedistError, first_line
+from vaedist.errors import UsageError, VaedistError, first_line, redact_url
 
 CHAMPION = "champion"
 NAME_TAG = "vaedist.name"  # the job's deterministic name: a rerun with the same name resumes this run
@@ -31,10 +33,22 @@ CHECKPOINT_FILE = "model.pt"  # = vaedist.checkpoint.CHECKPOINT_FILE (tracking m
 
 
 def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path('mlflow.db').resolve()}"
+    """``$MLFLOW_TRACKING_URI`` or the embedded default, with a relative sqlite path made absolute.
+
+    ``sqlite:///mlflow.db`` names a file relative to the working directory, and a Ray worker's working
+    directory is not the driver's: left relative, rank 0 would log into a store of its own.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path, _, query = uri[len("sqlite:///") :].partition("?")
+        if path and path != ":memory:":
+            return f"sqlite:///{Path(path).expanduser().resolve()}" + (f"?{query}" if query else "")
+    return uri
+
+
+def shown_uri(uri: str | None = None) -> str:
+    """The tracking URI as the console and logs show it: a password in it is masked."""
+    return redact_url(uri or tracking_uri())
 
 
 def experiment_name(dataset: str) -> str:
@@ -60,7 +74,7 @@ def check_tracking(uri: str) -> None:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise VaedistError(
-                f"MLflow tracking server {uri} is not reachable ({reason}); start it, or unset "
+                f"MLflow tracking server {shown_uri(uri)} is not reachable ({reason}); start it, or unset "
                 "MLFLOW_TRACKING_URI to use the local sqlite:///mlflow.db"
             ) from None
     elif uri.startswith("sqlite:///"):
@@ -292,6 +306,20 @@ def log_model(
     return f"models:/{name}/{version}", version
 
 
+def registered_model_of_run(run_id: str, uri_tag: str, version_tag: str) -> tuple[str, str, float] | None:
+    """(model URI, version, validation -ELBO) that ``run_id`` registered before, per its tags, or None."""
+    client = _client()
+    tags = client.get_run(run_id).data.tags
+    uri, version = tags.get(uri_tag), tags.get(version_tag)
+    if not uri or not version:
+        return None
+    try:
+        mv = client.get_model_version(uri[len("models:/") :].split("/", 1)[0], version)
+    except _mlflow().exceptions.MlflowException:
+        return None  # the version was deleted since: register anew
+    return uri, version, float(mv.tags.get(VAL_METRIC, "inf"))
+
+
 def promote_if_better(dataset: str, version: str, val_metric: float) -> tuple[bool, float | None]:
     """Move ``champion`` to ``version`` if it beats the current champion's validation -ELBO.
 
@@ -329,13 +357,24 @@ def resolve_checkpoint(uri: str) -> Path:
             f"model {uri!r} is neither a checkpoint file nor an MLflow URI "
             "(use models:/vaedist-mnist@champion, runs:/<run_id>/model or a path to model.pt)"
         )
+    store = tracking_uri()
+    check_tracking(store)  # an unreachable server: one line now, not after MLflow's retries
+    if store.startswith("sqlite:///") and not Path(store[len("sqlite:///") :].partition("?")[0]).is_file():
+        # Looking it up would create an empty store here as a side effect.
+        raise UsageError(
+            f"model {uri!r} does not resolve: there is no MLflow store at {store}; set MLFLOW_TRACKING_URI "
+            "to the store that registered it (or run where its mlflow.db is)"
+        )
     mlflow = _mlflow()
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(store)
+    # The caller reads the checkpoint in this process; the download goes when the process ends.
+    download_dir = tempfile.mkdtemp(prefix="vaedist-model-")
+    atexit.register(shutil.rmtree, download_dir, ignore_errors=True)
     try:
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="vaedist-")))
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=download_dir))
     except mlflow.exceptions.MlflowException as exc:
         first = first_line(exc)
-        raise UsageError(f"model {uri!r} does not resolve in {tracking_uri()}: {first}") from None
+        raise UsageError(f"model {uri!r} does not resolve in {shown_uri(store)}: {first}") from None
     found = sorted(path.rglob(CHECKPOINT_FILE))
     if not found:
         raise UsageError(f"model {uri!r} has no vaedist checkpoint ({CHECKPOINT_FILE}); was it logged by vaedist?")

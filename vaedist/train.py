@@ -37,6 +37,7 @@ from vaedist.models import BaseVAE, build_model
 # Fault injection for the fault-tolerance test: "epoch=E,step=S,rank=R". The worker of that rank exits
 # hard at that step the first time only (a marker file next to the checkpoints remembers it).
 FAULT_ENV = "VAEDIST_INJECT_FAULT"
+NOISE_STREAM = 1  # derive_seed(seed, epoch, rank, NOISE_STREAM): eps draws, apart from the data-order stream
 log = logging.getLogger("vaedist.train")
 STORAGE_ENV = "VAEDIST_STORAGE_PATH"
 DEFAULT_STORAGE = "vaedist-runs"
@@ -108,49 +109,85 @@ class WorkerPlan:
         )
 
 
-def plan_workers(res: ResourcesConfig, cluster: dict[str, float] | None = None) -> WorkerPlan:
+def plan_workers(
+    res: ResourcesConfig, cluster: dict[str, float] | None = None, nodes: list[dict[str, float]] | None = None
+) -> WorkerPlan:
     """Check the request against what the cluster has, now, instead of letting Ray wait forever.
 
     Ray Train V2 retries an unschedulable worker group indefinitely, so a request for GPUs on a
     CPU-only cluster would hang; ``use_gpu`` is derived from ``gpus_per_worker`` and checked here.
+    Each worker is one bundle that must fit on one node, so the check is per node (``nodes``: each
+    alive node's resources; by default read from Ray, or the whole ``cluster`` as one node).
     On an autoscaling cluster (``resources.scale_timeout_s`` > 0) the missing resources are first
     requested from the autoscaler and awaited for that long.
     """
     if cluster is None:
         cluster = ray.cluster_resources()
-        if res.scale_timeout_s > 0 and _shortfall(res, cluster):
-            cluster = _scale_up(res)
-    short = _shortfall(res, cluster)
+        nodes = node_resources() if nodes is None else nodes
+        if res.scale_timeout_s > 0 and _shortfall(res, nodes):
+            cluster, nodes = _scale_up(res)
+    nodes = [cluster] if nodes is None else nodes
+    short = _shortfall(res, nodes)
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     if short == "GPU":
         raise UsageError(
             f"asked for {res.workers} worker(s) x {res.gpus_per_worker:g} GPU but the Ray cluster has "
-            f"{gpus:g} GPU(s); use --gpus-per-worker 0 to train on CPUs"
+            f"{gpus:g} GPU(s){_per_node(nodes, 'GPU')}; use --gpus-per-worker 0 to train on CPUs"
             + ("" if res.scale_timeout_s else ", or resources.scale_timeout_s to wait for an autoscaler")
         )
-    cpus_per_worker = _cpus_per_worker(res, cluster)
+    cpus_per_worker = _cpus_per_worker(res, nodes)
     if short == "CPU":
+        fit = max(1, bundles_fit(nodes, cpus_per_worker, res.gpus_per_worker))
         raise UsageError(
             f"asked for {res.workers} worker(s) x {cpus_per_worker:g} CPU but the Ray cluster has {cpus:g} "
-            f"CPU(s); use --workers {max(1, int(cpus // cpus_per_worker))} or fewer CPUs per worker"
+            f"CPU(s){_per_node(nodes, 'CPU')}; use --workers {fit} or fewer CPUs per worker"
         )
     return WorkerPlan(res.workers, float(cpus_per_worker), float(res.gpus_per_worker))
 
 
-def _cpus_per_worker(res: ResourcesConfig, cluster: dict[str, float]) -> float:
-    return res.cpus_per_worker or max(1.0, math.floor(cluster.get("CPU", 0.0) / res.workers))
+def node_resources() -> list[dict[str, float]]:
+    """Total resources of each alive node."""
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
 
 
-def _shortfall(res: ResourcesConfig, cluster: dict[str, float]) -> str | None:
-    """'GPU' or 'CPU' if the cluster cannot hold the worker group at all, else None."""
-    if res.gpus_per_worker > 0 and cluster.get("GPU", 0.0) < res.gpus_per_worker * res.workers:
+def _per_node(nodes: list[dict[str, float]], key: str) -> str:
+    if len(nodes) <= 1:
+        return ""
+    return f" ({' + '.join(f'{n.get(key, 0.0):g}' for n in nodes)} on {len(nodes)} nodes)"
+
+
+def bundles_fit(nodes: list[dict[str, float]], cpus: float, gpus: float) -> int:
+    """How many (cpus, gpus) worker bundles the nodes hold, each bundle on one node."""
+    total = 0
+    for node in nodes:
+        fit = math.floor(node.get("CPU", 0.0) / cpus + 1e-9) if cpus > 0 else 2**31  # cpus 0: GPUs only
+        if gpus > 0:
+            fit = min(fit, math.floor(node.get("GPU", 0.0) / gpus + 1e-9))
+        total += fit
+    return total
+
+
+def _cpus_per_worker(res: ResourcesConfig, nodes: list[dict[str, float]]) -> float:
+    """The request's CPUs per worker, else the most that still places every worker (at least 1)."""
+    if res.cpus_per_worker:
+        return res.cpus_per_worker
+    total = sum(n.get("CPU", 0.0) for n in nodes)
+    for cpus in range(max(1, math.floor(total / res.workers)), 1, -1):
+        if bundles_fit(nodes, cpus, res.gpus_per_worker) >= res.workers:
+            return float(cpus)
+    return 1.0
+
+
+def _shortfall(res: ResourcesConfig, nodes: list[dict[str, float]]) -> str | None:
+    """'GPU' or 'CPU' if the nodes cannot hold the worker group at all, else None."""
+    if res.gpus_per_worker > 0 and bundles_fit(nodes, 0, res.gpus_per_worker) < res.workers:
         return "GPU"
-    if res.workers * _cpus_per_worker(res, cluster) > cluster.get("CPU", 0.0):
+    if bundles_fit(nodes, _cpus_per_worker(res, nodes), res.gpus_per_worker) < res.workers:
         return "CPU"
     return None
 
 
-def _scale_up(res: ResourcesConfig) -> dict[str, float]:
+def _scale_up(res: ResourcesConfig) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Ask the autoscaler for the worker group's bundles and wait until they exist (or time out)."""
     from ray.autoscaler.sdk import request_resources
 
@@ -158,12 +195,23 @@ def _scale_up(res: ResourcesConfig) -> dict[str, float]:
     if res.gpus_per_worker:
         bundle["GPU"] = res.gpus_per_worker
     request_resources(bundles=[bundle] * res.workers)
+    # The request stands until it is replaced: withdraw it when this driver exits, or the autoscaler
+    # would keep those nodes up forever. (atexit runs last-registered first: before ray.shutdown.)
+    atexit.register(_withdraw_resource_request)
     deadline = time.monotonic() + res.scale_timeout_s
-    cluster = ray.cluster_resources()
-    while _shortfall(res, cluster) and time.monotonic() < deadline:
+    nodes = node_resources()
+    while _shortfall(res, nodes) and time.monotonic() < deadline:
         time.sleep(5)
-        cluster = ray.cluster_resources()
-    return cluster
+        nodes = node_resources()
+    return ray.cluster_resources(), nodes
+
+
+def _withdraw_resource_request() -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    with contextlib.suppress(Exception):
+        if ray.is_initialized():
+            request_resources(bundles=[])
 
 
 def storage_path(path: str | None = None) -> str:
@@ -377,6 +425,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 indices = loop.epoch_indices(len(train_x), epoch, cfg.train.seed, rank, world)
                 steps = len(indices) // per_rank_batch
                 generator = torch.Generator().manual_seed(loop.derive_seed(cfg.train.seed, epoch, rank))
+                # The global RNG draws the reparameterization noise (and the AE's latent noise): seeded per
+                # (epoch, rank) so DDP ranks draw different eps, and a resumed epoch draws what it drew before.
+                torch.manual_seed(loop.derive_seed(cfg.train.seed, epoch, rank, NOISE_STREAM))
 
                 def beta_at(step: int, epoch: int = epoch, steps: int = steps) -> float:
                     return loop.kl_weight(epoch, step, steps, cfg.train.beta, cfg.train.kl_warmup_epochs)
@@ -482,7 +533,7 @@ def claim_run_folder(storage: str, name: str, run_id: str) -> None:
         if owner != run_id:
             raise UsageError(
                 f"{folder} holds checkpoints of another run (MLflow run {owner}, not {run_id} in "
-                f"{tracking.tracking_uri()}); use a new --name, another --storage-path, or delete that folder"
+                f"{tracking.shown_uri()}); use a new --name, another --storage-path, or delete that folder"
             )
         return
     if folder.exists() and any(folder.iterdir()):
@@ -534,8 +585,16 @@ def build_trainer(
 def register_checkpoint(checkpoint: ray.train.Checkpoint | str, run_id: str, dataset: str) -> tuple[str, str, bool, float]:
     """Log a checkpoint's generator to ``run_id``, register it, move ``champion`` if it is better.
 
+    Once per run: a run that already registered its model (a rerun of a finished search, a search resumed
+    after its registration) gets that version back, so reruns never pile up duplicate versions (and a
+    pipeline's generate step, keyed on the version, finds its finished output).
     Returns (model URI, version, became champion, validation -ELBO).
     """
+    registered = tracking.registered_model_of_run(run_id, MODEL_TAG, VERSION_TAG)
+    if registered is not None:
+        model_uri, version, val_metric = registered
+        moved, _ = tracking.promote_if_better(dataset, version, val_metric)
+        return model_uri, version, moved, val_metric
     if isinstance(checkpoint, str):
         checkpoint = ray.train.Checkpoint(checkpoint)
     with checkpoint.as_directory() as d:
@@ -546,6 +605,7 @@ def register_checkpoint(checkpoint: ray.train.Checkpoint | str, run_id: str, dat
         z = torch.randn(2, model.latent_dim, generator=torch.Generator().manual_seed(0))
         example = (z, torch.arange(2, dtype=torch.int64)) if model.conditional else (z,)
         model_uri, version = tracking.log_model(run_id, dataset, ckpt_file, Generator(model), example, val_metric)
+    tracking.set_run_tags(run_id, {MODEL_TAG: model_uri, VERSION_TAG: version})
     moved, _ = tracking.promote_if_better(dataset, version, val_metric)
     return model_uri, version, moved, val_metric
 
@@ -594,7 +654,7 @@ def run_training(
     params = experiment_params(cfg)
     run_id = tracking.find_or_create_run(cfg.data.dataset, name, params, kind="train", parent_run_id=parent_run_id)
     echo(f"training {name}: {plan.workers} worker(s) x {plan.cpus_per_worker:g} CPU"
-         f"{f' x {plan.gpus_per_worker:g} GPU' if plan.use_gpu else ''}; MLflow run {run_id} in {uri}")  # fmt: skip
+         f"{f' x {plan.gpus_per_worker:g} GPU' if plan.use_gpu else ''}; MLflow run {run_id} in {tracking.shown_uri(uri)}")  # fmt: skip
     try:
         trainer = build_trainer(cfg, name, storage, run_id, plan, data_refs)
     except UsageError:
@@ -614,7 +674,7 @@ def run_training(
     model_uri, version, moved = "", "", False
     if register:
         model_uri, version, moved, _ = register_checkpoint(best, run_id, cfg.data.dataset)
-    tracking.set_run_tags(run_id, {DONE_TAG: best.path, MODEL_TAG: model_uri, VERSION_TAG: version})
+    tracking.set_run_tags(run_id, {DONE_TAG: best.path})
     tracking.end_run(run_id, "FINISHED")
     return TrainResult(
         name=name,

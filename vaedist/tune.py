@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -32,9 +31,11 @@ from vaedist.errors import VaedistError
 from vaedist.train import (
     WorkerPlan,
     build_trainer,
+    bundles_fit,
     check_storage_shared,
     connect_ray,
     experiment_params,
+    node_resources,
     plan_workers,
     put_data,
     register_checkpoint,
@@ -71,13 +72,12 @@ def max_epochs(base: ExperimentConfig, tune_cfg: TuneConfig) -> int:
     return int(max(args))
 
 
-def concurrent_trials(plan: WorkerPlan, tune_cfg: TuneConfig, cluster: dict[str, float] | None = None) -> int:
-    """How many trials fit at once: each needs ``workers`` x (CPU, GPU) of the cluster."""
-    cluster = cluster if cluster is not None else ray.cluster_resources()
-    fits = math.floor(cluster.get("CPU", 0) / (plan.workers * plan.cpus_per_worker))
-    if plan.use_gpu:
-        fits = min(fits, math.floor(cluster.get("GPU", 0) / (plan.workers * plan.gpus_per_worker)))
-    fits = max(1, fits)
+def concurrent_trials(
+    plan: WorkerPlan, tune_cfg: TuneConfig, nodes: list[dict[str, float]] | None = None
+) -> int:
+    """How many trials fit at once: each needs ``workers`` bundles of (CPU, GPU), each on one node."""
+    nodes = node_resources() if nodes is None else nodes
+    fits = max(1, bundles_fit(nodes, plan.cpus_per_worker, plan.gpus_per_worker) // plan.workers)
     return min(fits, tune_cfg.max_concurrent_trials) if tune_cfg.max_concurrent_trials else fits
 
 
@@ -157,7 +157,7 @@ def run_tune(
     data_refs = put_data(base, plan)
     concurrency = concurrent_trials(plan, tune_cfg)
     echo(f"search {name}: {tune_cfg.num_samples} trial(s), {concurrency} at a time, each {plan.workers} worker(s) "
-         f"x {plan.cpus_per_worker:g} CPU; MLflow parent run {parent_run_id} in {uri}")  # fmt: skip
+         f"x {plan.cpus_per_worker:g} CPU; MLflow parent run {parent_run_id} in {tracking.shown_uri(uri)}")  # fmt: skip
 
     trainable = ray.tune.with_parameters(
         run_trial, base_flat=base.flatten(), name=name, parent_run_id=parent_run_id,

@@ -113,9 +113,9 @@ def conv_channels(base_channels: int, depth: int) -> list[int]:
 def _check_side(image_shape: tuple[int, int, int], depth: int) -> tuple[int, int]:
     h, w, _ = image_shape
     side = 2**depth
-    assert h % side == 0 and w % side == 0, (
-        f"conv depth {depth} needs image sides divisible by {side}, got {h}x{w}"
-    )
+    if h % side or w % side:
+        # Not an assert: a model built with a bad depth must fail the same way under ``python -O``.
+        raise ValueError(f"conv depth {depth} needs image sides divisible by {side}, got {h}x{w}")
     return h // side, w // side
 
 
