@@ -28,7 +28,7 @@ def test_pipeline_steps_are_validated():
         spec_from_dict({"kind": "pipeline", "steps": ["generate", "train"]}, default_name="p")
 
 
-def test_demo_pipeline_at_toy_size_then_rerun_skips(tmp_path, monkeypatch):
+def test_demo_pipeline_at_toy_size_then_rerun_skips(tmp_path, monkeypatch, capsys):
     import ray
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -49,14 +49,30 @@ def test_demo_pipeline_at_toy_size_then_rerun_skips(tmp_path, monkeypatch):
         nll = result.evaluation["likelihood"]["metrics"]
         assert nll["test_iw_nll_k4"] <= nll["test_neg_elbo"] + 1e-6
 
-        # The same pipeline again: training is reused and the complete Parquet folder left alone.
+        # The same pipeline again: training is reused, the complete Parquet folder left alone, and the
+        # evaluations MLflow holds are read back, not recomputed.
         parts = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/demo/mnist").glob("part-*.parquet")}
         lines.clear()
         again = run_spec(spec, echo=lines.append)
         assert any("already trained" in line for line in lines)
         assert again.model_uri == result.model_uri
+        assert sum("is already on MLflow run" in line for line in lines) == 2, lines  # likelihood, CAS
+        assert again.evaluation["cas"]["cas"] == cas["cas"]
+        assert again.evaluation["likelihood"]["metrics"] == nll
+        assert again.evaluation["cas"]["run_id"] == cas["run_id"]
         assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/demo/mnist").glob("part-*.parquet")} == parts
         client = mlflow.MlflowClient(uri)
         assert len(client.search_model_versions("name='vaedist-mnist'")) == 1
+
+        # What `make demo` ends with: the champion, the Parquet folder and its rows, CAS, how to open the UI.
+        from vaedist.cli import _print_pipeline_result
+
+        capsys.readouterr()
+        _print_pipeline_result(again)
+        summary = capsys.readouterr().out
+        assert "model        models:/vaedist-mnist/1  (champion)" in summary
+        assert "out/demo/mnist  (400 rows)" in summary
+        assert f"CAS          {cas['cas']:.4f}" in summary and "test NLL" in summary
+        assert summary.rstrip().endswith("open it with: vaedist ui")
     finally:
         ray.shutdown()

@@ -213,17 +213,21 @@ def run_pipeline(spec: JobSpec, echo=print) -> PipelineResult:
     resources = spec.sections.get("resources") or {}
     for i, step in enumerate(steps, 1):
         echo(f"== step {i}/{len(steps)}: {step}")
-        if step == "train":
-            from vaedist.train import run_training
+        if step in ("train", "tune"):
+            from vaedist import tracking
 
-            result = run_training(spec.experiment, name=f"{spec.name}-train", echo=echo)
-            out.model_uri, out.champion = result.model_uri, result.champion
-        elif step == "tune":
-            from vaedist.tune import run_tune
+            if step == "train":
+                from vaedist.train import run_training
 
-            result = run_tune(spec.experiment, tune_config_from_section(spec.sections.get("tune")),
-                              job_name=spec.name, echo=echo)  # fmt: skip
-            out.model_uri, out.champion = result.model_uri, result.champion
+                result = run_training(spec.experiment, name=f"{spec.name}-train", echo=echo)
+            else:
+                from vaedist.tune import run_tune
+
+                result = run_tune(spec.experiment, tune_config_from_section(spec.sections.get("tune")),
+                                  job_name=spec.name, echo=echo)  # fmt: skip
+            out.model_uri = result.model_uri
+            # Whether it is the champion now (a reused run did not just become it, but may well be it).
+            out.champion = out.model_uri == tracking.champion_uri(spec.experiment.data.dataset)
         elif step == "generate":
             from vaedist.generate import configs_from_spec, run_generate
 
@@ -244,7 +248,7 @@ def run_pipeline(spec: JobSpec, echo=print) -> PipelineResult:
             section.setdefault("dataset", spec.experiment.data.dataset)
             cfg = section_from_dict(EvaluateConfig, section, "evaluate")
             res = section_from_dict(ResourcesConfig, resources, "resources")
-            out.evaluation = run_evaluate(cfg, res, evaluate_what(cfg), echo=echo)
+            out.evaluation = run_evaluate(cfg, res, evaluate_what(cfg), echo=echo, reuse=True)
     return out
 
 

@@ -178,6 +178,16 @@ def check_same_params(run: Any, params: dict[str, Any], name: str) -> None:
         )
 
 
+def load_dict(run_id: str, artifact_file: str) -> dict[str, Any] | None:
+    """A JSON artifact of ``run_id`` (as ``RunLogger.log_dict`` wrote it), or None if it has none."""
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
+    except (mlflow.exceptions.MlflowException, OSError, ValueError):
+        return None
+
+
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     _client().set_terminated(run_id, status=status)
 
@@ -318,6 +328,15 @@ def registered_model_of_run(run_id: str, uri_tag: str, version_tag: str) -> tupl
     except _mlflow().exceptions.MlflowException:
         return None  # the version was deleted since: register anew
     return uri, version, float(mv.tags.get(VAL_METRIC, "inf"))
+
+
+def champion_uri(dataset: str) -> str | None:
+    """``models:/vaedist-<dataset>/<version>`` of the current champion, or None."""
+    name = registered_model_name(dataset)
+    try:
+        return f"models:/{name}/{_client().get_model_version_by_alias(name, CHAMPION).version}"
+    except _mlflow().exceptions.MlflowException:
+        return None
 
 
 def promote_if_better(dataset: str, version: str, val_metric: float) -> tuple[bool, float | None]:
