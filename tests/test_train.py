@@ -149,6 +149,37 @@ def test_fault_mid_epoch_resumes_from_checkpoint(local_ray, mlflow_store, tmp_pa
     assert faulty.metrics["val_neg_elbo"] == pytest.approx(clean.metrics["val_neg_elbo"], rel=1e-4)
 
 
+def test_champion_moves_only_on_numbers_measured_on_the_same_validation_set(mlflow_store, tmp_path):
+    """A smoke run's -ELBO on 1,000 images, or a Bernoulli model's on binarized pixels, is no yardstick for
+    another model: the champion is re-scored on the newcomer's set, or kept when pixels are coded apart."""
+    from vaedist.checkpoint import save_checkpoint
+    from vaedist.models import build_model
+    from vaedist.train import register_checkpoint
+
+    def register(claimed: float, val_size: int, likelihood: str = "bernoulli", seed: int = 0) -> tuple[str, bool]:
+        cfg = experiment_from_dict({**SMALL, "data": {"dataset": "mnist", "val_size": val_size},
+                                    "model": {**SMALL["model"], "likelihood": likelihood}})  # fmt: skip
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, (28, 28, 1), 10, cfg.likelihood)
+        folder = tmp_path / f"ckpt-{len(list(tmp_path.glob('ckpt-*')))}"
+        folder.mkdir()
+        save_checkpoint(folder / tracking.CHECKPOINT_FILE, model, None, 1, cfg.flatten(), {"val_neg_elbo": claimed})
+        run_id = tracking.find_or_create_run("mnist", folder.name, {}, kind="train")
+        _, version, moved, _ = register_checkpoint(str(folder), run_id, "mnist")
+        return version, moved
+
+    assert register(500.0, val_size=1000) == ("1", True)
+    # The same weights claim 1 nat on another validation set: re-scored side by side, they tie, so no move.
+    assert register(1.0, val_size=2000) == ("2", False)
+    # A logistic (8-bit) model's nats are not comparable with a Bernoulli one's: the champion stays.
+    assert register(1.0, val_size=1000, likelihood="logistic") == ("3", False)
+    # On the champion's own validation set the plain comparison decides.
+    assert register(400.0, val_size=1000, seed=1) == ("4", True)
+    versions = {str(mv.version): mv.tags["val_set"] for mv in mlflow_store.search_model_versions("name = 'vaedist-mnist'")}
+    assert versions == {"1": "mnist/val1000/binarized", "2": "mnist/val2000/binarized",
+                        "3": "mnist/val1000/8-bit", "4": "mnist/val1000/binarized"}  # fmt: skip
+
+
 def test_same_name_resumes_and_a_changed_config_is_refused(local_ray, mlflow_store, tmp_path, monkeypatch):
     from vaedist.train import run_training
 

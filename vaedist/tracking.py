@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ CHAMPION = "champion"
 NAME_TAG = "vaedist.name"  # the job's deterministic name: a rerun with the same name resumes this run
 KIND_TAG = "vaedist.kind"
 VAL_METRIC = "val_neg_elbo"  # lower is better; the metric the champion alias is decided on
+VAL_SET_TAG = "val_set"  # on a model version: the data its VAL_METRIC was measured on (train.validation_set)
 CHECKPOINT_FILE = "model.pt"  # = vaedist.checkpoint.CHECKPOINT_FILE (tracking must not import torch at module load)
 
 
@@ -271,6 +273,7 @@ def log_model(
     exportable,
     example_inputs: tuple,
     val_metric: float,
+    val_set: str,
 ) -> tuple[str, str]:
     """Log the generator as an MLflow model and register it as ``vaedist-<dataset>``.
 
@@ -312,12 +315,13 @@ def log_model(
     version = str(info.registered_model_version)
     client = _client()
     client.set_model_version_tag(name, version, VAL_METRIC, str(val_metric))
+    client.set_model_version_tag(name, version, VAL_SET_TAG, val_set)
     client.set_model_version_tag(name, version, "run_id", run_id)
     return f"models:/{name}/{version}", version
 
 
-def registered_model_of_run(run_id: str, uri_tag: str, version_tag: str) -> tuple[str, str, float] | None:
-    """(model URI, version, validation -ELBO) that ``run_id`` registered before, per its tags, or None."""
+def registered_model_of_run(run_id: str, uri_tag: str, version_tag: str) -> tuple[str, str, float, str] | None:
+    """(model URI, version, validation -ELBO, its validation set) that ``run_id`` registered before, or None."""
     client = _client()
     tags = client.get_run(run_id).data.tags
     uri, version = tags.get(uri_tag), tags.get(version_tag)
@@ -327,7 +331,7 @@ def registered_model_of_run(run_id: str, uri_tag: str, version_tag: str) -> tupl
         mv = client.get_model_version(uri[len("models:/") :].split("/", 1)[0], version)
     except _mlflow().exceptions.MlflowException:
         return None  # the version was deleted since: register anew
-    return uri, version, float(mv.tags.get(VAL_METRIC, "inf"))
+    return uri, version, float(mv.tags.get(VAL_METRIC, "inf")), mv.tags.get(VAL_SET_TAG, "")
 
 
 def champion_uri(dataset: str) -> str | None:
@@ -339,9 +343,19 @@ def champion_uri(dataset: str) -> str | None:
         return None
 
 
-def promote_if_better(dataset: str, version: str, val_metric: float) -> tuple[bool, float | None]:
+def promote_if_better(
+    dataset: str,
+    version: str,
+    val_metric: float,
+    val_set: str = "",
+    rescore: Callable[[str], tuple[float, float] | None] | None = None,
+) -> tuple[bool, float | None]:
     """Move ``champion`` to ``version`` if it beats the current champion's validation -ELBO.
 
+    Only numbers measured on the same validation set compare (``val_set``: dataset, split size, binarized
+    or 8-bit). When the champion's was measured on another one (a smoke run's 1,000 images, say),
+    ``rescore(champion model URI)`` scores both models on this version's set and returns (this one's,
+    the champion's), or None if they cannot be compared at all: then the champion stays.
     Returns (moved, previous champion's metric or None).
     """
     client = _client()
@@ -354,7 +368,14 @@ def promote_if_better(dataset: str, version: str, val_metric: float) -> tuple[bo
     previous = None
     if current is not None:
         previous = float(current.tags.get(VAL_METRIC, "inf"))
-        if str(current.version) == str(version) or previous <= val_metric:
+        if str(current.version) == str(version):
+            return False, previous
+        if current.tags.get(VAL_SET_TAG, "") != val_set:
+            scores = rescore(f"models:/{name}/{current.version}") if rescore is not None else None
+            if scores is None:
+                return False, None
+            val_metric, previous = scores
+        if previous <= val_metric:
             return False, previous
     client.set_registered_model_alias(name, CHAMPION, version)
     return True, previous

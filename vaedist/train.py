@@ -592,8 +592,9 @@ def register_checkpoint(checkpoint: ray.train.Checkpoint | str, run_id: str, dat
     """
     registered = tracking.registered_model_of_run(run_id, MODEL_TAG, VERSION_TAG)
     if registered is not None:
-        model_uri, version, val_metric = registered
-        moved, _ = tracking.promote_if_better(dataset, version, val_metric)
+        model_uri, version, val_metric, val_set = registered
+        rescore = champion_rescorer(lambda: tracking.resolve_checkpoint(model_uri))
+        moved, _ = tracking.promote_if_better(dataset, version, val_metric, val_set, rescore)
         return model_uri, version, moved, val_metric
     if isinstance(checkpoint, str):
         checkpoint = ray.train.Checkpoint(checkpoint)
@@ -601,13 +602,60 @@ def register_checkpoint(checkpoint: ray.train.Checkpoint | str, run_id: str, dat
         ckpt_file = Path(d) / CHECKPOINT_FILE
         model, state = load_model(ckpt_file)
         val_metric = float(state["metrics"]["val_neg_elbo"])
+        val_set = validation_set(state["config"], model)
         # Batch of 2: torch.export specialises a batch dimension of size 1 to a constant.
         z = torch.randn(2, model.latent_dim, generator=torch.Generator().manual_seed(0))
         example = (z, torch.arange(2, dtype=torch.int64)) if model.conditional else (z,)
-        model_uri, version = tracking.log_model(run_id, dataset, ckpt_file, Generator(model), example, val_metric)
-    tracking.set_run_tags(run_id, {MODEL_TAG: model_uri, VERSION_TAG: version})
-    moved, _ = tracking.promote_if_better(dataset, version, val_metric)
+        model_uri, version = tracking.log_model(
+            run_id, dataset, ckpt_file, Generator(model), example, val_metric, val_set
+        )
+        tracking.set_run_tags(run_id, {MODEL_TAG: model_uri, VERSION_TAG: version})
+        moved, _ = tracking.promote_if_better(
+            dataset, version, val_metric, val_set, champion_rescorer(lambda: ckpt_file)
+        )
     return model_uri, version, moved, val_metric
+
+
+def validation_set(config: dict[str, Any], model: BaseVAE) -> str:
+    """What a validation -ELBO was measured on: only numbers on the same images and pixel coding compare
+    (a Bernoulli model's nats on binarized pixels say nothing against a logistic model's on 8-bit ones)."""
+    coding = "binarized" if model.likelihood.binarized else "8-bit"
+    return f"{config['data.dataset']}/val{config['data.val_size']}/{coding}"
+
+
+def champion_rescorer(new_checkpoint):
+    """``rescore`` for ``tracking.promote_if_better``: both models' -ELBO on the new model's validation set.
+
+    Run on the driver, one process and one set of random draws for both, so the two numbers compare;
+    None (no comparison, the champion stays) when they code pixels differently.
+    """
+
+    def rescore(champion_uri: str) -> tuple[float, float] | None:
+        new_model, state = load_model(new_checkpoint())
+        champion, _ = load_model(tracking.resolve_checkpoint(champion_uri))
+        if (champion.likelihood.binarized, champion.image_shape) != (new_model.likelihood.binarized, new_model.image_shape):
+            log.warning(
+                f"[vaedist] not compared with the champion ({champion_uri}): it models "
+                f"{'binarized' if champion.likelihood.binarized else '8-bit'} pixels, this model "
+                f"{'binarized' if new_model.likelihood.binarized else '8-bit'} ones, so their -ELBOs do not compare; "
+                "the champion stays (move the alias in the MLflow UI if you mean to)"
+            )
+            return None
+        cfg = state["config"]
+        seed = int(cfg.get("train.seed", 0))
+        x, y = (torch.from_numpy(np.array(a)) for a in load_split(
+            cfg["data.dataset"], "val", val_size=int(cfg["data.val_size"]), progress=False
+        ))  # fmt: skip
+        scores = []
+        for model in (new_model, champion):
+            torch.manual_seed(seed)  # the same eps draws for both
+            sums = loop.evaluate(model, x, y, np.arange(len(x)), 512, seed, torch.device("cpu"))
+            scores.append(loop.Sums.means(sums.as_tensor(), int(np.prod(model.image_shape)))["neg_elbo"])
+        log.info(f"[vaedist] champion {champion_uri} re-scored on this model's validation set: "
+                 f"{scores[1]:.2f} vs {scores[0]:.2f} nats")  # fmt: skip
+        return scores[0], scores[1]
+
+    return rescore
 
 
 @dataclass
