@@ -364,3 +364,30 @@ def test_cifar_tarball_without_batches_is_rejected(tmp_path):
     )
     with pytest.raises(VaedistError, match="lacks cifar-10-batches-py/data_batch_1"):
         load_split("cifar10", "test", tmp_path, spec=spec)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_data_info_and_fetch_on_the_official_files(data_root, tmp_path):
+    from click.testing import CliRunner
+
+    from vaedist.cli import main
+
+    result = CliRunner().invoke(main, ["data", "info", "mnist", "--data-dir", str(data_root)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"mnist: {data_root / 'mnist'}"
+    assert sum(line.startswith("  ok ") for line in lines) == 4
+    test_row = lines.index("  test   10000 images 28x28x1")
+    assert lines[test_row + 1].strip() == "per class: " + ", ".join(f"{i}={n}" for i, n in enumerate(MNIST_TEST_COUNTS))
+    # Present and verified: fetch downloads nothing (this machine has no internet) and says so.
+    result = CliRunner().invoke(main, ["data", "fetch", "mnist", "--data-dir", str(data_root)])
+    assert result.exit_code == 0 and result.output.strip() == f"mnist: verified in {data_root / 'mnist'}"
+
+    # An empty cache: where the files belong and what to run, and nothing written there.
+    empty = tmp_path / "cache"
+    result = CliRunner().invoke(main, ["data", "info", "fashion-mnist", "--data-dir", str(empty)])
+    assert result.exit_code == 0
+    assert result.output.count("  missing ") == 4 and "run 'vaedist data fetch fashion-mnist'" in result.output
+    assert not empty.exists() or not any(empty.rglob("*"))

@@ -152,6 +152,19 @@ def test_spec_with_an_unknown_key_is_refused_before_any_cluster(tmp_path):
     result = CliRunner().invoke(main, ["submit", str(bad), "--address", "http://127.0.0.1:9"])
     assert result.exit_code == 2
     assert "unknown key 'bogus'" in _one_error_line(result.output)
+
+    # A section the kind does not read would be ignored in silence: a train spec is not a search.
+    bad.write_text("kind: train\ndata: {dataset: mnist}\ntune: {num_samples: 4}\n")
+    result = CliRunner().invoke(main, ["run", str(bad), "--dry-run"])
+    assert result.exit_code == 2
+    assert "unknown key 'tune' for kind train (allowed: kind, name, description, presets, data, model, train, resources)" in (
+        _one_error_line(result.output)
+    )
+    bad.write_text("kind: train\ndata: {dataset: mnist}\npresets: {big: {generate: {per_label: 9}}}\n")
+    result = CliRunner().invoke(main, ["run", str(bad), "--preset", "big", "--dry-run"])
+    assert result.exit_code == 2 and "section 'generate' (from a preset or override) is not read by kind train" in (
+        _one_error_line(result.output)
+    )
     # A valid spec outside the project folder cannot be sent (the cluster gets only the project).
     bad.write_text("kind: train\ndata: {dataset: mnist}\n")
     result = CliRunner().invoke(main, ["submit", str(bad), "--address", "http://127.0.0.1:9"])

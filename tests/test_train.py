@@ -282,6 +282,17 @@ def test_a_relative_sqlite_tracking_uri_is_made_absolute_for_the_workers(tmp_pat
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+def test_kl_warmup_ramps_beta_linearly_then_holds():
+    """KL annealing (Bowman et al. 2016): 0 at the first step, beta after ``warmup_epochs``."""
+    from vaedist.loop import kl_weight
+
+    assert kl_weight(0, 0, 100, beta=1.0, warmup_epochs=0) == 1.0  # off
+    assert kl_weight(0, 0, 100, beta=0.8, warmup_epochs=2) == 0.0
+    assert kl_weight(0, 50, 100, beta=0.8, warmup_epochs=2) == pytest.approx(0.2)
+    assert kl_weight(1, 50, 100, beta=0.8, warmup_epochs=2) == pytest.approx(0.6)
+    assert kl_weight(2, 0, 100, beta=0.8, warmup_epochs=2) == kl_weight(9, 99, 100, beta=0.8, warmup_epochs=2) == 0.8
+
+
 def test_data_of_every_rank_is_disjoint():
     from vaedist.loop import epoch_indices
 

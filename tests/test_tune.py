@@ -23,6 +23,17 @@ def test_search_space_validation_names_the_problem():
         tune_config_from_section({"samples": 3, "search_space": {"train.lr": {"choice": [0.1]}}})
 
 
+def test_asha_max_t_is_the_most_epochs_a_trial_can_draw():
+    from vaedist.config import experiment_from_dict
+    from vaedist.tune import max_epochs
+
+    base = experiment_from_dict({"train": {"epochs": 7}})
+    space = {"train.lr": {"choice": [0.001]}}
+    assert max_epochs(base, TuneConfig(search_space=space)) == 7  # not searched: the base config's
+    assert max_epochs(base, TuneConfig(search_space={**space, "train.epochs": {"choice": [2, 12, 4]}})) == 12
+    assert max_epochs(base, TuneConfig(search_space={**space, "train.epochs": {"randint": [2, 9]}})) == 8
+
+
 def test_tune_smoke_parent_children_champion_and_resume(tuned_store, monkeypatch):
     from vaedist.jobs import run_spec
 

@@ -40,8 +40,16 @@ KINDS = ("train", "tune", "generate", "evaluate", "pipeline")
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
 # Keys a spec may have besides the config sections.
 META_KEYS = ("kind", "name", "description", "presets")
-# Sections other kinds add; their validation belongs to the module that runs them.
-EXTRA_SECTIONS = ("tune", "generate", "evaluate", "steps")
+# The sections each kind reads (a section another kind reads would be silently ignored: refused instead);
+# the validation of tune/generate/evaluate/steps belongs to the module that runs them.
+_TRAINING = ("data", "model", "train", "resources")
+KIND_SECTIONS = {
+    "train": _TRAINING,
+    "tune": (*_TRAINING, "tune"),
+    "generate": ("generate", "resources"),
+    "evaluate": ("evaluate", "resources"),
+    "pipeline": (*_TRAINING, "steps", "tune", "generate", "evaluate"),
+}
 
 
 @dataclass(frozen=True)
@@ -109,10 +117,10 @@ def spec_from_dict(
     kind = raw.get("kind")
     if kind not in KINDS:
         raise ConfigError(f"{source}: kind {kind!r} is not one of {', '.join(KINDS)}")
-    allowed = (*META_KEYS, *SECTIONS, *EXTRA_SECTIONS)
+    allowed = (*META_KEYS, *KIND_SECTIONS[kind])
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r} for kind {kind} (allowed: {', '.join(allowed)})")
     sections = {k: v for k, v in raw.items() if k not in META_KEYS}
     presets = raw.get("presets") or {}
     if preset is not None:
@@ -121,6 +129,12 @@ def spec_from_dict(
         sections = deep_merge(sections, presets[preset])
     if overrides:
         sections = deep_merge(sections, overrides)
+    unknown = sorted(set(sections) - set(KIND_SECTIONS[kind]))
+    if unknown:
+        raise ConfigError(
+            f"{source}: section {unknown[0]!r} (from a preset or override) is not read by kind {kind} "
+            f"(sections: {', '.join(KIND_SECTIONS[kind])})"
+        )
     spec = JobSpec(kind=kind, name=str(raw.get("name") or default_name), description=raw.get("description", ""),
                    sections=sections)  # fmt: skip
     if kind in ("train", "tune"):

@@ -507,10 +507,13 @@ def put_data(cfg: ExperimentConfig, plan: WorkerPlan) -> list:
     return [ray.put(np.ascontiguousarray(a)) for a in (*train, *val)]
 
 
+# Config keys that say where a job ran, not what it is: never MLflow params (an address may hold a secret).
+WHERE_IT_RAN = ("resources.address", "resources.entrypoint_num_cpus", "resources.entrypoint_num_gpus")
+
+
 def experiment_params(cfg: ExperimentConfig) -> dict[str, Any]:
     """MLflow params: the flattened config (minus where it ran) plus what was resolved from defaults."""
-    skip = ("resources.address", "resources.entrypoint_num_cpus", "resources.entrypoint_num_gpus")
-    params = {k: v for k, v in cfg.flatten().items() if k not in skip}
+    params = {k: v for k, v in cfg.flatten().items() if k not in WHERE_IT_RAN}
     params["resolved.likelihood"] = cfg.likelihood
     return params
 

@@ -29,6 +29,7 @@ from vaedist import tracking
 from vaedist.config import ExperimentConfig, TuneConfig, from_flat
 from vaedist.errors import VaedistError
 from vaedist.train import (
+    WHERE_IT_RAN,
     WorkerPlan,
     build_trainer,
     bundles_fit,
@@ -69,7 +70,8 @@ def max_epochs(base: ExperimentConfig, tune_cfg: TuneConfig) -> int:
     if not dist:
         return base.train.epochs
     kind, args = next(iter(dist.items()))
-    return int(max(args))
+    # randint's upper bound is exclusive (Ray Tune, like numpy): randint [2, 9] draws at most 8 epochs.
+    return int(max(args)) - 1 if kind == "randint" else int(max(args))
 
 
 def concurrent_trials(
@@ -104,7 +106,7 @@ def run_trial(
     flat = {**base_flat, **config}
     trial_name = f"{name}-{trial_id}"
     # The child run exists before the config is checked, so a trial that fails shows up in MLflow as FAILED.
-    params = {k: v for k, v in flat.items() if k != "resources.address"}
+    params = {k: v for k, v in flat.items() if k not in WHERE_IT_RAN}
     run_id = tracking.find_or_create_run(
         flat["data.dataset"], trial_name, params, kind="trial", parent_run_id=parent_run_id
     )
