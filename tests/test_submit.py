@@ -451,6 +451,21 @@ def test_submit_and_ray_job_submit_record_runs_pictures_and_champion(cluster, tm
     )
     print(f"both jobs done in {time.monotonic() - t0:.0f} s")
 
+    if TUNE_JOB:
+        # The search once more, through Ray's own CLI: it resumes the finished search, reruns no trial and
+        # registers nothing new (the best trial's version is handed back).
+        versions = len(client.search_model_versions("name='vaedist-mnist'"))
+        rerun = subprocess.run(
+            [*ray_cmd[: ray_cmd.index("--") + 1], "python", "-m", "vaedist", "run", f"jobs/{TUNE_JOB}.yaml",
+             "--preset", "smoke"],
+            env=head.env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-6000:]
+        assert "resuming search" in rerun.stdout and "best trial" in rerun.stdout, rerun.stdout[-4000:]
+        runs_after = client.search_runs([exp.experiment_id])
+        assert sorted(r.info.run_id for r in runs_after) == sorted(r.info.run_id for r in runs)
+        assert len(client.search_model_versions("name='vaedist-mnist'")) == versions
+
     # --resubmit runs it again under <id>-r2; stopped, a plain repeat reports that and exits 1.
     again = _vaedist(*submit_cmd[3:], "--resubmit", "--no-wait", env=env, cwd=tmp_path)
     assert again.returncode == 0 and f"submitted {sid}-r2" in again.stdout, again.stdout + again.stderr
@@ -458,4 +473,4 @@ def test_submit_and_ray_job_submit_record_runs_pictures_and_champion(cluster, tm
     assert stop.returncode == 0 and f"{sid}-r2: STOPPED" in stop.stdout, stop.stdout + stop.stderr
     again = _vaedist(*submit_cmd[3:], env=env, cwd=tmp_path)
     assert again.returncode == 1 and f"{sid}-r2 already ran: STOPPED" in again.stdout, again.stdout
-    assert len(_submissions(head)) == count + 1
+    assert len(_submissions(head)) == count + 1 + (1 if TUNE_JOB else 0)
