@@ -21,13 +21,18 @@ def echo(message: str) -> None:
 
 
 class Group(click.Group):
-    """Turns vaedist's own errors into one line and an exit code."""
+    """Turns vaedist's own errors, and click's usage errors in a command's flags, into one line and an
+    exit code (click's default is three: usage, a hint, the error)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except VaedistError as exc:
             click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
             ctx.exit(exc.exit_code)
 
 
