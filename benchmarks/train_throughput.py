@@ -61,8 +61,10 @@ def ray_train(cfg, name: str, storage: str) -> tuple[list[float], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="at least 2: the first epoch (warm-up) is not counted")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (steady-state rates skip the first epoch)")
 
     work = tempfile.mkdtemp(prefix="vaedist-bench-")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
