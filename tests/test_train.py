@@ -81,6 +81,13 @@ def test_plan_workers_places_every_worker_on_one_node():
     gpu_nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 3.0}]
     plan = plan_workers(ResourcesConfig(workers=4, gpus_per_worker=1), {"CPU": 16.0, "GPU": 4.0}, gpu_nodes)
     assert plan.use_gpu and plan.cpus_per_worker == 2.0  # 1 worker on the 1-GPU node, 3 on the other: 2 CPUs each
+    # GPUs where present: by default one per worker when every worker can have one, else the CPUs.
+    auto = plan_workers(ResourcesConfig(workers=2), {"CPU": 16.0, "GPU": 4.0}, gpu_nodes)
+    assert auto.use_gpu and auto.gpus_per_worker == 1.0 and auto.scaling_config().use_gpu
+    assert not plan_workers(ResourcesConfig(workers=2), {"CPU": 2.0, "GPU": 1.0}, [{"CPU": 2.0, "GPU": 1.0}]).use_gpu
+    assert not plan_workers(ResourcesConfig(workers=2, gpus_per_worker=0), {"CPU": 16.0, "GPU": 4.0}, gpu_nodes).use_gpu
+    assert plan_actors(ResourcesConfig(workers=2), {"CPU": 16.0, "GPU": 2.0}, 8.0).use_gpu
+    assert not plan_actors(ResourcesConfig(workers=1), {"CPU": 2.0}, 2.0).use_gpu
     # Tune: trials side by side = worker groups that fit; generate: one actor never asks for 15 CPUs.
     assert concurrent_trials(plan_workers(ResourcesConfig(workers=2, cpus_per_worker=3), total, two_nodes),
                              TuneConfig(search_space={"train.lr": {"choice": [0.001]}}), two_nodes) == 2  # fmt: skip

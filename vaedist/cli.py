@@ -121,7 +121,7 @@ def _overrides(**flat: Any) -> dict[str, dict[str, Any]]:
 @click.option("--beta", type=float, help="KL weight; 1 is the true ELBO [default: 1].")
 @click.option("--seed", type=int, help="Seed for init, shuffling and binarization [default: 0].")
 @click.option("--workers", type=int, help="Ray Train workers (DDP ranks) [default: 1].")
-@click.option("--gpus-per-worker", type=float, help="GPUs per worker; 0 trains on CPUs [default: 0].")
+@click.option("--gpus-per-worker", type=float, help="GPUs per worker; 0 trains on CPUs [default: 1 where the cluster has a GPU for every worker, else 0].")
 @click.option("--cpus-per-worker", type=float, help="CPUs per worker [default: the node's CPUs / workers].")
 @click.option("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local Ray in-process].")
 @click.option("--name", help="Run name; the same name resumes from its last checkpoint [default: derived from the config].")
@@ -349,7 +349,7 @@ def jobs_stop_cmd(job_id: str, address: str | None) -> None:
 @click.option("--seed", type=int, help="Seed of every sample's z (with its sample_id) [default: 0].")
 @click.option("--batch-size", type=int, help="Images per decoder call [default: 1024].")
 @click.option("--workers", type=int, help="Decoder actors (each loads the model once) [default: 1].")
-@click.option("--gpus-per-worker", type=float, help="GPUs per actor; 0 decodes on CPUs [default: 0].")
+@click.option("--gpus-per-worker", type=float, help="GPUs per actor; 0 decodes on CPUs [default: 1 where the cluster has a GPU for every actor, else 0].")
 @click.option("--cpus-per-worker", type=float, help="CPUs (torch threads) per actor [default: the cluster's CPUs / workers].")
 @click.option("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local Ray in-process].")
 @click.option("--overwrite", is_flag=True, help="Replace a complete or unfinished run of another plan in --out.")
@@ -400,7 +400,7 @@ def _resource_options(fn):
     fn = click.option(
         "--address", help="Ray cluster address [default: $RAY_ADDRESS, else local Ray in-process]."
     )(fn)
-    fn = click.option("--gpus-per-worker", type=float, help="GPUs per worker [default: 0].")(fn)
+    fn = click.option("--gpus-per-worker", type=float, help="GPUs per worker [default: 1 where the cluster has a GPU for every worker, else 0].")(fn)
     fn = click.option(
         "--cpus-per-worker", type=float, help="CPUs per worker [default: the node's CPUs / workers]."
     )(fn)

@@ -131,7 +131,8 @@ class ResourcesConfig:
     """Where and how wide a job runs. Local Ray is started in-process when no address is given."""
 
     workers: int = 1
-    gpus_per_worker: float = 0.0
+    # None: one GPU per worker where the cluster has a GPU for every worker (GPUs where present), else 0.
+    gpus_per_worker: float | None = None
     # None: derived from the cluster (all CPUs of the node split across workers).
     cpus_per_worker: float | None = None
     address: str | None = None  # None: $RAY_ADDRESS, else local Ray in-process
@@ -148,7 +149,8 @@ class ResourcesConfig:
                 _check_float(getattr(self, name), f"resources.{name}", 0.0)
         _check_int(self.workers, "resources.workers", 1)
         _check_float(self.scale_timeout_s, "resources.scale_timeout_s", 0.0)
-        _check_float(self.gpus_per_worker, "resources.gpus_per_worker", 0.0)
+        if self.gpus_per_worker is not None:
+            _check_float(self.gpus_per_worker, "resources.gpus_per_worker", 0.0)
         if self.cpus_per_worker is not None:
             _check_float(self.cpus_per_worker, "resources.cpus_per_worker", 0.0, strict=True)
 

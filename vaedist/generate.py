@@ -805,7 +805,9 @@ class ActorPlan:
 def plan_actors(res: ResourcesConfig, cluster: dict[str, float], node_cpus: float | None = None) -> ActorPlan:
     """Check the request against the cluster now (Ray would wait forever for a missing GPU)."""
     cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
-    w, g = res.workers, float(res.gpus_per_worker)
+    w = res.workers
+    # None: GPUs where present (one per actor if every actor can have one), as in training.
+    g = float(res.gpus_per_worker) if res.gpus_per_worker is not None else (1.0 if gpus >= w else 0.0)
     if g > 0 and gpus < g * w:
         raise UsageError(
             f"asked for {w} worker(s) x {g:g} GPU but the Ray cluster has {gpus:g} GPU(s); "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -121,12 +122,15 @@ def plan_workers(
     On an autoscaling cluster (``resources.scale_timeout_s`` > 0) the missing resources are first
     requested from the autoscaler and awaited for that long.
     """
-    if cluster is None:
+    live = cluster is None  # read from Ray (and its autoscaler may add nodes), not given by a caller
+    if live:
         cluster = ray.cluster_resources()
         nodes = node_resources() if nodes is None else nodes
-        if res.scale_timeout_s > 0 and _shortfall(res, nodes):
-            cluster, nodes = _scale_up(res)
     nodes = [cluster] if nodes is None else nodes
+    if res.gpus_per_worker is None:  # GPUs where present: one per worker if every worker can have one
+        res = dataclasses.replace(res, gpus_per_worker=1.0 if bundles_fit(nodes, 0, 1.0) >= res.workers else 0.0)
+    if live and res.scale_timeout_s > 0 and _shortfall(res, nodes):
+        cluster, nodes = _scale_up(res)
     short = _shortfall(res, nodes)
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     if short == "GPU":
