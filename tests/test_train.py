@@ -202,6 +202,11 @@ def test_same_name_resumes_and_a_changed_config_is_refused(local_ray, mlflow_sto
     again = run_training(cfg, name="again", storage=str(tmp_path / "runs"), echo=said.append)
     assert again.run_id == first.run_id and again.model_uri == first.model_uri
     assert "already trained" in said[0]
+    # Where it runs is not what it is: one worker instead of two finds the same finished run.
+    said.clear()
+    one_worker = cfg.replace(**{"resources.workers": 1})
+    assert run_training(one_worker, name="again", storage=str(tmp_path / "runs"), echo=said.append).run_id == first.run_id
+    assert "already trained" in said[0]
     assert len(mlflow_store.get_metric_history(first.run_id, "val_neg_elbo")) == 1
     assert len(mlflow_store.search_model_versions("name='vaedist-mnist'")) == 1
 

@@ -168,10 +168,16 @@ def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
 
 
 def check_same_params(run: Any, params: dict[str, Any], name: str) -> None:
-    """Refuse to reuse a run whose recorded params differ from ``params``."""
+    """Refuse to reuse a run whose recorded params differ from ``params``.
+
+    Where it runs (``resources.*``: workers, CPUs, GPUs) is no part of what a run is: a checkpoint resumes
+    on another layout, and the run keeps the params it was created with.
+    """
     str_params = {k: str(v) for k, v in params.items()}
     old = run.data.params
-    changed = sorted(k for k, v in str_params.items() if k in old and old[k] != v)
+    changed = sorted(
+        k for k, v in str_params.items() if k in old and old[k] != v and not k.startswith("resources.")
+    )
     if changed:
         k = changed[0]
         raise UsageError(
