@@ -836,9 +836,9 @@ def plan_actors(res: ResourcesConfig, cluster: dict[str, float], node_cpus: floa
 
 
 def _node_cpus() -> float | None:
-    import ray
+    from vaedist.train import node_resources
 
-    sizes = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    sizes = [n.get("CPU", 0.0) for n in node_resources()]
     return max(sizes) if sizes else None
 
 
