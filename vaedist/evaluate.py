@@ -823,9 +823,6 @@ def evaluate_cas(cfg: EvaluateConfig, resources: ResourcesConfig, echo=print, re
     rows = np.sort(np.random.default_rng([cfg.seed, n_real]).choice(len(real_y), n_real, replace=False))
     real_x, real_y = real_x[rows], real_y[rows]
 
-    connect_ray(resources.address)
-    plan = plan_workers(resources)
-    check_storage_shared(storage)  # rank 0's report carries a checkpoint, written where every node can see it
     budget = {
         "epochs": cfg.classifier_epochs, "batch_size": cfg.classifier_batch_size, "lr": cfg.classifier_lr,
         "seed": cfg.seed, "classifier_version": CLASSIFIER_VERSION,
@@ -839,6 +836,9 @@ def evaluate_cas(cfg: EvaluateConfig, resources: ResourcesConfig, echo=print, re
         echo(f"CAS of {folder} (same images, same classifier budget) is already on MLflow run {done.info.run_id}: "
              f"reusing it: CAS {prior['cas']:.4f} / real {prior['real_accuracy']:.4f}")  # fmt: skip
         return {**prior, "run_id": done.info.run_id}
+    connect_ray(resources.address)
+    plan = plan_workers(resources)
+    check_storage_shared(storage)  # rank 0's report carries a checkpoint, written where every node can see it
     model_run = gen.model_run_id or (tracking.model_run_id(gen.model_uri) if gen.model_uri else None)
     params = {
         "evaluate.generated": where,

@@ -201,6 +201,7 @@ def _scale_up(res: ResourcesConfig) -> tuple[dict[str, float], list[dict[str, fl
     request_resources(bundles=[bundle] * res.workers)
     # The request stands until it is replaced: withdraw it when this driver exits, or the autoscaler
     # would keep those nodes up forever. (atexit runs last-registered first: before ray.shutdown.)
+    atexit.unregister(_withdraw_resource_request)  # once, however many jobs this driver scaled up for
     atexit.register(_withdraw_resource_request)
     deadline = time.monotonic() + res.scale_timeout_s
     nodes = node_resources()
