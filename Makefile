@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test lint venv dev-venv lock clean bench
+.PHONY: demo test test-fast test-data system-packages lint venv dev-venv lock clean bench
 
 $(VENV)/.runtime: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,9 +22,30 @@ dev-venv: $(VENV)/.dev
 demo: $(VENV)/.runtime
 	$(BIN)/vaedist run jobs/demo.yaml
 
-test: $(VENV)/.dev
+# The whole suite: real Ray, real MLflow, real MNIST / Fashion-MNIST, a real browser and PostgreSQL.
+test: $(VENV)/.dev system-packages test-data
 	$(BIN)/ruff check vaedist tests benchmarks
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The fast tier: unit tests only (config, models, likelihoods, plans, decisions, parsing, figures);
+# no data, no Ray cluster, no browser; about a minute on 2 cores.
+test-fast: $(VENV)/.dev
+	$(BIN)/ruff check vaedist tests benchmarks
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# Debian's chromium and postgresql, when missing (the UI and PostgreSQL-store tests drive them).
+system-packages:
+	bash scripts/system-packages.sh
+
+# The official MNIST / Fashion-MNIST files for the slow tier: with $$VAEDIST_DATA_DIR set (CI), or
+# ../shared/data beside the checkout, nothing is downloaded; otherwise the same verified download users
+# get, into the data cache.
+test-data: $(VENV)/.runtime
+	@if [ -z "$$VAEDIST_DATA_DIR" ] && [ ! -d ../shared/data/mnist ]; then \
+		$(BIN)/vaedist data fetch mnist && $(BIN)/vaedist data fetch fashion-mnist; \
+	else \
+		echo "test data: $${VAEDIST_DATA_DIR:-../shared/data} (nothing to download)"; \
+	fi
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check vaedist tests benchmarks

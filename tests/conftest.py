@@ -11,22 +11,43 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+DATA_HELP = (
+    "real MNIST / Fashion-MNIST not found under {path}: set VAEDIST_DATA_DIR to a folder holding mnist/ and "
+    "fashion-mnist/ (the official files), or run `make test`, which fetches them into the data cache"
+)
+
+
 def _data_dir() -> Path:
-    path = Path(os.environ.get("VAEDIST_DATA_DIR") or SHARED_DATA)
-    if not (path / "mnist").is_dir():
-        raise RuntimeError(
-            f"real MNIST not found under {path}: set VAEDIST_DATA_DIR to a folder with mnist/ and fashion-mnist/"
-        )
-    return path
+    """$VAEDIST_DATA_DIR, else ../shared/data beside the checkout (CI), else vaedist's own data cache
+    (where `make test` fetched the official files on a fresh machine)."""
+    if os.environ.get("VAEDIST_DATA_DIR"):
+        return Path(os.environ["VAEDIST_DATA_DIR"])
+    if (SHARED_DATA / "mnist").is_dir():
+        return SHARED_DATA
+    from vaedist.data import default_data_dir
+
+    return default_data_dir()
 
 
-# Every test (and every Ray worker it starts) sees the real data without downloading.
+# Every test (and every Ray worker it starts) sees the real data without downloading. Never fails at
+# import: the fast tier needs no data, and the tests that need it fail one by one with how to get it.
 os.environ.setdefault("VAEDIST_DATA_DIR", str(_data_dir()))
+
+
+@pytest.fixture(autouse=True)
+def _slow_tests_have_real_data(request) -> None:
+    """Slow tests train or evaluate on real MNIST: without it each fails at once with how to get it."""
+    if request.node.get_closest_marker("slow") is not None:
+        request.getfixturevalue("data_dir")
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    return _data_dir()
+    """The real data folder; a test that needs it fails with how to get it (never silently skipped)."""
+    path = _data_dir()
+    if not (path / "mnist").is_dir():
+        pytest.fail(DATA_HELP.format(path=path), pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -24,15 +24,11 @@ MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 @pytest.fixture(scope="module")
-def data_root() -> Path:
-    """The folder with the official files: $VAEDIST_DATA_DIR, else ../shared/data next to the checkout."""
-    env = os.environ.get("VAEDIST_DATA_DIR")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-    if not (root / "mnist").is_dir() or not (root / "fashion-mnist").is_dir():
-        pytest.fail(
-            f"the real MNIST/Fashion-MNIST files are not in {root}: set VAEDIST_DATA_DIR to that folder"
-        )
-    return root
+def data_root(data_dir: Path) -> Path:
+    """The folder with the official files (conftest's ``data_dir``: fails with how to get it when missing)."""
+    if not (data_dir / "fashion-mnist").is_dir():
+        pytest.fail(f"the real Fashion-MNIST files are not in {data_dir}: set VAEDIST_DATA_DIR to that folder")
+    return data_dir
 
 
 # ---------------------------------------------------------------- registry
@@ -108,6 +104,7 @@ def test_data_package_does_not_import_ray_or_mlflow():
 # ---------------------------------------------------------------- real MNIST / Fashion-MNIST
 
 
+@pytest.mark.slow
 def test_verify_real_files_ok(data_root):
     for name in ("mnist", "fashion-mnist"):
         assert verify(name, data_root) == {f.filename: "ok" for f in get_spec(name).files}
@@ -115,6 +112,7 @@ def test_verify_real_files_ok(data_root):
     assert fetch("mnist", data_root, progress=False) == data_root / "mnist"
 
 
+@pytest.mark.slow
 def test_read_idx_raw(data_root):
     images = read_idx(data_root / "mnist" / "t10k-images-idx3-ubyte.gz")
     labels = read_idx(data_root / "mnist" / "t10k-labels-idx1-ubyte.gz")
@@ -132,6 +130,7 @@ def test_read_idx_raw(data_root):
         ("fashion-mnist", [6000] * 10, [1000] * 10),
     ],
 )
+@pytest.mark.slow
 def test_full_splits_match_the_official_content(data_root, name, train_counts, test_counts):
     for split, n, counts in (("train_full", 60000, train_counts), ("test", 10000, test_counts)):
         x, y = load_split(name, split, data_root)
@@ -143,6 +142,7 @@ def test_full_splits_match_the_official_content(data_root, name, train_counts, t
         assert 0 < x.mean() < 255
 
 
+@pytest.mark.slow
 def test_val_split_deterministic_disjoint_and_complete(data_root):
     xf, yf = load_split("mnist", "train_full", data_root)
     xt, yt = load_split("mnist", "train", data_root)
@@ -173,6 +173,7 @@ def test_val_split_deterministic_disjoint_and_complete(data_root):
     assert np.isin(val_indices(60000, 1000)[1], val_rows).all()
 
 
+@pytest.mark.slow
 def test_val_size_zero_and_bounds(data_root):
     xf, _ = load_split("mnist", "train_full", data_root)
     xt, _ = load_split("mnist", "train", data_root, val_size=0)
@@ -190,6 +191,7 @@ def test_val_size_zero_and_bounds(data_root):
         load_split("mnist", "validation", data_root)
 
 
+@pytest.mark.slow
 def test_arrays_are_cached_and_read_only(data_root):
     x1, y1 = load_split("mnist", "test", data_root)
     x2, y2 = load_split("mnist", "test", data_root)
@@ -200,6 +202,7 @@ def test_arrays_are_cached_and_read_only(data_root):
             a[0] = 1
 
 
+@pytest.mark.slow
 def test_dataset_info(data_root):
     info = dataset_info("mnist", data_root)
     assert info["folder"] == str(data_root / "mnist")
@@ -232,6 +235,7 @@ def _copy_mnist(data_root: Path, dest: Path) -> Path:
     return dest / "mnist"
 
 
+@pytest.mark.slow
 def test_corrupt_local_file_is_reported_not_deleted(data_root, tmp_path):
     folder = _copy_mnist(data_root, tmp_path)
     assert verify("mnist", tmp_path)["t10k-labels-idx1-ubyte.gz"] == "ok"
@@ -257,6 +261,7 @@ def test_corrupt_local_file_is_reported_not_deleted(data_root, tmp_path):
     assert target.read_bytes() == bytes(blob)  # the user's file is still there, untouched
 
 
+@pytest.mark.slow
 def test_truncated_local_file_reports_size(data_root, tmp_path):
     folder = _copy_mnist(data_root, tmp_path)
     target = folder / "train-labels-idx1-ubyte.gz"
@@ -265,6 +270,7 @@ def test_truncated_local_file_reports_size(data_root, tmp_path):
         load_split("mnist", "train", tmp_path, download=False)
 
 
+@pytest.mark.slow
 def test_missing_file_without_download(data_root, tmp_path):
     folder = _copy_mnist(data_root, tmp_path)
     (folder / "t10k-images-idx3-ubyte.gz").unlink()
@@ -369,6 +375,7 @@ def test_cifar_tarball_without_batches_is_rejected(tmp_path):
 # ---------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_data_info_and_fetch_on_the_official_files(data_root, tmp_path):
     from click.testing import CliRunner
 

@@ -560,3 +560,13 @@ def test_cvae_learns_real_mnist_and_its_samples_follow_the_label():
     class_means = class_means.flatten(1)  # (10, 784)
     nearest = torch.cdist(draws[0].flatten(1), class_means).argmin(1)
     assert (nearest == y).float().mean() > 0.25  # chance: 0.1
+
+
+def test_model_registries_speak_the_config_vocabulary():
+    """config.py holds the names (torch-free, for the CLI and validation); models/ keys its classes by them."""
+    from vaedist import config
+    from vaedist.models.likelihoods import LIKELIHOOD_CLASSES
+    from vaedist.models.vae import MODELS
+
+    assert tuple(MODELS) == config.VARIANTS
+    assert tuple(LIKELIHOOD_CLASSES) == config.LIKELIHOODS

@@ -13,10 +13,8 @@ import pytest
 import torch
 
 from vaedist import tracking
-from vaedist.config import ResourcesConfig, TuneConfig, experiment_from_dict
+from vaedist.config import experiment_from_dict
 from vaedist.errors import UsageError
-
-pytestmark = pytest.mark.slow
 
 SMALL = {
     "data": {"dataset": "mnist", "val_size": 2000},
@@ -46,57 +44,7 @@ def local_ray():
     ray.shutdown()
 
 
-def test_plan_workers_fails_fast_instead_of_hanging():
-    from vaedist.train import plan_workers
-
-    cpu_only = {"CPU": 2.0}
-    with pytest.raises(UsageError, match=r"1 worker\(s\) x 1 GPU but the Ray cluster has 0 GPU"):
-        plan_workers(ResourcesConfig(workers=1, gpus_per_worker=1), cpu_only)
-    with pytest.raises(UsageError, match=r"3 worker\(s\) x 1 CPU but the Ray cluster has 2 CPU.*--workers 2"):
-        plan_workers(ResourcesConfig(workers=3), cpu_only)
-    plan = plan_workers(ResourcesConfig(workers=2), cpu_only)
-    assert (plan.workers, plan.cpus_per_worker, plan.use_gpu, plan.torch_threads) == (2, 1.0, False, 1)
-    plan = plan_workers(ResourcesConfig(workers=1), cpu_only)
-    assert plan.torch_threads == 2
-    gpu = plan_workers(ResourcesConfig(workers=2, gpus_per_worker=1, cpus_per_worker=4), {"CPU": 16.0, "GPU": 2.0})
-    assert gpu.use_gpu and gpu.scaling_config().resources_per_worker == {"CPU": 4.0, "GPU": 1.0}
-
-
-def test_plan_workers_places_every_worker_on_one_node():
-    """A worker is one bundle on one node: cluster totals alone would plan groups Ray can never place."""
-    from vaedist.generate import plan_actors
-    from vaedist.train import plan_workers
-    from vaedist.tune import concurrent_trials
-
-    two_nodes = [{"CPU": 8.0}, {"CPU": 8.0}]
-    total = {"CPU": 16.0}
-    assert plan_workers(ResourcesConfig(workers=1), total, two_nodes).cpus_per_worker == 8.0  # not 16
-    assert plan_workers(ResourcesConfig(workers=2), total, two_nodes).cpus_per_worker == 8.0
-    assert plan_workers(ResourcesConfig(workers=3), total, two_nodes).cpus_per_worker == 4.0  # 5+5+5 fits no node
-    with pytest.raises(UsageError, match=r"2 worker\(s\) x 12 CPU .* 16 CPU\(s\) \(8 \+ 8 on 2 nodes\)"):
-        plan_workers(ResourcesConfig(workers=2, cpus_per_worker=12), total, two_nodes)
-    with pytest.raises(UsageError, match=r"1 worker\(s\) x 2 GPU .* 2 GPU\(s\) \(1 \+ 1 on 2 nodes\)"):
-        plan_workers(ResourcesConfig(workers=1, gpus_per_worker=2), {"CPU": 16.0, "GPU": 2.0},
-                     [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}])  # fmt: skip
-    gpu_nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 3.0}]
-    plan = plan_workers(ResourcesConfig(workers=4, gpus_per_worker=1), {"CPU": 16.0, "GPU": 4.0}, gpu_nodes)
-    assert plan.use_gpu and plan.cpus_per_worker == 2.0  # 1 worker on the 1-GPU node, 3 on the other: 2 CPUs each
-    # GPUs where present: by default one per worker when every worker can have one, else the CPUs.
-    auto = plan_workers(ResourcesConfig(workers=2), {"CPU": 16.0, "GPU": 4.0}, gpu_nodes)
-    assert auto.use_gpu and auto.gpus_per_worker == 1.0 and auto.scaling_config().use_gpu
-    assert not plan_workers(ResourcesConfig(workers=2), {"CPU": 2.0, "GPU": 1.0}, [{"CPU": 2.0, "GPU": 1.0}]).use_gpu
-    assert not plan_workers(ResourcesConfig(workers=2, gpus_per_worker=0), {"CPU": 16.0, "GPU": 4.0}, gpu_nodes).use_gpu
-    assert plan_actors(ResourcesConfig(workers=2), {"CPU": 16.0, "GPU": 2.0}, 8.0).use_gpu
-    assert not plan_actors(ResourcesConfig(workers=1), {"CPU": 2.0}, 2.0).use_gpu
-    # Tune: trials side by side = worker groups that fit; generate: one actor never asks for 15 CPUs.
-    assert concurrent_trials(plan_workers(ResourcesConfig(workers=2, cpus_per_worker=3), total, two_nodes),
-                             TuneConfig(search_space={"train.lr": {"choice": [0.001]}}), two_nodes) == 2  # fmt: skip
-    actor = plan_actors(ResourcesConfig(workers=1), total, node_cpus=8.0)
-    assert actor.num_cpus <= 8.0 and actor.threads == 8
-    with pytest.raises(UsageError, match="largest Ray node has 8"):
-        plan_actors(ResourcesConfig(workers=1, cpus_per_worker=12), total, node_cpus=8.0)
-
-
+@pytest.mark.slow
 def test_train_two_workers_records_everything_in_mlflow(local_ray, mlflow_store, tmp_path):
     from vaedist.checkpoint import load_model
     from vaedist.train import run_training
@@ -139,16 +87,23 @@ def test_train_two_workers_records_everything_in_mlflow(local_ray, mlflow_store,
     assert state["epoch"] in (1, 2)
 
 
-def test_fault_mid_epoch_resumes_from_checkpoint(local_ray, mlflow_store, tmp_path, monkeypatch):
-    from vaedist.train import run_training
+@pytest.mark.slow
+def test_fault_mid_epoch_resumes_from_checkpoint(local_ray, mlflow_store, tmp_path):
+    import ray
+
+    from vaedist.train import FAULT_ENV, run_training
 
     cfg = experiment_from_dict(SMALL)
     clean = run_training(cfg, name="clean", storage=str(tmp_path / "runs"), echo=lambda *_: None)
 
-    # Rank 1 dies hard in the middle of the second epoch; Ray restarts the group from epoch 1's checkpoint.
-    monkeypatch.setenv("VAEDIST_INJECT_FAULT", "epoch=1,step=20,rank=1")
+    # Rank 1 of run "faulty" dies hard in the middle of the second epoch; Ray restarts the group from epoch 1's
+    # checkpoint. The hook reaches the workers through Ray's runtime env, set here by the test.
+    marker = tmp_path / "fault-injected"
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
+        FAULT_ENV: f"run=faulty,epoch=1,step=20,rank=1,marker={marker}"}})  # fmt: skip
     faulty = run_training(cfg, name="faulty", storage=str(tmp_path / "runs"), echo=lambda *_: None)
-    assert (tmp_path / "runs" / "faulty" / ".fault-injected").exists()
+    assert marker.exists()
     history = mlflow_store.get_metric_history(faulty.run_id, "val_neg_elbo")
     assert sorted(m.step for m in history) == [1, 2]  # exactly the requested epochs, none repeated
     assert faulty.metrics["epoch"] == 2
@@ -156,12 +111,13 @@ def test_fault_mid_epoch_resumes_from_checkpoint(local_ray, mlflow_store, tmp_pa
     assert faulty.metrics["val_neg_elbo"] == pytest.approx(clean.metrics["val_neg_elbo"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_champion_moves_only_on_numbers_measured_on_the_same_validation_set(mlflow_store, tmp_path):
     """A smoke run's -ELBO on 1,000 images, or a Bernoulli model's on binarized pixels, is no yardstick for
     another model: the champion is re-scored on the newcomer's set, or kept when pixels are coded apart."""
+    from vaedist.champion import register_checkpoint
     from vaedist.checkpoint import save_checkpoint
     from vaedist.models import build_model
-    from vaedist.train import register_checkpoint
 
     def register(claimed: float, val_size: int, likelihood: str = "bernoulli", seed: int = 0) -> tuple[str, bool]:
         cfg = experiment_from_dict({**SMALL, "data": {"dataset": "mnist", "val_size": val_size},
@@ -187,6 +143,7 @@ def test_champion_moves_only_on_numbers_measured_on_the_same_validation_set(mlfl
                         "3": "mnist/val1000/8-bit", "4": "mnist/val1000/binarized"}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_same_name_resumes_and_a_changed_config_is_refused(local_ray, mlflow_store, tmp_path, monkeypatch):
     from vaedist.train import run_training
 
@@ -223,6 +180,7 @@ def _cli(args, env_extra=None, cwd=None, timeout=240):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
@@ -244,6 +202,7 @@ def test_cli_bad_input_is_one_line(args, code, message, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # refused before any run was recorded
 
 
+@pytest.mark.slow
 def test_cli_unwritable_storage_and_unreachable_mlflow_fail_before_training(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

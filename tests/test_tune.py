@@ -7,8 +7,6 @@ import pytest
 
 from vaedist.config import ConfigError, TuneConfig, tune_config_from_section
 
-pytestmark = pytest.mark.slow
-
 
 def test_search_space_validation_names_the_problem():
     with pytest.raises(ConfigError, match="tune.search_space: is empty"):
@@ -34,6 +32,22 @@ def test_asha_max_t_is_the_most_epochs_a_trial_can_draw():
     assert max_epochs(base, TuneConfig(search_space={**space, "train.epochs": {"randint": [2, 9]}})) == 8
 
 
+def test_best_trial_skips_failed_trials_and_follows_the_mode():
+    from vaedist.tune import best_trial
+
+    table = [
+        {"trial": "a", "status": "OK", "val_neg_elbo": 101.0},
+        {"trial": "b", "status": "ERROR", "val_neg_elbo": 90.0},  # crashed after reporting: never the best
+        {"trial": "c", "status": "OK", "val_neg_elbo": None},  # stopped before its first report
+        {"trial": "d", "status": "OK", "val_neg_elbo": 99.5},
+    ]
+    space = {"train.lr": {"choice": [0.001]}}
+    assert best_trial(table, TuneConfig(search_space=space))["trial"] == "d"
+    assert best_trial(table, TuneConfig(search_space=space, mode="max"))["trial"] == "a"
+    assert best_trial(table[1:3], TuneConfig(search_space=space)) is None
+
+
+@pytest.mark.slow
 def test_tune_smoke_parent_children_champion_and_resume(tuned_store, monkeypatch):
     from vaedist.jobs import run_spec
 

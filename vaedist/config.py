@@ -15,13 +15,17 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from vaedist.data.registry import DATASETS
 from vaedist.errors import UsageError
 
+# The vocabularies, defined once: the CLI's choices and every check below derive from them. They stay
+# torch-free so that `vaedist --help` and config validation never import torch; models/ keys its registries
+# (MODELS, LIKELIHOOD_CLASSES) by the same names, and tests/test_models.py keeps the two equal.
 VARIANTS = ("ae", "vae", "cvae")
 ARCHS = ("dense", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
 CONDITIONINGS = ("onehot", "embedding")
-DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10")
+DATASET_NAMES = tuple(DATASETS)  # built-in datasets: the registry in vaedist.data
 
 
 class ConfigError(UsageError):

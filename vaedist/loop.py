@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vaedist.models import BaseVAE, binarize, bits_per_dim, to_model_input
+from vaedist.models import BaseVAE, binarize, to_model_input
 
 
 class ElboObjective(torch.nn.Module):
@@ -162,7 +162,3 @@ def evaluate(
         y = labels[idx].to(device) if core.conditional else None
         sums.add(core.loss(x, y), len(idx))
     return sums
-
-
-def nats_to_bits_per_dim(nats: float, num_dims: int) -> float:
-    return float(bits_per_dim(torch.tensor(nats), num_dims))

@@ -1,6 +1,6 @@
 """All of vaedist's MLflow code: runs, params, metrics, pictures, logging and loading models.
 
-This is the only module that imports mlflow. Conventions (DESIGN.md):
+This is the only module that imports mlflow. Conventions (docs/ARCHITECTURE.md):
 - tracking URI: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``, made absolute so Ray workers,
   whose working directory differs from the driver's, write to the same store;
 - one experiment per dataset, ``vaedist/<dataset>``; models registered as ``vaedist-<dataset>``;
@@ -18,7 +18,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ CHAMPION = "champion"
 NAME_TAG = "vaedist.name"  # the job's deterministic name: a rerun with the same name resumes this run
 KIND_TAG = "vaedist.kind"
 VAL_METRIC = "val_neg_elbo"  # lower is better; the metric the champion alias is decided on
-VAL_SET_TAG = "val_set"  # on a model version: the data its VAL_METRIC was measured on (train.validation_set)
+VAL_SET_TAG = "val_set"  # on a model version: the data its VAL_METRIC was measured on (champion.validation_set)
 CHECKPOINT_FILE = "model.pt"  # = vaedist.checkpoint.CHECKPOINT_FILE (tracking must not import torch at module load)
 
 
@@ -235,8 +234,6 @@ class RunLogger:
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
 
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -265,8 +262,6 @@ class NullLogger:
     def log_dict(self, data: dict, artifact_file: str) -> None:
         pass
 
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        pass
 
     def close(self) -> None:
         pass
@@ -349,42 +344,18 @@ def champion_uri(dataset: str) -> str | None:
         return None
 
 
-def promote_if_better(
-    dataset: str,
-    version: str,
-    val_metric: float,
-    val_set: str = "",
-    rescore: Callable[[str], tuple[float, float] | None] | None = None,
-) -> tuple[bool, float | None]:
-    """Move ``champion`` to ``version`` if it beats the current champion's validation -ELBO.
-
-    Only numbers measured on the same validation set compare (``val_set``: dataset, split size, binarized
-    or 8-bit). When the champion's was measured on another one (a smoke run's 1,000 images, say),
-    ``rescore(champion model URI)`` scores both models on this version's set and returns (this one's,
-    the champion's), or None if they cannot be compared at all: then the champion stays.
-    Returns (moved, previous champion's metric or None).
-    """
-    client = _client()
+def current_champion(dataset: str) -> tuple[str, float, str] | None:
+    """(version, validation -ELBO, validation set) of the dataset's ``champion``, or None."""
     name = registered_model_name(dataset)
-    mlflow = _mlflow()
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        current = None
-    previous = None
-    if current is not None:
-        previous = float(current.tags.get(VAL_METRIC, "inf"))
-        if str(current.version) == str(version):
-            return False, previous
-        if current.tags.get(VAL_SET_TAG, "") != val_set:
-            scores = rescore(f"models:/{name}/{current.version}") if rescore is not None else None
-            if scores is None:
-                return False, None
-            val_metric, previous = scores
-        if previous <= val_metric:
-            return False, previous
-    client.set_registered_model_alias(name, CHAMPION, version)
-    return True, previous
+        mv = _client().get_model_version_by_alias(name, CHAMPION)
+    except _mlflow().exceptions.MlflowException:
+        return None
+    return str(mv.version), float(mv.tags.get(VAL_METRIC, "inf")), mv.tags.get(VAL_SET_TAG, "")
+
+
+def set_champion(dataset: str, version: str) -> None:
+    _client().set_registered_model_alias(registered_model_name(dataset), CHAMPION, version)
 
 
 def resolve_checkpoint(uri: str) -> Path:

@@ -1,6 +1,6 @@
 """Ray Tune over Ray Train: search architecture size, latent size, epochs (and more) per dataset.
 
-The Ray 2.60 way (DESIGN.md): each trial is a Tune function that builds and fits a TorchTrainer with
+The Ray 2.60 way (docs/ARCHITECTURE.md, "Facts of the stack"): each trial is a Tune function that builds and fits a TorchTrainer with
 ``RunConfig(name=<search>-<trial id>, callbacks=[TuneReportCallback()])``; ASHA stops weak trials early
 on validation -ELBO. MLflow gets one parent run per search and one child run per trial, so the UI's
 compare / parallel-coordinates views show the search; the best trial's model is registered and becomes
@@ -21,27 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray.train
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from vaedist import tracking
-from vaedist.config import ExperimentConfig, TuneConfig, from_flat
-from vaedist.errors import VaedistError
-from vaedist.train import (
-    WHERE_IT_RAN,
+from vaedist.champion import register_checkpoint
+from vaedist.cluster import (
     WorkerPlan,
-    build_trainer,
     bundles_fit,
     check_storage_shared,
     connect_ray,
-    experiment_params,
     node_resources,
     plan_workers,
-    put_data,
-    register_checkpoint,
     storage_path,
 )
+from vaedist.config import ExperimentConfig, TuneConfig, from_flat
+from vaedist.errors import VaedistError
+from vaedist.train import WHERE_IT_RAN, build_trainer, experiment_params, put_data
 
 TRIAL_ID_TAG = "vaedist.trial_id"
 
@@ -165,35 +163,7 @@ def run_tune(
         run_trial, base_flat=base.flatten(), name=name, parent_run_id=parent_run_id,
         storage=storage, plan=plan, data_refs=data_refs,
     )  # fmt: skip
-    # The trial function only waits on its TorchTrainer, whose workers hold the CPUs/GPUs; a CPU-less
-    # bundle (Tune refuses an empty one) keeps it from taking a core a worker needs.
-    trainable = ray.tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20})
-    experiment_path = f"{storage.rstrip('/')}/{name}"
-    if ray.tune.Tuner.can_restore(experiment_path):
-        echo(f"resuming search {name} from {experiment_path} (finished trials are not repeated)")
-        tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=False)
-    else:
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space=to_tune_space(tune_cfg.search_space),
-            tune_config=ray.tune.TuneConfig(
-                metric=tune_cfg.metric,
-                mode=tune_cfg.mode,
-                num_samples=tune_cfg.num_samples,
-                scheduler=ASHAScheduler(
-                    time_attr="epoch",
-                    max_t=max_epochs(base, tune_cfg),
-                    grace_period=tune_cfg.grace_period,
-                    reduction_factor=tune_cfg.reduction_factor,
-                ),
-                # Seeded sampling; the generator itself caps concurrency (Tune ignores max_concurrent_trials
-                # when given a search generator).
-                search_alg=ray.tune.search.BasicVariantGenerator(
-                    random_state=tune_cfg.seed, max_concurrent=concurrency
-                ),
-            ),
-            run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=1),
-        )
+    tuner = _tuner(trainable, base, tune_cfg, name, storage, concurrency, echo)
     seconds = {"prepare": time.perf_counter() - started}
     grid = tuner.fit()
     seconds["trials"] = time.perf_counter() - started - seconds["prepare"]
@@ -206,25 +176,66 @@ def run_tune(
     logger.log_text(text, "tune_results.txt")
     logger.log_text(table_csv(table), "tune_results.csv")
 
-    ok = [row for row in table if row["status"] != "ERROR" and row.get(tune_cfg.metric) is not None]
-    if not ok:
-        tracking.end_run(parent_run_id, "FAILED")
-        raise VaedistError(
-            f"search {name}: every trial failed (see the child runs in MLflow and {experiment_path})"
-        )
-    best_row = (min if tune_cfg.mode == "min" else max)(ok, key=lambda r: r[tune_cfg.metric])
-    model_uri, version, moved, metric = register_checkpoint(
-        best_row["checkpoint"], best_row["run_id"], dataset
+    best_row, metric, model_uri, version, moved = _register_best(
+        table, tune_cfg, name, f"{storage.rstrip('/')}/{name}", parent_run_id, dataset, logger
     )
-    logger.log_metrics({f"best_{tune_cfg.metric}": metric}, step=0)
-    tracking.set_run_tags(
-        parent_run_id, {"vaedist.best_trial": best_row["trial"], "vaedist.best_model": model_uri}
-    )
-    tracking.end_run(parent_run_id, "FINISHED")
     echo(f"best trial {best_row['trial']}: {tune_cfg.metric} {metric:.2f} -> {model_uri}"
          f"{' (now champion)' if moved else ' (champion unchanged: it is at least as good)'}")  # fmt: skip
     seconds["register"] = time.perf_counter() - started - seconds["prepare"] - seconds["trials"]
     return TuneResult(name, parent_run_id, table, best_row["trial"], model_uri, version, moved, seconds)
+
+
+def _tuner(trainable, base: ExperimentConfig, tune_cfg: TuneConfig, name: str, storage: str, concurrency: int,
+           echo) -> ray.tune.Tuner:  # fmt: skip
+    """A new search, or the one of the same name resumed (its finished trials are not repeated)."""
+    # The trial function only waits on its TorchTrainer, whose workers hold the CPUs/GPUs; a CPU-less
+    # bundle (Tune refuses an empty one) keeps it from taking a core a worker needs.
+    trainable = ray.tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20})
+    experiment_path = f"{storage.rstrip('/')}/{name}"
+    if ray.tune.Tuner.can_restore(experiment_path):
+        echo(f"resuming search {name} from {experiment_path} (finished trials are not repeated)")
+        return ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=False)
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        max_t=max_epochs(base, tune_cfg),
+        grace_period=tune_cfg.grace_period,
+        reduction_factor=tune_cfg.reduction_factor,
+    )
+    # Seeded sampling; the generator itself caps concurrency (Tune ignores max_concurrent_trials when
+    # given a search generator).
+    search = ray.tune.search.BasicVariantGenerator(random_state=tune_cfg.seed, max_concurrent=concurrency)
+    return ray.tune.Tuner(
+        trainable,
+        param_space=to_tune_space(tune_cfg.search_space),
+        tune_config=ray.tune.TuneConfig(
+            metric=tune_cfg.metric, mode=tune_cfg.mode, num_samples=tune_cfg.num_samples,
+            scheduler=scheduler, search_alg=search,
+        ),  # fmt: skip
+        run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=1),
+    )
+
+
+def best_trial(table: list[dict[str, Any]], tune_cfg: TuneConfig) -> dict[str, Any] | None:
+    """The row of the best trial that finished with a metric; None when every trial failed."""
+    ok = [row for row in table if row["status"] != "ERROR" and row.get(tune_cfg.metric) is not None]
+    if not ok:
+        return None
+    return (min if tune_cfg.mode == "min" else max)(ok, key=lambda r: r[tune_cfg.metric])
+
+
+def _register_best(table, tune_cfg: TuneConfig, name: str, experiment_path: str, parent_run_id: str, dataset: str,
+                   logger):  # fmt: skip
+    """Register the best trial's model (champion if better) -> (row, metric, model URI, version, champion?)."""
+    best_row = best_trial(table, tune_cfg)
+    if best_row is None:
+        tracking.end_run(parent_run_id, "FAILED")
+        raise VaedistError(f"search {name}: every trial failed (see the child runs in MLflow and {experiment_path})")
+    checkpoint = ray.train.Checkpoint(best_row["checkpoint"])  # a folder or s3://...: Ray materializes it
+    model_uri, version, moved, metric = register_checkpoint(checkpoint, best_row["run_id"], dataset)
+    logger.log_metrics({f"best_{tune_cfg.metric}": metric}, step=0)
+    tracking.set_run_tags(parent_run_id, {"vaedist.best_trial": best_row["trial"], "vaedist.best_model": model_uri})
+    tracking.end_run(parent_run_id, "FINISHED")
+    return best_row, metric, model_uri, version, moved
 
 
 def results_table(grid, tune_cfg: TuneConfig, base: ExperimentConfig) -> list[dict[str, Any]]:

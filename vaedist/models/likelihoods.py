@@ -211,7 +211,7 @@ class DiscretizedGaussian(Likelihood):
 LIKELIHOOD_CLASSES: dict[str, type[Likelihood]] = {
     cls.name: cls for cls in (Bernoulli, DiscretizedGaussian, DiscretizedLogistic)
 }
-LIKELIHOODS: tuple[str, ...] = tuple(LIKELIHOOD_CLASSES)  # ("bernoulli", "gaussian", "logistic")
+LIKELIHOODS: tuple[str, ...] = tuple(LIKELIHOOD_CLASSES)  # = config.LIKELIHOODS (a test keeps them equal)
 
 
 def build_likelihood(name: str) -> Likelihood:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vaedist.config import ARCHS, CONDITIONINGS  # the vocabulary, defined once (torch-free)
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU}
-ARCHS = ("dense", "conv")
-CONDITIONINGS = ("onehot", "embedding")
 MAX_CHANNEL_MULT = 8  # conv: channels double per block up to base_channels * 8
 
 

@@ -86,7 +86,7 @@ class AutoEncoder(BaseVAE):
         )
 
 
-MODELS: dict[str, type[BaseVAE]] = {"ae": AutoEncoder, "vae": VAE, "cvae": CVAE}
+MODELS: dict[str, type[BaseVAE]] = {cls.variant: cls for cls in (AutoEncoder, VAE, CVAE)}  # = config.VARIANTS
 
 
 def _model_class(variant: str) -> type[BaseVAE]:
