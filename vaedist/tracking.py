@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,17 +95,41 @@ def _client():
     return _mlflow().MlflowClient(tracking_uri())
 
 
+# The MLflow UI opens an experiment by its kind; without this tag MLflow 3 shows the GenAI overview
+# ("Traces 0") instead of the training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(name: str) -> str:
     mlflow = _mlflow()
     mlflow.set_tracking_uri(tracking_uri())
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return mlflow.create_experiment(name)
-    except mlflow.exceptions.MlflowException:
-        # Another process (a parallel trial) created it first.
-        return mlflow.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            return mlflow.create_experiment(name, tags=EXPERIMENT_KIND)
+        except mlflow.exceptions.MlflowException:
+            exp = mlflow.get_experiment_by_name(name)  # another process (a parallel trial) created it first
+    for key, value in EXPERIMENT_KIND.items():
+        if exp.tags.get(key) != value:  # an experiment from an older vaedist
+            _client().set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
+def log_dataset(run_id: str, name: str, digest: str, source: str, context: str) -> None:
+    """Record the data a run used (or made) as an MLflow dataset input: the runs table's Dataset column,
+    dataset filters and lineage. ``digest`` is vaedist's fingerprint of the data, ``context`` e.g. "train",
+    "validation", "test", "generated"."""
+    mlflow = _mlflow()
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways" (all local files)
+        warnings.simplefilter("ignore", UserWarning)
+        resolved = resolve_dataset_source(source)
+    dataset = MetaDataset(resolved, name=name, digest=digest[:36])
+    tag = InputTag(key=mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT, value=context)
+    _client().log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
 
 
 def find_or_create_run(
@@ -278,40 +303,36 @@ def log_model(
 ) -> tuple[str, str]:
     """Log the generator as an MLflow model and register it as ``vaedist-<dataset>``.
 
-    ``exportable`` maps (z, label) -> images; MLflow 3 saves it with torch.export ("pt2"), a traced graph
-    that loads without executing pickled code, which needs an input example with batch > 1. The vaedist
-    checkpoint (hparams + state_dict, loaded with ``weights_only=True``) travels inside the model as
-    an extra file, so ``models:/vaedist-mnist@champion`` gives generate/evaluate the full VAE.
+    The registered model (``model``) is a ``python_function`` (:class:`vaedist.serve.GeneratorModel`):
+    ``mlflow.pyfunc.load_model(...).predict`` and ``mlflow models serve`` turn a table of labels (and
+    seeds, temperatures) into images. Its artifact is the vaedist checkpoint (hparams + state_dict,
+    loaded with ``weights_only=True``), so ``models:/vaedist-mnist@champion`` also gives generate and
+    evaluate the full VAE. Beside it, unregistered, ``generator_graph`` is the decoder as a torch.export
+    ("pt2") graph: it loads with plain ``mlflow.pytorch.load_model`` / ``torch.export.load`` without
+    vaedist installed and without unpickling code (the pyfunc needs both). ``exportable`` maps
+    (z, label) -> images; torch.export needs an example with batch > 1.
     Returns (model URI of the version, version).
     """
     mlflow = _mlflow()
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
     mlflow.set_tracking_uri(tracking_uri())
-    inputs = [
-        TensorSpec(np.dtype(t.numpy().dtype), (-1, *t.shape[1:]), name=name)
-        for name, t in zip(("z", "label"), example_inputs, strict=False)
-    ]
-    import torch
-
-    with torch.no_grad():
-        out = exportable(*example_inputs)
-    signature = ModelSignature(
-        inputs=Schema(inputs),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]), name="image")]),
-    )
+    conditional = len(example_inputs) == 2
     name = registered_model_name(dataset)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            exportable,
+        info = mlflow.pyfunc.log_model(
             name="model",
-            signature=signature,
-            input_example=tuple(t.numpy() for t in example_inputs),
-            serialization_format="pt2",
-            extra_files=[str(checkpoint_file)],
+            python_model=_pyfunc_model(),
+            artifacts={"checkpoint": str(checkpoint_file)},
+            signature=_pyfunc_signature(conditional),
+            input_example=_pyfunc_example(conditional),
             registered_model_name=name,
             metadata={VAL_METRIC: val_metric},
+        )
+        mlflow.pytorch.log_model(
+            exportable,
+            name="generator_graph",
+            signature=_graph_signature(exportable, example_inputs),
+            input_example=tuple(t.numpy() for t in example_inputs),
+            serialization_format="pt2",
         )
     version = str(info.registered_model_version)
     client = _client()
@@ -319,6 +340,48 @@ def log_model(
     client.set_model_version_tag(name, version, VAL_SET_TAG, val_set)
     client.set_model_version_tag(name, version, "run_id", run_id)
     return f"models:/{name}/{version}", version
+
+
+def _pyfunc_model() -> str:
+    """Models from code: MLflow keeps this file and runs it on load (no cloudpickled object)."""
+    return str(Path(__file__).with_name("serve_model.py"))
+
+
+def _pyfunc_signature(conditional: bool):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    columns = [ColSpec("long", "seed", required=False), ColSpec("double", "temperature", required=False)]
+    if conditional:
+        columns.insert(0, ColSpec("long", "label"))
+    return ModelSignature(
+        inputs=Schema(columns), params=ParamSchema([ParamSpec("image_format", "string", "raw")])
+    )
+
+
+def _pyfunc_example(conditional: bool):
+    import pandas as pd
+
+    example = {"seed": [0, 1], "temperature": [1.0, 1.0]}
+    return pd.DataFrame({"label": [0, 1], **example} if conditional else example)
+
+
+def _graph_signature(exportable, example_inputs: tuple):
+    """(z, label) -> image tensor spec of the torch.export graph."""
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    inputs = [
+        TensorSpec(np.dtype(t.numpy().dtype), (-1, *t.shape[1:]), name=name)
+        for name, t in zip(("z", "label"), example_inputs, strict=False)
+    ]
+    with torch.no_grad():
+        out = exportable(*example_inputs)
+    return ModelSignature(
+        inputs=Schema(inputs),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]), name="image")]),
+    )
 
 
 def registered_model_of_run(run_id: str, uri_tag: str, version_tag: str) -> tuple[str, str, float, str] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import logging
 import os
 import tempfile
@@ -342,6 +343,18 @@ def experiment_params(cfg: ExperimentConfig) -> dict[str, Any]:
     return params
 
 
+def log_training_data(run_id: str, cfg: ExperimentConfig) -> None:
+    """The run's data as MLflow dataset inputs (the UI's Dataset column): train and validation splits.
+
+    MLflow keeps one input per (name, digest) in a run, so each split is its own dataset: digest = the
+    data's fingerprint with the split rule (the seeded validation hold-out of ``val_size`` images)."""
+    spec = get_spec(cfg.data.dataset)
+    for split in ("train", "validation"):
+        rule = f"{spec.fingerprint}/{split}/val_size={cfg.data.val_size}"
+        digest = hashlib.sha256(rule.encode()).hexdigest()[:16]
+        tracking.log_dataset(run_id, f"{spec.name}-{split}", digest, spec.mirrors[0], split)
+
+
 def build_trainer(
     cfg: ExperimentConfig,
     name: str,
@@ -442,6 +455,7 @@ def run_training(
     data_refs = put_data(cfg, plan)
     params = experiment_params(cfg)
     run_id = tracking.find_or_create_run(cfg.data.dataset, name, params, kind="train", parent_run_id=parent_run_id)
+    log_training_data(run_id, cfg)
     echo(f"training {name}: {plan.workers} worker(s) x {plan.cpus_per_worker:g} CPU"
          f"{f' x {plan.gpus_per_worker:g} GPU' if plan.use_gpu else ''}; MLflow run {run_id} in {tracking.shown_uri(uri)}")  # fmt: skip
     try:

@@ -39,7 +39,7 @@ from vaedist.cluster import (
 )
 from vaedist.config import ExperimentConfig, TuneConfig, from_flat
 from vaedist.errors import VaedistError
-from vaedist.train import WHERE_IT_RAN, build_trainer, experiment_params, put_data
+from vaedist.train import WHERE_IT_RAN, build_trainer, experiment_params, log_training_data, put_data
 
 TRIAL_ID_TAG = "vaedist.trial_id"
 
@@ -110,6 +110,7 @@ def run_trial(
     )
     tracking.set_run_tags(run_id, {TRIAL_ID_TAG: trial_id})
     cfg = from_flat(flat)  # a ConfigError here fails this trial only; the search goes on
+    log_training_data(run_id, cfg)
     trainer = build_trainer(
         cfg, trial_name, storage, run_id, plan, data_refs, callbacks=[TuneReportCallback()]
     )

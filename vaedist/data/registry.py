@@ -7,6 +7,7 @@ it as `spec=` to `fetch`, `verify`, `load_split` and `dataset_info`.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from vaedist.errors import UsageError
@@ -45,6 +46,14 @@ class DatasetSpec:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits that change whenever the data could: the official files' md5s, shape and classes.
+        Runs, models and manifests record it; MLflow shows it as the dataset's digest."""
+        facts = [self.name, self.format, *map(str, self.image_shape), *self.class_names]
+        facts += [f"{f.filename}:{f.md5}:{f.size}" for f in self.files]
+        return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
 
 
 _IDX_NAMES = (
