@@ -1,14 +1,13 @@
-"""The pipeline job kind end to end (train -> generate -> evaluate) at toy size, and a rerun that skips."""
+"""The pipeline job kind: its steps checked and fed one from the other (fast), and end to end
+(train -> generate -> evaluate) at toy size with a rerun that skips (slow)."""
 
 from __future__ import annotations
 
-import mlflow
 import pytest
 
+from vaedist import jobs
 from vaedist.config import ConfigError
-from vaedist.jobs import load_spec, run_spec, spec_from_dict
-
-pytestmark = pytest.mark.slow
+from vaedist.jobs import PipelineResult, load_spec, run_spec, spec_from_dict
 
 TOY = {
     "data": {"val_size": 1000},
@@ -26,9 +25,56 @@ def test_pipeline_steps_are_validated():
         spec_from_dict({"kind": "pipeline", "steps": ["train", "tune"]}, default_name="p")
     with pytest.raises(ConfigError, match="must run in the order train, generate"):
         spec_from_dict({"kind": "pipeline", "steps": ["generate", "train"]}, default_name="p")
+    with pytest.raises(ConfigError, match=r"^p: steps: \['train', 'train'\] must run in the order train, each once$"):
+        spec_from_dict({"kind": "pipeline", "steps": ["train", "train"]}, default_name="p")
+    with pytest.raises(ConfigError, match=r"^p: steps: must be a list drawn from .*, got None$"):
+        spec_from_dict({"kind": "pipeline"}, default_name="p")
+    with pytest.raises(ConfigError, match="tune: the spec has no 'tune' section"):
+        spec_from_dict({"kind": "pipeline", "steps": ["tune", "generate"]}, default_name="p")
+    with pytest.raises(ConfigError, match="model.variant: 'gan' is not one of"):
+        spec_from_dict({"kind": "pipeline", "steps": ["train"], "model": {"variant": "gan"}}, default_name="p")
+    steps = load_spec("demo").sections["steps"]
+    assert steps == ["train", "generate", "evaluate"] and jobs.PIPELINE_STEPS == ("train", "tune", "generate", "evaluate")
 
 
+def test_each_step_is_fed_what_the_one_before_produced():
+    spec = spec_from_dict({"kind": "pipeline", "steps": ["train", "generate", "evaluate"],
+                           "data": {"dataset": "fashion-mnist"},
+                           "generate": {"model": "models:/ignored@champion", "out": "out/x", "per_label": 3},
+                           "evaluate": {"k": 4}}, default_name="p")  # fmt: skip
+    nothing_yet = PipelineResult()
+    assert jobs.generate_section(spec, nothing_yet)["model"] == "models:/ignored@champion"
+    assert jobs.evaluate_section(spec, nothing_yet) == {"k": 4, "dataset": "fashion-mnist"}
+    done = PipelineResult(model_uri="models:/vaedist-fashion-mnist/3", generated="out/x", rows=30)
+    assert jobs.generate_section(spec, done) == {"model": "models:/vaedist-fashion-mnist/3", "out": "out/x",
+                                                 "per_label": 3}  # fmt: skip
+    assert jobs.evaluate_section(spec, done) == {"k": 4, "model": "models:/vaedist-fashion-mnist/3",
+                                                 "generated": "out/x", "dataset": "fashion-mnist"}  # fmt: skip
+    assert spec.sections["generate"]["model"] == "models:/ignored@champion"  # the spec is left as written
+    spec = spec_from_dict({"kind": "pipeline", "steps": ["generate", "evaluate"],
+                           "evaluate": {"dataset": "mnist"}}, default_name="p")  # fmt: skip
+    assert jobs.evaluate_section(spec, PipelineResult(generated="g"))["dataset"] == "mnist"  # given wins
+
+
+def test_steps_run_in_order_each_with_the_result_so_far(monkeypatch):
+    seen = []
+
+    def fake(spec, step, out, echo):
+        seen.append((step, out.model_uri))
+        out.model_uri = out.model_uri or f"models:/from-{step}"
+
+    for step in jobs.PIPELINE_STEPS:
+        monkeypatch.setitem(jobs._STEPS, step, fake)
+    lines: list[str] = []
+    result = run_spec(load_spec("demo"), echo=lines.append)
+    assert seen == [("train", ""), ("generate", "models:/from-train"), ("evaluate", "models:/from-train")]
+    assert lines == ["== step 1/3: train", "== step 2/3: generate", "== step 3/3: evaluate"]
+    assert result.steps == ["train", "generate", "evaluate"] and result.model_uri == "models:/from-train"
+
+
+@pytest.mark.slow
 def test_demo_pipeline_at_toy_size_then_rerun_skips(tmp_path, monkeypatch, capsys):
+    import mlflow
     import ray
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -65,10 +111,8 @@ def test_demo_pipeline_at_toy_size_then_rerun_skips(tmp_path, monkeypatch, capsy
         assert len(client.search_model_versions("name='vaedist-mnist'")) == 1
 
         # What `make demo` ends with: the champion, the Parquet folder and its rows, CAS, how to open the UI.
-        from vaedist.cli import _print_pipeline_result
-
         capsys.readouterr()
-        _print_pipeline_result(again)
+        jobs.JOB_KINDS["pipeline"].summary(again, print)
         summary = capsys.readouterr().out
         assert "model        models:/vaedist-mnist/1  (champion)" in summary
         assert "out/demo/mnist  (400 rows)" in summary

@@ -1,4 +1,8 @@
-"""``vaedist submit`` and ``vaedist jobs``: the plan, bad input, and the real thing.
+"""``vaedist submit`` and ``vaedist jobs``: the plan, the decisions, bad input, and the real thing.
+
+Without a cluster (the fast tier): the submission plan and its id, the address and token policy, what a
+repeated submit does (decide_submission, and submit_spec on a fake Jobs API), and the one-line errors of
+unreachable, wrong or token-hungry servers (small local HTTP servers).
 
 The real thing: a Ray head started with ``ray start --head`` and token auth (tests/raycluster.py), an
 ``mlflow server`` in front of sqlite, and the real smoke presets on real MNIST. One job goes through
@@ -20,9 +24,9 @@ import pytest
 from click.testing import CliRunner
 from raycluster import BIN, MlflowServer, RayHead, free_port
 
-from vaedist import jobs
+from vaedist import jobs, jobs_api, submit
 from vaedist.cli import main
-from vaedist.errors import VaedistError
+from vaedist.errors import UsageError, VaedistError, redact_url
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_JOB = "tune-mnist" if (REPO / "jobs" / "tune-mnist.yaml").is_file() else None
@@ -51,9 +55,9 @@ def test_plan_is_deterministic_and_carries_what_the_job_needs(monkeypatch, tmp_p
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     monkeypatch.setenv("VAEDIST_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cr3t-token")
-    spec, plan = jobs.plan_submission("train-mnist", preset="smoke")
-    _, again = jobs.plan_submission("jobs/train-mnist.yaml", preset="smoke")
-    _, other = jobs.plan_submission("train-mnist")
+    spec, plan = submit.plan_submission("train-mnist", preset="smoke")
+    _, again = submit.plan_submission("jobs/train-mnist.yaml", preset="smoke")
+    _, other = submit.plan_submission("train-mnist")
     assert spec.name == "train-mnist"
     assert plan.base_id == again.base_id and plan.base_id.startswith("vaedist-train-mnist-smoke-")
     assert other.base_id != plan.base_id and other.base_id.startswith("vaedist-train-mnist-")
@@ -70,10 +74,10 @@ def test_plan_is_deterministic_and_carries_what_the_job_needs(monkeypatch, tmp_p
     assert plan.entrypoint_num_cpus is None and plan.entrypoint_num_gpus is None
 
     monkeypatch.delenv("VAEDIST_DATA_DIR")
-    _, bare = jobs.plan_submission("train-mnist", preset="smoke")
+    _, bare = submit.plan_submission("train-mnist", preset="smoke")
     assert "VAEDIST_DATA_DIR" not in bare.runtime_env["env_vars"]
     # The id follows the spec file's contents: an edited spec is another job.
-    assert jobs.submission_id("train-mnist", "smoke", b"a") != jobs.submission_id(
+    assert submit.submission_id("train-mnist", "smoke", b"a") != submit.submission_id(
         "train-mnist", "smoke", b"b"
     )
 
@@ -84,30 +88,171 @@ def test_token_is_found_where_ray_looks(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(home))
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
-    assert jobs.auth_token() == (None, "nowhere")
+    assert jobs_api.auth_token() == (None, "nowhere")
     (home / ".ray" / "auth_token").write_text("from-home\n")
-    assert jobs.auth_token()[0] == "from-home"
+    assert jobs_api.auth_token()[0] == "from-home"
     (tmp_path / "tok").write_text("from-path")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
-    assert jobs.auth_token()[0] == "from-path"
+    assert jobs_api.auth_token()[0] == "from-path"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
-    assert jobs.auth_token() == ("from-env", "$RAY_AUTH_TOKEN")
+    assert jobs_api.auth_token() == ("from-env", "$RAY_AUTH_TOKEN")
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(VaedistError, match="RAY_AUTH_TOKEN_PATH=.*cannot be read"):
-        jobs.auth_token()
+        jobs_api.auth_token()
 
 
 def test_address_defaults_and_explicit_wins(monkeypatch):
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
-    assert jobs.jobs_address(None) is None
+    assert jobs_api.jobs_address(None) is None
     monkeypatch.setenv("RAY_ADDRESS", "head:8265")
-    assert jobs.jobs_address(None) == "http://head:8265"
+    assert jobs_api.jobs_address(None) == "http://head:8265"
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "https://api.example/")
-    assert jobs.jobs_address(None) == "https://api.example"
-    assert jobs.jobs_address("http://127.0.0.1:8265") == "http://127.0.0.1:8265"
-    assert jobs.redact_url("http://u:pw@h:1/x") == "http://u:***@h:1/x"
+    assert jobs_api.jobs_address(None) == "https://api.example"
+    assert jobs_api.jobs_address("http://127.0.0.1:8265") == "http://127.0.0.1:8265"
+    assert redact_url("http://u:pw@h:1/x") == "http://u:***@h:1/x"
+
+
+def test_local_addresses_and_where_the_token_may_go(monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    for url in ("http://127.0.0.1:8265", "http://127.8.9.1", "http://localhost:8265", "http://[::1]:8265"):
+        assert jobs_api.is_local_address(url) and jobs_api.may_send_token(url), url
+    assert not jobs_api.is_local_address("http://10.0.0.5:8265")
+    assert jobs_api.may_send_token("https://ray.example")  # encrypted: fine anywhere
+    assert not jobs_api.may_send_token("http://10.0.0.5:8265")  # clear text to another machine: no
+    monkeypatch.setenv("RAY_AUTH_MODE", "Token ")  # ... unless the user opted in, as with Ray's CLI
+    assert jobs_api.may_send_token("http://10.0.0.5:8265")
+
+
+def test_auth_errors_say_what_the_status_means():
+    url = "http://u:pw@10.0.0.5:8265"
+    assert jobs_api.auth_error(url, 200, withheld=False, source="nowhere") is None
+    assert jobs_api.auth_error(url, 404, withheld=True, source="nowhere") is None
+    missing = jobs_api.auth_error(url, 401, withheld=False, source="nowhere")
+    withheld = jobs_api.auth_error(url, 401, withheld=True, source="$RAY_AUTH_TOKEN")
+    rejected = jobs_api.auth_error(url, 403, withheld=False, source="$RAY_AUTH_TOKEN")
+    assert all(isinstance(e, UsageError) for e in (missing, withheld, rejected))
+    assert str(missing).startswith("the Ray cluster at http://u:***@10.0.0.5:8265 needs an auth token and none")
+    assert "did not send the one from $RAY_AUTH_TOKEN in clear text" in str(withheld)
+    assert "http://127.0.0.1:8265" in str(withheld) and "RAY_AUTH_MODE=token" in str(withheld)
+    assert "rejected the auth token from $RAY_AUTH_TOKEN" in str(rejected)
+    assert all("ray get-auth-token" in str(e) for e in (missing, rejected))
+    assert all("pw" not in str(e) for e in (missing, withheld, rejected))
+
+
+def test_a_repeated_submit_attaches_reports_or_sends_again():
+    decide, A = submit.decide_submission, submit.SubmitAction
+    assert decide([], resubmit=False, wait=True) is A.SUBMIT
+    assert decide([], resubmit=True, wait=False) is A.SUBMIT
+    for ended in submit.TERMINAL:
+        assert decide(["RUNNING", ended], resubmit=False, wait=True) is A.REPORT
+        assert decide([ended], resubmit=False, wait=False) is A.REPORT
+        assert decide([ended], resubmit=True, wait=True) is A.SUBMIT
+    for live in ("PENDING", "RUNNING"):
+        assert decide(["FAILED", live], resubmit=False, wait=True) is A.ATTACH
+        assert decide([live], resubmit=False, wait=False) is A.POINT
+        assert decide([live], resubmit=True, wait=True) is A.SUBMIT  # --resubmit sends another beside it
+    assert [submit.outcome(s) for s in ("SUCCEEDED", "FAILED", "STOPPED")] == [0, 1, 1]
+
+
+def test_a_plan_family_is_its_base_id_and_the_resubmits_in_order():
+    from types import SimpleNamespace
+
+    base = "vaedist-train-mnist-smoke-0123456789"
+    on_cluster = [SimpleNamespace(submission_id=sid) for sid in (
+        f"{base}-r10", f"{base}-r2", "vaedist-train-mnist-0123456789", base, f"{base}-r2x", f"{base}x", f"{base}-r3",
+    )]  # fmt: skip
+    family = [j.submission_id for j in submit.family_of(base, on_cluster)]
+    assert family == [base, f"{base}-r2", f"{base}-r3", f"{base}-r10"]
+    assert submit.next_submission_id(base, []) == base
+    assert submit.next_submission_id(base, [base]) == f"{base}-r2"
+    assert submit.next_submission_id(base, family) == f"{base}-r11"
+    # After the highest, not the count: a deleted -r2 must not make the next one collide with -r3.
+    assert submit.next_submission_id(base, [base, f"{base}-r3"]) == f"{base}-r4"
+    assert submit.next_submission_id(base, [f"{base}-r2"]) == f"{base}-r3"  # the base itself deleted
+
+
+def test_a_local_mlflow_store_is_private_only_to_a_remote_cluster():
+    remote, tunnel = "http://10.0.0.5:8265", "http://127.0.0.1:8265"
+    assert submit.tracking_is_private("sqlite:////home/me/mlflow.db", remote)
+    assert submit.tracking_is_private("file:///home/me/mlruns", remote)
+    assert not submit.tracking_is_private("sqlite:////home/me/mlflow.db", tunnel)
+    for served in ("http://mlflow:5000", "https://mlflow.example", "databricks"):
+        assert not submit.tracking_is_private(served, remote)
+
+
+def test_durations_read_as_a_clock():
+    assert [submit._clock(s) for s in (-3, 0, 59.9, 61, 3599, 3600, 3725)] == [
+        "0:00", "0:00", "0:59", "1:01", "59:59", "1:00:00", "1:02:05",
+    ]  # fmt: skip
+
+
+class _FakeJobsAPI:
+    """What submit_spec asks of the Jobs API, with the given jobs already on the cluster."""
+
+    def __init__(self, jobs: list):
+        from types import SimpleNamespace
+
+        self.url, self.jobs, self.sent = "http://127.0.0.1:8265", jobs, []
+        self.client = SimpleNamespace(submit_job=lambda **kw: self.sent.append(kw))
+
+    def submissions(self) -> list:
+        return self.jobs
+
+    def call(self, fn, job_id=None):
+        return fn()
+
+
+def _submit_with(monkeypatch, jobs: list, **kwargs) -> tuple[int, list[str], _FakeJobsAPI]:
+    api = _FakeJobsAPI(jobs)
+    monkeypatch.setattr(submit, "JobsAPI", lambda url: api)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    said: list[str] = []
+    rc = submit.submit_spec("train-mnist", "127.0.0.1:8265", preset="smoke", echo=said.append,
+                            warn=said.append, **kwargs)  # fmt: skip
+    return rc, said, api
+
+
+def test_submit_acts_on_the_decision_without_a_cluster(monkeypatch):
+    from types import SimpleNamespace
+
+    base = submit.plan_submission("train-mnist", preset="smoke")[1].base_id
+    rc, said, api = _submit_with(monkeypatch, [], wait=False)
+    assert rc == 0 and [kw["submission_id"] for kw in api.sent] == [base]
+    assert api.sent[0]["entrypoint"] == "python -m vaedist run jobs/train-mnist.yaml --preset smoke"
+    assert said[0] == f"submitting jobs/train-mnist.yaml (preset smoke) to http://127.0.0.1:8265 as {base}"
+    assert f"submitted {base}; follow it: vaedist jobs logs {base} --follow --address http://127.0.0.1:8265" in said
+
+    failed = SimpleNamespace(submission_id=base, status="FAILED", message="boom", start_time=1000, end_time=66000)
+    rc, said, api = _submit_with(monkeypatch, [failed])
+    assert rc == 1 and not api.sent
+    assert said == [
+        f"{base} already ran: FAILED after 1:05 (boom)",
+        f"  logs      vaedist jobs logs {base} --address http://127.0.0.1:8265",
+        "  run again vaedist submit train-mnist --preset smoke --address http://127.0.0.1:8265 --resubmit",
+    ]
+    rc, said, api = _submit_with(monkeypatch, [failed], wait=False, resubmit=True)
+    assert rc == 0 and [kw["submission_id"] for kw in api.sent] == [f"{base}-r2"]
+
+    running = SimpleNamespace(submission_id=f"{base}-r2", status="RUNNING", message="", start_time=1, end_time=None)
+    rc, said, api = _submit_with(monkeypatch, [failed, running], wait=False)
+    assert rc == 0 and not api.sent
+    assert said == [f"{base}-r2 is already RUNNING; follow it: vaedist jobs logs {base}-r2 --follow "
+                    "--address http://127.0.0.1:8265"]  # fmt: skip
+
+
+def test_entrypoint_resources_are_checked_with_the_resources_section(tmp_path):
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "jobs").mkdir()
+    spec = tmp_path / "jobs" / "gen.yaml"
+    spec.write_text("kind: generate\ngenerate: {per_label: 1}\nresources: {entrypoint_num_cpus: 0.5}\n")
+    _, plan = submit.plan_submission(str(spec), root=tmp_path)
+    assert plan.entrypoint_num_cpus == 0.5 and plan.entrypoint_num_gpus is None
+    assert plan.spec_path == "jobs/gen.yaml" and plan.entrypoint == "python -m vaedist run jobs/gen.yaml"
+    spec.write_text("kind: generate\ngenerate: {per_label: 1}\nresources: {entrypoint_num_gpus: -1}\n")
+    with pytest.raises(UsageError, match=r"^resources.entrypoint_num_gpus: must be a number >= 0.0, got -1$"):
+        submit.plan_submission(str(spec), root=tmp_path)
 
 
 def test_unknown_job_lists_the_valid_ones():

@@ -248,3 +248,21 @@ def test_run_artifacts_show_the_sample_grid(ui, store):
         node.evaluate("(n) => { for (let e = n; e; e = e.parentElement) e.scrollLeft = 0; }")
     finally:
         _shot(page, "3-run-artifacts-samples")
+
+
+def test_experiment_opens_on_its_runs_and_a_trial_shows_its_dataset(ui, store):
+    """Tagged mlflow.experimentKind = custom_model_development, the experiment opens as model training
+    (its runs), not on MLflow's GenAI overview; the Dataset column shows what each trial trained on."""
+    page = ui.page
+    page.goto(f"{ui.base}/#/experiments/{store.experiment_id}")
+    try:
+        parent = _row(page, store.parent).first
+        expect(parent).to_be_visible()  # the runs table, straight away
+        _close_assistant(page)
+        expect(page.get_by_text("No data available")).to_have_count(0)
+        parent.locator("button[data-component-id*=runnamecellrenderer]").click()
+        trial = _row(page, store.finished)
+        expect(trial.filter(has_text="mnist-train")).to_have_count(1)
+        expect(_row(page, store.parent).filter(has_text="mnist-train")).to_have_count(0)  # a search trains nothing
+    finally:
+        _shot(page, "4-experiment-opens-on-runs-with-datasets")

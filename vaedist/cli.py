@@ -1,18 +1,33 @@
-"""The ``vaedist`` command line: parses, validates, calls one function per command.
+"""The ``vaedist`` command line: parses flags, builds configs, calls one function per command.
 
 Exit codes: 0 ok, 1 failed, 2 bad usage. Errors vaedist expects (bad config, missing data, unreachable
 servers) print one line, ``error: ...``, never a traceback.
+
+Values are checked where the config is built (:mod:`vaedist.config`); the choice lists here are that
+module's vocabularies. Everything heavier than click and the configs is imported inside the command that
+needs it, so that ``vaedist --help`` answers at once.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import fields
 from typing import Any
 
 import click
 
 from vaedist import __version__
+from vaedist.config import (
+    ARCHS,
+    DATASET_NAMES,
+    LIKELIHOODS,
+    SECTIONS,
+    VARIANTS,
+    EvaluateConfig,
+    GenerateConfig,
+    ResourcesConfig,
+)
 from vaedist.errors import VaedistError
 
 
@@ -52,9 +67,9 @@ def main() -> None:
 # ------------------------------------------------------------------------------------------- data
 
 
-@main.group()
+@main.group(help=f"Download, verify and describe the datasets ({', '.join(DATASET_NAMES)}).")
 def data() -> None:
-    """Download, verify and describe the datasets (mnist, fashion-mnist, cifar10)."""
+    pass
 
 
 @data.command("fetch")
@@ -95,26 +110,31 @@ def data_info(name: str, data_dir: str | None, as_json: bool) -> None:
 # ------------------------------------------------------------------------------------------ train
 
 
-def _overrides(**flat: Any) -> dict[str, dict[str, Any]]:
-    """{"model.latent_dim": 8, ...} with None dropped -> nested sections."""
+def _given(**values: Any) -> dict[str, Any]:
+    """The flags that were given (click passes None for the others)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _sections(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flags named after config fields -> overrides by section, e.g. {"latent_dim": 8, "workers": None}
+    -> {"model": {"latent_dim": 8}}. Field names are unique across the sections of a training config."""
+    section_of = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
     nested: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        if value is not None:
-            section, name = key.split("__", 1)
-            nested.setdefault(section, {})[name] = value
+    for key, value in _given(**flags).items():
+        nested.setdefault(section_of[key], {})[key] = value
     return nested
 
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A train job spec (jobs/train-*.yaml) to start from; flags override it.")
-@click.option("--dataset", type=click.Choice(["mnist", "fashion-mnist", "cifar10"]), help="Dataset [default: mnist].")
-@click.option("--variant", type=click.Choice(["ae", "vae", "cvae"]), help="ae = autoencoder + latent noise, vae, cvae = label-conditioned [default: cvae].")
-@click.option("--arch", type=click.Choice(["dense", "conv"]), help="Encoder/decoder family [default: conv].")
+@click.option("--dataset", type=click.Choice(DATASET_NAMES), help="Dataset [default: mnist].")
+@click.option("--variant", type=click.Choice(VARIANTS), help="ae = autoencoder + latent noise, vae, cvae = label-conditioned [default: cvae].")
+@click.option("--arch", type=click.Choice(ARCHS), help="Encoder/decoder family [default: conv].")
 @click.option("--latent-dim", type=int, help="Size of z [default: 16].")
 @click.option("--width", type=int, help="Dense: hidden units per layer [default: 512].")
 @click.option("--base-channels", type=int, help="Conv: channels of the first block [default: 32].")
 @click.option("--depth", type=int, help="Dense: hidden layers; conv: stride-2 blocks [default: 2].")
-@click.option("--likelihood", type=click.Choice(["bernoulli", "gaussian", "logistic"]), help="p(x|z) [default: the dataset's].")
+@click.option("--likelihood", type=click.Choice(LIKELIHOODS), help="p(x|z) [default: the dataset's].")
 @click.option("--epochs", type=int, help="Epochs [default: 10].")
 @click.option("--batch-size", type=int, help="Global batch size, split across workers [default: 128].")
 @click.option("--lr", type=float, help="Adam learning rate [default: 1e-3].")
@@ -133,15 +153,9 @@ def train(config_path: str | None, name: str | None, storage_path: str | None, d
     The model is registered as vaedist-<dataset>; the alias 'champion' moves to it if it beats the
     current champion on validation -ELBO.
     """
-    from vaedist.jobs import load_spec, spec_from_dict
+    from vaedist.jobs import load_spec, spec_from_dict, train_summary
 
-    sections_of = {
-        "data": ["dataset"],
-        "model": ["variant", "arch", "latent_dim", "width", "base_channels", "depth", "likelihood"],
-        "train": ["epochs", "batch_size", "lr", "beta", "seed"],
-        "resources": ["workers", "gpus_per_worker", "cpus_per_worker", "address"],
-    }
-    overrides = _overrides(**{f"{sec}__{k}": flags[k] for sec, keys in sections_of.items() for k in keys})
+    overrides = _sections(flags)
     if config_path:
         spec = load_spec(config_path, overrides=overrides)
     else:
@@ -162,18 +176,7 @@ def train(config_path: str | None, name: str | None, storage_path: str | None, d
     from vaedist.train import run_training
 
     result = run_training(cfg, name=name, storage=storage_path, echo=echo)
-    _print_train_result(result)
-
-
-def _print_train_result(result) -> None:
-    from vaedist.tracking import shown_uri
-
-    m = result.metrics
-    echo(f"done: val -ELBO {m.get('val_neg_elbo', float('nan')):.2f} nats, {m.get('val_bits_per_dim', float('nan')):.4f} bits/dim")
-    echo(f"  MLflow run   {result.run_id} in {shown_uri()}")
-    echo(f"  model        {result.model_uri}{'  (now champion)' if result.champion else ''}")
-    echo(f"  checkpoint   {result.checkpoint}")
-    echo("  look at it   vaedist ui")
+    train_summary(result, echo)
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -185,7 +188,7 @@ def _print_train_result(result) -> None:
 @click.option("--dry-run", is_flag=True, help="Validate the spec and print it, run nothing.")
 def run(job: str, preset: str | None, dry_run: bool) -> None:
     """Run a job spec here: JOB is jobs/NAME.yaml or just NAME (e.g. demo, tune-mnist)."""
-    from vaedist.jobs import load_spec, run_spec
+    from vaedist.jobs import JOB_KINDS, load_spec, run_spec
 
     spec = load_spec(job, preset=preset)
     if dry_run:
@@ -194,36 +197,9 @@ def run(job: str, preset: str | None, dry_run: bool) -> None:
         echo(yaml.safe_dump({"kind": spec.kind, "name": spec.name, **spec.sections}, sort_keys=False).rstrip())
         return
     result = run_spec(spec, echo=echo)
-    if spec.kind == "train":
-        _print_train_result(result)
-    elif spec.kind == "pipeline":
-        _print_pipeline_result(result)
-
-
-def _print_pipeline_result(result) -> None:
-    from vaedist.tracking import shown_uri, tracking_uri
-
-    echo("done:")
-    if result.model_uri:
-        echo(f"  model        {result.model_uri}{'  (champion)' if result.champion else ''}")
-    if result.generated:
-        echo(f"  Parquet      {result.generated}  ({result.rows:,} rows)")
-    likelihood = (result.evaluation.get("likelihood") or {}).get("metrics", {})
-    nll = next((v for k, v in likelihood.items() if k.startswith("test_iw_nll_k") and not k.endswith("stderr")), None)
-    if nll is not None:
-        echo(f"  test NLL     {nll:.2f} nats ({likelihood.get('test_bits_per_dim', float('nan')):.4f} bits/dim)")
-    cas = result.evaluation.get("cas")
-    if cas:
-        echo(f"  CAS          {cas['cas']:.4f} (classifier trained on real data: {cas['real_accuracy']:.4f}, "
-             f"ratio {cas['ratio']:.3f})")  # fmt: skip
-    store = tracking_uri()
-    if store.startswith(("http://", "https://")):
-        ui = "a browser"
-    elif store.startswith("sqlite:///") and store.endswith("/mlflow.db"):
-        ui = "vaedist ui"
-    else:
-        ui = f"vaedist ui --backend-store-uri {store}"
-    echo(f"  MLflow       {shown_uri(store)}  ->  open it with: {ui}")
+    summary = JOB_KINDS[spec.kind].summary
+    if summary is not None:
+        summary(result, echo)
 
 
 # --------------------------------------------------------------------------------- submit, jobs
@@ -268,7 +244,9 @@ def submit(
     the file $RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (`ray get-auth-token` on the head prints it).
     """
     from vaedist.errors import UsageError
-    from vaedist.jobs import jobs_address, load_spec, submit_spec
+    from vaedist.jobs import load_spec
+    from vaedist.jobs_api import jobs_address
+    from vaedist.submit import submit_spec
 
     if jobs_address(address) is None:
         if no_wait:
@@ -296,7 +274,7 @@ _address_option = click.option("--address", help=_ADDRESS_HELP)
 @_address_option
 def jobs_list_cmd(address: str | None) -> None:
     """Every job submitted to the cluster, oldest first."""
-    from vaedist.jobs import jobs_list
+    from vaedist.submit import jobs_list
 
     jobs_list(address, echo=echo)
 
@@ -306,7 +284,7 @@ def jobs_list_cmd(address: str | None) -> None:
 @_address_option
 def jobs_status_cmd(job_id: str, address: str | None) -> None:
     """Status, message, entrypoint and vaedist metadata of one job."""
-    from vaedist.jobs import jobs_status
+    from vaedist.submit import jobs_status
 
     jobs_status(address, job_id, echo=echo)
 
@@ -318,7 +296,7 @@ def jobs_status_cmd(job_id: str, address: str | None) -> None:
 @click.pass_context
 def jobs_logs_cmd(ctx: click.Context, job_id: str, address: str | None, follow: bool) -> None:
     """The job's driver output (stdout and stderr)."""
-    from vaedist.jobs import jobs_logs
+    from vaedist.submit import jobs_logs
 
     ctx.exit(jobs_logs(address, job_id, follow_logs=follow, echo=echo, out=_out))
 
@@ -328,7 +306,7 @@ def jobs_logs_cmd(ctx: click.Context, job_id: str, address: str | None, follow: 
 @_address_option
 def jobs_stop_cmd(job_id: str, address: str | None) -> None:
     """Ask the job to stop (SIGTERM, then SIGKILL) and wait up to 30 s for it to end."""
-    from vaedist.jobs import jobs_stop
+    from vaedist.submit import jobs_stop
 
     jobs_stop(address, job_id, echo=echo)
 
@@ -363,16 +341,16 @@ def generate(model_uri: str, out: str, labels: str | None, dry_run: bool, **flag
     Example:
       vaedist generate --model models:/vaedist-mnist@champion --out out/mnist-60k --per-label 6000
     """
-    from vaedist.config import GenerateConfig, ResourcesConfig
     from vaedist.errors import UsageError
     from vaedist.generate import parse_labels, run_generate
 
+    # GenerateConfig refuses this too, but in its own words (per_label, total): here it names the flags.
     if (flags["per_label"] is None) == (flags["total"] is None):
         raise UsageError("give exactly one of --per-label N (rows per label) or --total N (rows in all)")
     res_keys = ("workers", "gpus_per_worker", "cpus_per_worker", "address")
-    gen = {k: v for k, v in flags.items() if k not in res_keys and v is not None}
+    gen = _given(**{k: v for k, v in flags.items() if k not in res_keys})
     cfg = GenerateConfig(model=model_uri, out=out, labels=parse_labels(labels), **gen)
-    resources = ResourcesConfig(**{k: flags[k] for k in res_keys if flags[k] is not None})
+    resources = ResourcesConfig(**_given(**{k: flags[k] for k in res_keys}))
     run_generate(cfg, resources, echo=echo, dry_run=dry_run)
 
 
@@ -385,15 +363,9 @@ def evaluate() -> None:
 
 
 def _resources(workers, cpus_per_worker, gpus_per_worker, address):
-    from vaedist.config import ResourcesConfig
-
-    given = {
-        "workers": workers,
-        "cpus_per_worker": cpus_per_worker,
-        "gpus_per_worker": gpus_per_worker,
-        "address": address,
-    }
-    return ResourcesConfig(**{k: v for k, v in given.items() if v is not None})
+    return ResourcesConfig(
+        **_given(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, address=address)
+    )
 
 
 def _resource_options(fn):
@@ -415,7 +387,7 @@ def _resource_options(fn):
 )
 @click.option(
     "--dataset",
-    type=click.Choice(["mnist", "fashion-mnist", "cifar10"]),
+    type=click.Choice(DATASET_NAMES),
     help="Test set [default: the model's].",
 )
 @click.option("--k", type=int, help="Importance samples for the IW-NLL [default: 1000].")
@@ -434,17 +406,9 @@ def evaluate_likelihood(
     Bernoulli models are scored on the test set binarized once with --seed (the MNIST literature's
     protocol), others on the 8-bit images; a conditional model as -log p(x|y) with the true label.
     """
-    from vaedist.config import EvaluateConfig
-
-    given = {
-        "model": model,
-        "dataset": dataset,
-        "k": k,
-        "k_batch": k_batch,
-        "batch_size": batch_size,
-        "seed": seed,
-    }
-    cfg = EvaluateConfig(**{key: v for key, v in given.items() if v is not None})
+    cfg = EvaluateConfig(
+        **_given(model=model, dataset=dataset, k=k, k_batch=k_batch, batch_size=batch_size, seed=seed)
+    )
     resources = _resources(workers, cpus_per_worker, gpus_per_worker, address)
     from vaedist.evaluate import run_evaluate  # torch and Ray load only once the flags are valid
 
@@ -457,7 +421,7 @@ def evaluate_likelihood(
 )
 @click.option(
     "--dataset",
-    type=click.Choice(["mnist", "fashion-mnist", "cifar10"]),
+    type=click.Choice(DATASET_NAMES),
     help="Real dataset [default: the manifest's].",
 )
 @click.option(
@@ -475,11 +439,8 @@ def evaluate_cas(
     The same CNN and budget trained on as many real training images gives the ceiling; CAS, ceiling,
     their ratio, per-class accuracy and the confusion matrix go to an MLflow run in vaedist/<dataset>.
     """
-    from vaedist.config import EvaluateConfig
-
-    given = {"generated": generated, "dataset": dataset, "classifier_epochs": epochs,
-             "classifier_batch_size": batch_size, "classifier_lr": lr, "seed": seed}  # fmt: skip
-    cfg = EvaluateConfig(**{key: v for key, v in given.items() if v is not None})
+    cfg = EvaluateConfig(**_given(generated=generated, dataset=dataset, classifier_epochs=epochs,
+                                  classifier_batch_size=batch_size, classifier_lr=lr, seed=seed))  # fmt: skip
     resources = _resources(workers, cpus_per_worker, gpus_per_worker, address)
     from vaedist.evaluate import run_evaluate
 
