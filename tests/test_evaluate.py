@@ -1,14 +1,12 @@
-"""vaedist.evaluate for real: a small CVAE trained on real MNIST, local Ray, MLflow on a throwaway sqlite store.
+"""vaedist.evaluate: the pure parts and the bad-input checks as unit tests (no Ray, no data), then for real
+(slow): a small CVAE trained on real MNIST, local Ray, MLflow on a throwaway sqlite store.
 
-The generated folders are written here in the exact contract of DESIGN.md ("Generated Parquet") with plain
-pyarrow, so CAS is tested independently of vaedist.generate.
+The generated folders are written with the format module's own writer (``vaedist.generate.format``), the
+same code ``vaedist generate`` writes them with, from images decoded here (no Ray Data).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import math
 import os
 import subprocess
@@ -16,8 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -26,6 +22,8 @@ from vaedist.checkpoint import load_model, save_checkpoint
 from vaedist.config import EvaluateConfig, ResourcesConfig
 from vaedist.data import get_spec, load_split
 from vaedist.errors import UsageError
+from vaedist.generate.format import write_folder
+from vaedist.generate.plan import Plan
 from vaedist.models import CVAE, AutoEncoder, binarize, to_model_input
 
 MNIST = get_spec("mnist")
@@ -111,77 +109,46 @@ def local_ray():
     ray.shutdown()
 
 
-def write_generated(
-    folder: Path,
-    images: np.ndarray,
-    labels: np.ndarray,
+def generated_plan(
+    labels=range(10),
+    per_label: int = 2,
     *,
     dataset: str = "mnist",
+    shape: tuple[int, int, int] = (28, 28, 1),
     image_format: str = "raw",
+    latent_dim: int = 2,
+    shard_rows: int = 1000,
+    class_names: tuple[str, ...] | None = None,
+    model_uri: str = "models:/vaedist-mnist/1",
+    model_version: str = "1",
+) -> Plan:
+    """The plan of a generated folder: ``per_label`` rows of each label (-1: an unconditional model)."""
+    names = class_names or get_spec(dataset).class_names
+    labels = tuple(labels)
+    return Plan(model_uri, model_version, "0" * 64, dataset, labels, tuple(names[k] if k >= 0 else "" for k in labels),
+                (per_label,) * len(labels), 0, 1.0, shard_rows, image_format, shape, latent_dim)  # fmt: skip
+
+
+def plan_labels(plan: Plan) -> np.ndarray:
+    """The label of every row, in sample-id order (int64 (N,))."""
+    return np.asarray(plan.labels, dtype=np.int64)[plan.label_index(0, plan.total)]
+
+
+def write_generated(
+    folder: Path,
+    plan: Plan,
+    images: np.ndarray | None = None,
+    *,
     z: np.ndarray | None = None,
     model: dict | None = None,
-    shard_rows: int = 1000,
     manifest: bool = True,
-    class_names: tuple[str, ...] | None = None,
 ) -> Path:
-    """A generated folder as vaedist.generate writes it (DESIGN.md "Generated Parquet"): part-NNNNN.parquet
-    shards with ``vaedist.``-prefixed key-value metadata, then ``_manifest.json`` last."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = class_names or get_spec(dataset).class_names
-    model = model or {"uri": "models:/vaedist-mnist/1", "version": "1", "name": "vaedist-mnist", "run_id": ""}
-    z = np.zeros((len(labels), 2), np.float32) if z is None else z
-    h, w, c = images.shape[1:]
-    meta = {"model_uri": model["uri"], "model_version": model["version"], "dataset": dataset, "seed": "0",
-            "version": "0.1.0", "image_format": image_format, "image_shape": f"{h},{w},{c}"}  # fmt: skip
-    image_type = pa.fixed_shape_tensor(pa.uint8(), (h, w, c)) if image_format == "raw" else pa.binary()
-    schema = pa.schema(
-        [
-            pa.field("sample_id", pa.int64(), nullable=False),
-            pa.field("label", pa.int16(), nullable=False),
-            pa.field("label_name", pa.string(), nullable=False),
-            pa.field("image", image_type, nullable=False),
-            pa.field("z", pa.list_(pa.float32(), z.shape[1]), nullable=False),
-        ],
-        metadata={"vaedist." + k: v for k, v in meta.items()},
-    )
-    shards = []
-    for shard, start in enumerate(range(0, len(labels), shard_rows)):
-        rows = slice(start, start + shard_rows)
-        if image_format == "png":
-            from PIL import Image
-
-            image_col = []
-            for img in images[rows]:
-                buf = io.BytesIO()
-                Image.fromarray(img[..., 0] if c == 1 else img).save(buf, format="PNG")
-                image_col.append(buf.getvalue())
-            image_col = pa.array(image_col, pa.binary())
-        else:
-            # A fresh copy: a permuted view with a size-1 axis would give pyarrow a permuted tensor type.
-            image_col = pa.FixedShapeTensorArray.from_numpy_ndarray(images[rows].copy())
-        columns = [
-            pa.array(np.arange(len(labels))[rows], pa.int64()),
-            pa.array(labels[rows], pa.int16()),
-            pa.array([names[v] if v >= 0 else "" for v in labels[rows]], pa.string()),
-            image_col,
-            pa.FixedSizeListArray.from_arrays(pa.array(z[rows].ravel(), pa.float32()), z.shape[1]),
-        ]
-        name = f"part-{shard:05d}.parquet"
-        pq.write_table(pa.Table.from_arrays(columns, schema=schema), folder / name)
-        data = (folder / name).read_bytes()
-        shards.append({"file": name, "shard": shard, "rows": len(labels[rows]), "bytes": len(data),
-                       "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
-    if manifest:
-        counts = np.bincount(labels[labels >= 0], minlength=len(names))
-        (folder / "_manifest.json").write_text(json.dumps({
-            "format": "vaedist-generated/1", "vaedist_version": "0.1.0", "model": model, "dataset": dataset,
-            "seed": 0, "image_format": image_format, "image_shape": [h, w, c], "latent_dim": z.shape[1],
-            "rows": int(len(labels)),
-            "rows_per_label": [{"label": i, "name": names[i], "rows": int(n)} for i, n in enumerate(counts) if n],
-            "schema": [{"name": f.name, "type": str(f.type)} for f in schema],
-            "schema_metadata": {k.decode(): v.decode() for k, v in schema.metadata.items()},
-            "shards": shards,
-        }))  # fmt: skip
+    """A generated folder as vaedist generate writes it (the format module's writer): images uint8 (N, H, W, C)
+    in sample-id order (black by default), z float32 (N, L) (zeros by default); ``_manifest.json`` last."""
+    images = np.zeros((plan.total, *plan.image_shape), np.uint8) if images is None else images
+    z = np.zeros((plan.total, plan.latent_dim), np.float32) if z is None else z
+    info = model or {"name": "vaedist-mnist", "run_id": ""}
+    write_folder(str(folder), plan, images, z, model_info=info, manifest=manifest)
     return folder
 
 
@@ -189,21 +156,48 @@ def write_generated(
 def generated(trained_cvae, registered, tmp_path_factory) -> Path:
     """150 images per label decoded by the trained CVAE from z ~ N(0, I), in two shards."""
     model, _ = load_model(trained_cvae)
+    plan = generated_plan(per_label=150, latent_dim=model.latent_dim, model_uri=registered["uri"],
+                          model_version=registered["version"])  # fmt: skip
+    labels = plan_labels(plan)
+    assert plan.num_shards == 2 and np.bincount(labels).tolist() == [150] * 10
     g = torch.Generator().manual_seed(1)
-    labels = np.repeat(np.arange(10), 150)
     z = torch.randn(len(labels), model.latent_dim, generator=g)
     with torch.no_grad():
         x = model.generate(z, torch.from_numpy(labels))  # (N, 1, 28, 28) in [0, 1]
-    images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    model_info = {"uri": registered["uri"], "version": registered["version"], "name": "vaedist-mnist",
-                  "run_id": registered["run_id"]}  # fmt: skip
-    return write_generated(tmp_path_factory.mktemp("gen") / "mnist-small", images, labels, z=z.numpy(),
+    images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, 28, 28, 1)
+    model_info = {"name": "vaedist-mnist", "run_id": registered["run_id"]}
+    return write_generated(tmp_path_factory.mktemp("gen") / "mnist-small", plan, images, z=z.numpy(),
                            model=model_info)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def untrained_cvae(tmp_path_factory) -> Path:
+    """The trained CVAE's architecture as built: enough for every check made before scoring (no data)."""
+    torch.manual_seed(0)
+    model = CVAE(image_shape=(28, 28, 1), num_classes=10, likelihood="bernoulli", arch="dense",
+                 latent_dim=8, width=256, depth=1)  # fmt: skip
+    path = tmp_path_factory.mktemp("untrained") / "model.pt"
+    save_checkpoint(path, model.eval(), None, 0, {"data.dataset": "mnist", "model.variant": "cvae"}, {})
+    return path
 
 
 # ------------------------------------------------------------------------------------ likelihood
 
 
+def test_binarization_is_fixed_by_the_seed_on_any_images():
+    images = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 1), dtype=np.uint8)
+    images[:, 0] = 0
+    images[:, 1] = 255
+    a = ev.prepare_test_images(images, binarized=True, seed=0)
+    assert np.array_equal(a, ev.prepare_test_images(images, binarized=True, seed=0))
+    assert not np.array_equal(a, ev.prepare_test_images(images, binarized=True, seed=1))
+    assert a.dtype == np.uint8 and a.shape == images.shape and set(np.unique(a).tolist()) == {0, 255}
+    assert not a[:, 0].any() and a[:, 1].all()
+    assert abs(a.mean() / 255 - images.mean() / 255) < 0.02
+    assert ev.prepare_test_images(images, binarized=False, seed=0) is images
+
+
+@pytest.mark.slow
 def test_binarization_is_fixed_by_the_seed():
     images, _ = load_split("mnist", "test")
     a = ev.prepare_test_images(images[:500], binarized=True, seed=0)
@@ -223,6 +217,33 @@ def test_shards_are_contiguous_and_batch_aligned():
     assert ev.batch_aligned_shards(1000, 100, 3) == [(0, 400), (400, 700), (700, 1000)]
     assert ev.batch_aligned_shards(250, 100, 2) == [(0, 200), (200, 250)]
     assert ev.batch_aligned_shards(50, 100, 4) == [(0, 50)]
+
+
+def test_metrics_and_their_mlflow_names():
+    scores = {"neg_elbo": np.array([100.0, 110.0]), "recon": np.array([80.0, 86.0]), "kl": np.array([20.0, 24.0]),
+              "iw_nll": np.array([95.0, 105.0])}  # fmt: skip
+    m = ev.likelihood_metrics(scores, k=50, num_dims=784)
+    assert m["test_neg_elbo"] == 105.0 and m["test_recon"] == 83.0 and m["test_kl"] == 22.0
+    assert m["test_iw_nll_k50"] == 100.0 and m["test_iw_nll_k50_stderr"] == pytest.approx(5.0)
+    assert m["test_bits_per_dim"] == pytest.approx(100.0 / (784 * math.log(2)))
+    assert m["test_elbo_bits_per_dim"] == pytest.approx(105.0 / (784 * math.log(2)))
+    assert set(ev.logged_names(m, "mnist", "mnist", 10000, 10000)) == set(m)
+    assert "test_first500_iw_nll_k50" in ev.logged_names(m, "mnist", "mnist", 500, 10000)
+    assert "test_fashion_mnist_neg_elbo" in ev.logged_names(m, "fashion-mnist", "mnist", 10000, 10000)
+
+
+def test_a_request_is_checked_before_anything_loads():
+    both = EvaluateConfig(model="m.pt", generated="out/gen")
+    assert ev.check_request(both, "all", None) == ("likelihood", "cas")
+    assert ev.check_request(both, "cas", 5) == ("cas",)
+    for cfg, what, limit, match in [
+        (both, "everything", None, "evaluate: what 'everything' is not one of likelihood, cas, all"),
+        (EvaluateConfig(generated="g"), "all", None, "evaluate likelihood needs a model"),
+        (EvaluateConfig(model="m.pt"), "cas", None, "evaluate cas needs a generated folder"),
+        (both, "likelihood", 0, "evaluate: limit must be a positive number of test images, got 0"),
+    ]:
+        with pytest.raises(UsageError, match=match):
+            ev.run_evaluate(cfg, ResourcesConfig(), what, echo=_quiet, limit=limit)
 
 
 @pytest.mark.slow
@@ -284,7 +305,8 @@ def test_likelihood_on_ray_equals_the_unsplit_computation(local_ray, store, trai
     assert "label-conditioned" in logged.tags["vaedist.eval.likelihood.mnist.conditioning"]
 
 
-def test_likelihood_refuses_an_autoencoder_and_a_wrong_dataset(tmp_path, trained_cvae):
+def test_likelihood_refuses_an_autoencoder_and_a_wrong_dataset(tmp_path, untrained_cvae):
+    trained_cvae = untrained_cvae  # the checks look at the architecture, not the weights
     ae = AutoEncoder(
         image_shape=(28, 28, 1), num_classes=10, likelihood="bernoulli", arch="dense", width=32, depth=1
     )
@@ -303,9 +325,12 @@ def test_likelihood_refuses_an_autoencoder_and_a_wrong_dataset(tmp_path, trained
 def test_generated_folder_reads_the_same_in_both_image_formats(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (30, 28, 28, 1), dtype=np.uint8)
-    labels = np.repeat(np.arange(10), 3)
-    raw = ev.read_generated(str(write_generated(tmp_path / "raw", images, labels, shard_rows=7)))
-    png = ev.read_generated(str(write_generated(tmp_path / "png", images, labels, image_format="png")))
+    plan = generated_plan(per_label=3, shard_rows=7)
+    labels = plan_labels(plan)
+    assert np.bincount(labels).tolist() == [3] * 10
+    raw = ev.read_generated(str(write_generated(tmp_path / "raw", plan, images)))
+    png_plan = generated_plan(per_label=3, image_format="png")
+    png = ev.read_generated(str(write_generated(tmp_path / "png", png_plan, images)))
     assert (raw.image_format, png.image_format) == ("raw", "png")
     assert np.array_equal(raw.images, images) and np.array_equal(png.images, images)
     assert np.array_equal(raw.labels, labels) and raw.labels.dtype == np.int64
@@ -362,30 +387,25 @@ def _cli(args, cwd, env_extra=None):
                           env=env, cwd=cwd, timeout=120)  # fmt: skip
 
 
-def _digits(n_per_label=2, labels=range(10), shape=(28, 28, 1)):
-    labels = np.repeat(np.array(list(labels)), n_per_label)
-    return np.zeros((len(labels), *shape), np.uint8), labels
-
-
 def _bad_folder(kind: str, root: Path) -> Path:
     if kind == "empty":
         (root / "empty").mkdir()
         return root / "empty"
     if kind == "no-manifest":
-        return write_generated(root / "partial", *_digits(), manifest=False)
+        return write_generated(root / "partial", generated_plan(), manifest=False)
     if kind == "missing-shard":
-        folder = write_generated(root / "lost", *_digits(), shard_rows=5)
+        folder = write_generated(root / "lost", generated_plan(shard_rows=5))
         (folder / "part-00001.parquet").unlink()
         return folder
     if kind == "shape":
-        return write_generated(root / "small", *_digits(shape=(14, 14, 1)))
+        return write_generated(root / "small", generated_plan(shape=(14, 14, 1)))
     if kind == "labels":
-        return write_generated(root / "half", *_digits(labels=range(5)))
+        return write_generated(root / "half", generated_plan(labels=range(5)))
     if kind == "unconditional":
-        return write_generated(root / "vae", np.zeros((10, 28, 28, 1), np.uint8), np.full(10, -1))
+        return write_generated(root / "vae", generated_plan(labels=[-1], per_label=10))
     if kind == "names":
         return write_generated(
-            root / "fashion", *_digits(), class_names=get_spec("fashion-mnist").class_names
+            root / "fashion", generated_plan(class_names=get_spec("fashion-mnist").class_names)
         )
     raise AssertionError(kind)
 
@@ -412,7 +432,8 @@ def test_cli_cas_bad_generated_data_is_one_line(kind, message, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # refused before any run was recorded
 
 
-def test_cli_likelihood_bad_input_is_one_line(tmp_path, trained_cvae):
+def test_cli_likelihood_bad_input_is_one_line(tmp_path, untrained_cvae):
+    trained_cvae = untrained_cvae  # every case is refused before the weights matter
     ae = AutoEncoder(
         image_shape=(28, 28, 1), num_classes=10, likelihood="bernoulli", arch="dense", width=32, depth=1
     )

@@ -1,4 +1,5 @@
-"""vaedist generate, for real: a small conv CVAE trained on real MNIST, local Ray on 2 CPUs, Parquet on disk.
+"""vaedist generate: the plan, the folder decision and the Parquet format as unit tests (no Ray, no data),
+then for real (slow): a small conv CVAE trained on real MNIST, local Ray on 2 CPUs, Parquet on disk.
 
 The kill-and-resume test runs ``python -m vaedist generate`` as a subprocess, SIGKILLs its process group
 once some shards exist, and checks that the rerun finishes the folder without touching finished shards.
@@ -6,6 +7,7 @@ once some shards exist, and checks that the rerun finishes the folder without to
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,9 +31,8 @@ from vaedist.checkpoint import save_checkpoint
 from vaedist.cli import main
 from vaedist.config import GenerateConfig, ModelConfig
 from vaedist.data import load_split
+from vaedist.errors import UsageError
 from vaedist.models import binarize, build_model, to_model_input
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 N_PER_LABEL = 200  # 2,000 rows in 10 shards of 200
@@ -65,6 +66,16 @@ def cvae_ckpt(tmp_path_factory) -> Path:
         opt.step()
     model.eval()
     return _save(model, tmp_path_factory.mktemp("models") / "cvae.pt", "cvae")
+
+
+@pytest.fixture(scope="session")
+def untrained_cvae_ckpt(tmp_path_factory) -> Path:
+    """A small conv CVAE as built: enough for every check made before a shard is written (no data)."""
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(variant="cvae", arch="conv", base_channels=8, latent_dim=4), (28, 28, 1), 10, "bernoulli"
+    )
+    return _save(model.eval(), tmp_path_factory.mktemp("models") / "untrained-cvae.pt", "cvae")
 
 
 @pytest.fixture(scope="session")
@@ -137,15 +148,32 @@ def _by_id(folder: Path) -> pa.Table:
 # The plan: exact counts, a permutation of sample ids, z independent of the shard layout
 
 
-def test_split_rows_is_exact_largest_remainder():
-    assert G.split_rows(10, [1, 1, 1]) == [4, 3, 3]
-    assert G.split_rows(7, [5, 3, 2]) == [4, 2, 1]  # quotas 3.5, 2.1, 1.4: the .5 gets the leftover row
-    _, y = load_split("mnist", "train_full", progress=False)
-    freq = np.bincount(y).tolist()
+# MNIST's training split, rows per class (the official files; the slow test below checks them on the data).
+MNIST_TRAIN_FREQ = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def _assert_split_by(freq: list[int]) -> None:
     counts = G.split_rows(1999, [freq[k] for k in (1, 3, 7)])
     assert sum(counts) == 1999
     exact = [1999 * freq[k] / sum(freq[j] for j in (1, 3, 7)) for k in (1, 3, 7)]
     assert all(abs(c - e) < 1 for c, e in zip(counts, exact, strict=True))
+
+
+def test_split_rows_is_exact_largest_remainder():
+    assert G.split_rows(10, [1, 1, 1]) == [4, 3, 3]
+    assert G.split_rows(7, [5, 3, 2]) == [4, 2, 1]  # quotas 3.5, 2.1, 1.4: the .5 gets the leftover row
+    assert G.split_rows(10, [1, 3]) == [3, 7]  # remainders tie: the earlier label gets the row
+    _assert_split_by(MNIST_TRAIN_FREQ)
+    with pytest.raises(UsageError, match="all zero"):
+        G.split_rows(5, [0, 0])
+
+
+@pytest.mark.slow
+def test_split_rows_by_the_real_class_frequencies():
+    _, y = load_split("mnist", "train_full", progress=False)
+    freq = np.bincount(y).tolist()
+    assert freq == MNIST_TRAIN_FREQ
+    _assert_split_by(freq)
 
 
 def _plan(counts=(700, 0, 300, 1), shard_rows=97) -> G.Plan:
@@ -187,10 +215,196 @@ def test_read_images_round_trips_both_formats_without_ray():
         np.testing.assert_array_equal(G.read_images(table.to_pandas()), images)
 
 
+def test_parse_labels_and_specs():
+    assert G.parse_labels(None) is None and G.parse_labels(" All ") is None
+    assert (
+        G.parse_labels("0, 3,7") == (0, 3, 7)
+        and G.parse_labels([2, 5]) == (2, 5)
+        and G.parse_labels(4) == (4,)
+    )
+    for bad, match in (("three", "--labels: expected class indices"), ("1,-2", "--labels"),
+                       ({"a": 1}, "generate.labels: expected a list"), ("3,3", r"lists a class twice")):  # fmt: skip
+        with pytest.raises(UsageError, match=match):
+            G.parse_labels(bad)
+    cfg, res = G.configs_from_spec(
+        {"generate": {"labels": "all", "per_label": 3}, "resources": {"workers": 2}}
+    )
+    assert cfg.labels is None and cfg.per_label == 3 and res.workers == 2
+
+
+def test_labels_and_rows_per_label_follow_the_request():
+    facts = G.ModelFacts("m.pt", "mnist", True, 10, tuple("abcdefghij"), "cvae")
+    assert G.plan_labels(None, facts) == (tuple(range(10)), tuple("abcdefghij"))
+    assert G.plan_labels((3, 7), facts) == ((3, 7), ("d", "h"))
+    with pytest.raises(UsageError, match=r"label 12 is not a class of the model \(mnist has classes 0..9\)"):
+        G.plan_labels((3, 12), facts)
+    vae = dataclasses.replace(facts, conditional=False, variant="vae")
+    assert G.plan_labels(None, vae) == ((-1,), ("",))
+    with pytest.raises(UsageError, match=r"m.pt is an unconditional model \(vae\).*omit --labels"):
+        G.plan_labels((3,), vae)
+
+    def unread():
+        raise AssertionError("the training split is read only for --total with --class-balance as-train")
+
+    def cfg(**kw):
+        return GenerateConfig(model="m.pt", out="out", **kw)
+
+    assert G.label_counts(cfg(per_label=5), (1, 2, 3), True, unread) == (5, 5, 5)
+    assert G.label_counts(cfg(total=10), (1, 2, 3), True, unread) == (4, 3, 3)
+    assert G.label_counts(cfg(total=10, class_balance="as-train"), (-1,), False, unread) == (10,)
+    assert G.label_counts(cfg(total=10, class_balance="as-train"), (0, 2), True, lambda: [1, 100, 3]) == (
+        3,
+        7,
+    )
+    with pytest.raises(UsageError, match="--class-balance applies to --total only"):
+        G.label_counts(cfg(per_label=5, class_balance="as-train"), (1,), True, unread)
+    with pytest.raises(UsageError, match="is more than one generation run holds"):
+        G.label_counts(cfg(per_label=2**31 + 1), (0, 1), True, unread)
+
+
+# --------------------------------------------------------------------------------------------------
+# The output folder: its state -> the action (pure), and the same on real files without Ray
+
+
+def test_folder_state_decides_the_action():
+    A, S = G.FolderAction, G.OutputState
+    plan = _plan(counts=(30, 20), shard_rows=10)  # 5 shards
+    new, other = plan.to_dict(), {**plan.to_dict(), "seed": 4}
+    parts = {i: G.part_name(i) for i in range(plan.num_shards)}
+    complete = {"plan": new, "shards": [{"file": name} for name in parts.values()]}
+
+    def decide(state: G.OutputState, overwrite: bool = False) -> G.FolderAction:
+        return G.decide_action(state, plan, overwrite, "out")
+
+    assert decide(S()) is A.NEW and decide(S(), overwrite=True) is A.NEW  # nothing there to overwrite
+    assert decide(S(tmp=[".part-00000.parquet.ab12.tmp"])) is A.NEW  # a killed attempt's leftovers only
+    assert decide(S(tmp=[".part-00000.parquet.ab12.tmp"]), overwrite=True) is A.OVERWRITE
+    assert (
+        decide(S(plan=new)) is A.RESUME and decide(S(plan=new, parts={0: parts[0], 3: parts[3]})) is A.RESUME
+    )
+    assert decide(S(plan=other, parts=parts), overwrite=True) is A.OVERWRITE
+    assert decide(S(parts=parts, manifest=complete, plan=new)) is A.COMPLETE
+    assert decide(S(parts=parts, manifest=complete, plan=new), overwrite=True) is A.OVERWRITE
+    assert decide(S(parts=parts, manifest={**complete, "plan": other}), overwrite=True) is A.OVERWRITE
+    assert [a.value for a in A] == ["new", "resume", "overwrite", "complete"]
+
+    refused = [
+        (S(foreign=["a.txt", "b/"]), True, r"--out out holds files that are not from vaedist generate \(a.txt and 1 more\)"),
+        (S(parts=parts, manifest={**complete, "plan": other}), False,
+         r"complete generation run of another plan \(seed 4 there, 3 now\); pass --overwrite"),
+        (S(parts={i: n for i, n in parts.items() if i != 3}, manifest=complete), False,
+         "is complete but part-00003.parquet is missing; pass --overwrite to regenerate it"),
+        (S(plan=other), False, r"unfinished run of another plan \(seed 4 there, 3 now\)"),
+        (S(plan=new, parts={7: G.part_name(7)}), False, "holds part-00007.parquet, which is not in its plan"),
+        (S(parts={0: parts[0]}), False, "holds part files but no _plan.json, so they cannot be verified"),
+    ]  # fmt: skip
+    for state, overwrite, match in refused:
+        with pytest.raises(UsageError, match=match):
+            decide(state, overwrite)
+
+
+def test_an_unfinished_folder_resumes_from_the_shards_that_verify(tmp_path):
+    plan = _plan(counts=(12, 9), shard_rows=5)  # 5 shards, the last of 1 row
+    images = np.random.default_rng(1).integers(0, 256, (plan.total, 28, 28, 1), dtype=np.uint8)
+    out = tmp_path / "unfinished"
+    assert G.write_folder(str(out), plan, images, G.latents(3, 0, plan.total, 4), manifest=False) is None
+    (out / "part-00004.parquet").unlink()
+    (out / "part-00002.parquet").write_bytes(b"PAR1 truncated")
+    (out / ".part-00004.parquet.0123abcd.tmp").write_bytes(b"half")
+    fs, root, uri = G.resolve_out(str(out))
+    state = G.inspect_output(fs, root, uri)
+    assert sorted(state.parts) == [0, 1, 2, 3] and state.tmp == [".part-00004.parquet.0123abcd.tmp"]
+    assert state.plan == plan.to_dict() and state.manifest is None and not state.foreign
+    assert G.decide_action(state, plan, False, uri) is G.FolderAction.RESUME
+    assert [i for i in sorted(state.parts) if G.verify_part(fs, root, plan, i)] == [0, 1, 3]
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        G.inspect_output(fs, str(out / "_plan.json"), "f")
+
+
+# --------------------------------------------------------------------------------------------------
+# The format: one writer, one reader, on tiny arrays
+
+
+def test_png_encode_decode_is_lossless_grey_and_colour():
+    rng = np.random.default_rng(2)
+    for shape in ((5, 28, 28, 1), (70, 8, 8, 3)):  # 70: the threaded path
+        images = rng.integers(0, 256, shape, dtype=np.uint8)
+        pngs = G.encode_pngs(images, threads=2)
+        assert all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+        np.testing.assert_array_equal(np.stack([G.decode_png(p) for p in pngs]), images)
+
+
+@pytest.mark.parametrize("image_format", ["raw", "png"])
+def test_format_writer_and_reader_round_trip(tmp_path, image_format):
+    plan = dataclasses.replace(_plan(counts=(4, 0, 6, 1), shard_rows=4), image_format=image_format)
+    images = np.random.default_rng(0).integers(0, 256, (plan.total, 28, 28, 1), dtype=np.uint8)
+    z = G.latents(plan.seed, 0, plan.total, plan.latent_dim)
+    info = {"name": "vaedist-mnist", "run_id": "r1"}
+    manifest = G.write_folder(str(tmp_path / "gen"), plan, images, z, model_info=info, request={"total": 11})
+    folder = tmp_path / "gen"
+    assert sorted(p.name for p in folder.iterdir()) == ["_manifest.json", "_plan.json"] + [
+        G.part_name(i) for i in range(3)
+    ]
+    assert json.loads((folder / "_manifest.json").read_text()) == manifest
+    assert manifest["format"] == G.MANIFEST_FORMAT and manifest["plan_hash"] == plan.hash
+    assert manifest["model"] == {
+        "uri": "m",
+        "version": "",
+        "name": "vaedist-mnist",
+        "run_id": "r1",
+        "sha256": "0" * 64,
+    }
+    assert manifest["request"] == {"total": 11} and manifest["plan"] == plan.to_dict()
+    assert [s["rows"] for s in manifest["shards"]] == [4, 4, 3]
+    for s in manifest["shards"]:
+        assert hashlib.sha256((folder / s["file"]).read_bytes()).hexdigest() == s["sha256"]
+    assert json.loads((folder / "_plan.json").read_text()) == plan.to_dict()
+
+    table = pq.read_table(folder).sort_by("sample_id")
+    assert tuple(table.column_names) == G.COLUMNS and table["sample_id"].to_pylist() == list(range(11))
+    assert table.schema.metadata[b"vaedist.plan_hash"] == plan.hash.encode()
+    labels = np.asarray(plan.labels)[plan.label_index(0, plan.total)]
+    assert table["label"].to_pylist() == labels.tolist()
+    np.testing.assert_array_equal(G.read_images(table), images)
+    np.testing.assert_array_equal(np.asarray(table["z"].to_pylist(), np.float32), z)
+
+    gen = G.read_generated(str(folder))
+    np.testing.assert_array_equal(gen.images, images)
+    np.testing.assert_array_equal(gen.labels, labels)
+    assert (gen.dataset, gen.model_uri, gen.model_version, gen.model_run_id) == ("mnist", "m", None, "r1")
+    assert gen.image_format == image_format and gen.manifest == manifest
+    assert gen.label_names == {0: ["0"], 2: ["2"], 3: ["3"]}
+
+
+def test_reader_keeps_reading_manifests_in_other_shapes_and_refuses_unfinished_folders(tmp_path):
+    plan = _plan(counts=(3, 3), shard_rows=4)
+    images = np.zeros((6, 28, 28, 1), np.uint8)
+    folder = tmp_path / "gen"
+    G.write_folder(str(folder), plan, images, np.zeros((6, 4), np.float32))
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    # Shards as bare names, the model at the top level: still read.
+    manifest["shards"] = [s["file"] for s in manifest["shards"]]
+    del manifest["model"]
+    manifest["model_uri"], manifest["model_version"] = "models:/x/3", 3
+    (folder / "_manifest.json").write_text(json.dumps(manifest))
+    gen = G.read_generated(str(folder))
+    assert (gen.model_uri, gen.model_version, len(gen.labels)) == ("models:/x/3", "3", 6)
+
+    (folder / "part-00001.parquet").unlink()
+    with pytest.raises(UsageError, match="lists part-00001.parquet but the file is missing"):
+        G.read_generated(str(folder))
+    G.write_folder(str(tmp_path / "partial"), plan, images, np.zeros((6, 4), np.float32), manifest=False)
+    with pytest.raises(UsageError, match=r"is incomplete: 2 shard\(s\) but no _manifest.json"):
+        G.read_generated(str(tmp_path / "partial"))
+    with pytest.raises(UsageError, match="does not exist"):
+        G.read_generated(str(tmp_path / "nowhere"))
+
+
 # --------------------------------------------------------------------------------------------------
 # End to end in-process: determinism, formats, readers, manifest, MLflow
 
 
+@pytest.mark.slow
 def test_same_plan_gives_identical_images_and_files(generated):
     (a, ra), (b, rb) = generated["a"], generated["b"]
     assert ra.status == rb.status == "written" and ra.rows == 2000 and ra.plan_hash == rb.plan_hash
@@ -204,6 +418,7 @@ def test_same_plan_gives_identical_images_and_files(generated):
     assert json.loads((a / "_manifest.json").read_text()) == json.loads((b / "_manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_schema_manifest_and_rows_per_label(generated, cvae_ckpt):
     folder, result = generated["a"]
     table = pq.read_table(folder / "part-00000.parquet")
@@ -237,6 +452,7 @@ def test_schema_manifest_and_rows_per_label(generated, cvae_ckpt):
     assert not list(folder.glob(".*"))  # no temporary files left
 
 
+@pytest.mark.slow
 def test_png_holds_the_same_images_and_pandas_and_ray_read_both(generated):
     raw_folder, png_folder = generated["a"][0], generated["png"][0]
     raw = G.read_images(_by_id(raw_folder))
@@ -262,6 +478,7 @@ def test_png_holds_the_same_images_and_pandas_and_ray_read_both(generated):
         np.testing.assert_array_equal(images, raw)
 
 
+@pytest.mark.slow
 def test_mlflow_run_links_the_model_and_has_metrics_and_picture(generated, store, cvae_ckpt):
     folder, result = generated["a"]
     run = store.get_run(result.run_id)
@@ -310,11 +527,15 @@ def test_a_model_uri_without_a_store_creates_none(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     code, _, err = _cli("--model", "models:/vaedist-mnist@champion", "--out", str(out), "--total", "5")
-    assert code == 1 and err.strip().startswith("error: MLflow tracking server http://127.0.0.1:9 is not reachable")
+    assert code == 1 and err.strip().startswith(
+        "error: MLflow tracking server http://127.0.0.1:9 is not reachable"
+    )
     assert not list(tmp_path.iterdir())
 
 
-def test_bad_inputs_are_refused_with_one_line(store, cvae_ckpt, vae_ckpt, tmp_path):
+def test_bad_inputs_are_refused_with_one_line(store, untrained_cvae_ckpt, vae_ckpt, tmp_path):
+    """Every refusal comes before a shard is decoded, so an untrained model (no data, no Ray) serves."""
+    cvae_ckpt = untrained_cvae_ckpt
     out = tmp_path / "out"
     base = ["--model", str(cvae_ckpt), "--out", str(out), "--per-label", "10"]
     _assert_refused([*base, "--labels", "3,12"], out, "label 12 is not a class of the model")
@@ -354,6 +575,7 @@ def test_bad_inputs_are_refused_with_one_line(store, cvae_ckpt, vae_ckpt, tmp_pa
     assert not readonly.exists()
 
 
+@pytest.mark.slow
 def test_overwrite_and_plan_guards(local_ray, store, cvae_ckpt, tmp_path):
     out = tmp_path / "small"
     args = ["--model", str(cvae_ckpt), "--out", str(out), "--per-label", "20", "--shard-rows", "50"]
@@ -391,6 +613,7 @@ def _session_pids(sid: int) -> list[int]:
     return [int(pid) for pid, s in (line.split() for line in out.splitlines()) if int(s) == sid]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_touching_finished_shards(cvae_ckpt, tmp_path):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "vaedist", "generate", "--model", str(cvae_ckpt), "--out", str(out),
@@ -454,6 +677,7 @@ def test_killed_run_resumes_without_touching_finished_shards(cvae_ckpt, tmp_path
     assert pq.read_metadata(out / damaged).num_rows == 100
 
 
+@pytest.mark.slow
 def test_unconditional_model_rows_get_label_minus_one(local_ray, store, vae_ckpt, tmp_path):
     result = G.run_generate(
         _cfg(vae_ckpt, tmp_path / "vae", per_label=None, total=30, shard_rows=16), echo=_quiet

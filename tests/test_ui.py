@@ -60,6 +60,7 @@ class Store:
 class UI:
     base: str
     page: object  # playwright.sync_api.Page
+    log: Path  # what `vaedist ui` printed
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def ui(tuned_store, tmp_path_factory):
         assert f"MLflow UI for {uri} at {base}" in log.read_text()  # our wrapper ran it
         with chromium_page(root / "chromium-profile", timeout_s=TIMEOUT_S) as page:
             expect.set_options(timeout=TIMEOUT_S * 1000)
-            yield UI(base, page)
+            yield UI(base, page, log)
     finally:
         left = terminate(session_processes({proc.pid}))
         with contextlib.suppress(OSError):
@@ -251,16 +252,20 @@ def test_run_artifacts_show_the_sample_grid(ui, store):
 
 
 def test_experiment_opens_on_its_runs_and_a_trial_shows_its_dataset(ui, store):
-    """Tagged mlflow.experimentKind = custom_model_development, the experiment opens as model training
-    (its runs), not on MLflow's GenAI overview; the Dataset column shows what each trial trained on."""
+    """Through the link `vaedist ui` prints, the experiment opens as model training (its runs), not on
+    MLflow's GenAI overview ("Traces 0"); the Dataset column shows what each trial trained on."""
     page = ui.page
-    page.goto(f"{ui.base}/#/experiments/{store.experiment_id}")
+    printed = (Path(ui.log).read_text().split(" at ", 1)[1]).split()[0]  # the link a person clicks
+    assert printed.startswith(ui.base) and "workflowType=machine_learning" in printed
+    page.goto(printed)
     try:
+        page.locator(f'a[href*="experiments/{store.experiment_id}"]').first.click()  # from the list, as a person
         parent = _row(page, store.parent).first
         expect(parent).to_be_visible()  # the runs table, straight away
         _close_assistant(page)
         expect(page.get_by_text("No data available")).to_have_count(0)
-        parent.locator("button[data-component-id*=runnamecellrenderer]").click()
+        if _row(page, store.finished).count() == 0:  # the UI remembers an expanded parent across pages
+            parent.locator("button[data-component-id*=runnamecellrenderer]").click()
         trial = _row(page, store.finished)
         expect(trial.filter(has_text="mnist-train")).to_have_count(1)
         expect(_row(page, store.parent).filter(has_text="mnist-train")).to_have_count(0)  # a search trains nothing

@@ -464,7 +464,10 @@ def ui(port: int, backend_store_uri: str | None) -> None:
     if store.startswith(("http://", "https://")):
         echo(f"MLflow is already served at {shown_uri(store)}: open it in a browser")
         return
-    echo(f"MLflow UI for {shown_uri(store)} at http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    # MLflow 3.17's UI opens every experiment in its global mode, GenAI by default (a "Traces 0" overview);
+    # this link switches it to model training once (the browser remembers), so experiments open on their runs.
+    echo(f"MLflow UI for {shown_uri(store)} at http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
+         "  (Ctrl-C to stop)")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)]
     raise SystemExit(subprocess.call(cmd, env=os.environ.copy()))
 

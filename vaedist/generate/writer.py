@@ -1,0 +1,271 @@
+"""The writer: a Ray Data actor pool renders whole shards into the output folder; the folder's state.
+
+    shard indices --map_batches(ShardWriter actors)--> part-NNNNN.parquet (+ one summary row per shard)
+
+The decoder dominates, so each actor loads the model once and writes whole shards itself with pyarrow
+(Ray Data's ``write_parquet`` names files with a random id per write: a rerun would duplicate rows); only
+a small summary row per shard flows back through Ray Data. Each shard is written to a hidden temporary
+name and renamed when complete (:func:`vaedist.generate.format.write_atomic`), so a part file is either
+whole or absent, and a rerun resumes by writing only the shards that are missing or fail verification.
+Actor sizing is :func:`vaedist.cluster.plan_actors`'s: actors leave a CPU to Ray Data's own tasks (actors
+holding every CPU of a 2-CPU node hang the pipeline without an error), while torch runs as many threads as
+the CPUs an actor stands for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from vaedist.errors import UsageError, first_line
+from vaedist.generate.format import (
+    MANIFEST,
+    PART_RE,
+    PLAN_FILE,
+    TMP_RE,
+    join,
+    part_matches,
+    part_name,
+    plan_json,
+    resolve_folder,
+    write_atomic,
+    write_part,
+)
+from vaedist.generate.plan import FolderAction, OutputState, Plan, latents
+
+# Seconds each actor sleeps after writing a shard, read by the actor itself: the kill-and-resume test
+# sets it so that a run is still going when it is killed. Unset in production.
+SHARD_DELAY_ENV = "VAEDIST_GENERATE_SHARD_DELAY_S"
+
+
+def resolve_out(out: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, root inside it, canonical URI) of an output folder or ``s3://...`` prefix."""
+    try:
+        return resolve_folder(out)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise UsageError(f"--out {out}: {first_line(exc)}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering a shard (plain torch + pyarrow: the actors, the benchmark and tests call these)
+
+
+def decode_images(
+    model, z: np.ndarray, labels: np.ndarray | None, batch_size: int, device="cpu"
+) -> np.ndarray:
+    """The decoder's mean images for latents ``z`` (N, L) [and labels (N,)]: uint8 (N, H, W, C)."""
+    import torch
+
+    h, w, c = model.image_shape
+    out = np.empty((len(z), h, w, c), dtype=np.uint8)
+    with torch.inference_mode():
+        for s in range(0, len(z), batch_size):
+            zb = torch.from_numpy(z[s : s + batch_size]).to(device)
+            yb = None if labels is None else torch.from_numpy(labels[s : s + batch_size]).to(device)
+            x = model.generate(zb, yb)  # (B, C, H, W) in [0, 1]
+            x = x.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1)  # (B, H, W, C)
+            out[s : s + len(zb)] = x.cpu().numpy()
+    return out
+
+
+def write_shard(
+    model, plan: Plan, shard: int, fs, root: str, batch_size: int, device="cpu", threads=1
+) -> dict:
+    """Render shard ``shard`` and write ``part-NNNNN.parquet``; returns its summary (rows, bytes, sha256)."""
+    t0 = time.perf_counter()
+    start, rows = plan.shard_range(shard)
+    z = latents(plan.seed, start, rows, plan.latent_dim, plan.temperature)  # (rows, L)
+    t1 = time.perf_counter()
+    images = decode_images(model, z, plan.shard_labels(shard), batch_size, device)  # (rows, H, W, C)
+    decode_seconds = time.perf_counter() - t1
+    written = write_part(fs, root, plan, shard, images, z, threads)
+    return {
+        "shard": shard,
+        "rows": rows,
+        "bytes": written["bytes"],
+        "sha256": written["sha256"],
+        "seconds": time.perf_counter() - t0,
+        "decode_seconds": decode_seconds,
+    }
+
+
+class ShardWriter:
+    """A Ray Data actor: loads the model once, then renders and writes whole shards (one per input row).
+
+    Returns one summary row per shard; the images never travel through Ray's object store.
+    """
+
+    def __init__(self, model: bytes | list, plan: dict[str, Any], out: str, threads: int, use_gpu: bool,
+                 batch_size: int):  # fmt: skip
+        from vaedist.checkpoint import load_worker_model
+
+        if isinstance(model, list):
+            # [ObjectRef]: a ref inside a list travels as a small argument (Ray warns about large ones).
+            import ray
+
+            model = ray.get(model[0])
+        self.model, self.device = load_worker_model(model, threads, use_gpu)
+        self.plan = Plan.from_dict(plan)
+        self.fs, self.root, _ = resolve_out(out)
+        self.threads, self.batch_size = threads, batch_size
+        self.delay_s = float(os.environ.get(SHARD_DELAY_ENV) or 0.0)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [
+            write_shard(
+                self.model, self.plan, int(i), self.fs, self.root, self.batch_size, self.device, self.threads
+            )
+            for i in batch["shard"]
+        ]
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return {
+            key: np.array([r[key] for r in rows], dtype=object if key == "sha256" else None)
+            for key in rows[0]
+        }
+
+
+def run_shards(
+    plan: Plan, todo: list[int], out: str, model_bytes: bytes, actors, batch_size: int
+) -> Iterator[dict[str, Any]]:
+    """The Ray Data pipeline: shard indices -> ShardWriter actors -> one summary row per finished shard.
+
+    ``actors``: a :class:`vaedist.cluster.ActorPlan` (workers, CPUs and GPUs each, torch threads).
+    """
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # vaedist prints its own progress line per finished shard
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        ShardWriter,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=actors.workers),
+        fn_constructor_kwargs={
+            "model": [ray.put(model_bytes)],
+            "plan": plan.to_dict(),
+            "out": out,
+            "threads": actors.threads,
+            "use_gpu": actors.use_gpu,
+            "batch_size": batch_size,
+        },
+        num_cpus=actors.num_cpus,
+        num_gpus=actors.num_gpus or None,
+        udf_modifying_row_count=False,
+    )
+    for row in ds.iter_rows():
+        yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The output folder: read its state, check it can be written, prepare it, verify kept shards
+
+
+def _read_json(fs, path: str, uri: str) -> dict[str, Any]:
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"{uri}/{path.rsplit('/', 1)[-1]} is unreadable ({exc}); pass --overwrite to start over"
+        ) from None
+
+
+def inspect_output(fs: pafs.FileSystem, root: str, uri: str) -> OutputState:
+    """The files of an output folder, sorted by kind (an absent folder is an empty state)."""
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return OutputState()
+    if info.type != pafs.FileType.Directory:
+        raise UsageError(f"--out {uri} is a file, not a folder")
+    state = OutputState()
+    for entry in fs.get_file_info(pafs.FileSelector(root)):
+        name, is_file = entry.base_name, entry.type == pafs.FileType.File
+        if is_file and (m := PART_RE.fullmatch(name)):
+            state.parts[int(m.group(1))] = name
+        elif is_file and TMP_RE.fullmatch(name):
+            state.tmp.append(name)
+        elif is_file and name == MANIFEST:
+            state.manifest = _read_json(fs, entry.path, uri)
+        elif is_file and name == PLAN_FILE:
+            state.plan = _read_json(fs, entry.path, uri)
+        else:
+            state.foreign.append(name + ("/" if entry.type == pafs.FileType.Directory else ""))
+    state.foreign.sort()
+    return state
+
+
+def check_writable(root: str) -> None:
+    """Fail before anything is written if the folder (or the nearest existing parent) refuses a file."""
+    path = Path(root)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot create --out {root}: {probe} is a file")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise UsageError(f"cannot write to --out {root}: {probe} is not writable ({exc.strerror})") from None
+
+
+def verify_part(fs, root: str, plan: Plan, shard: int) -> bool:
+    """A part file from an earlier attempt is kept if its footer reads back with the right rows and plan."""
+    return part_matches(fs, root, shard, plan.shard_range(shard)[1], plan.hash)
+
+
+def _clear(fs, root: str, state: OutputState) -> None:
+    """--overwrite: remove this folder's vaedist files only, the manifest first (so a kill halfway leaves
+    an unfinished folder, never a 'complete' one with parts missing)."""
+    names = ([MANIFEST] if state.manifest is not None else []) + (
+        [PLAN_FILE] if state.plan is not None else []
+    )
+    names += [state.parts[i] for i in sorted(state.parts)] + state.tmp
+    for name in names:
+        fs.delete_file(join(root, name))
+
+
+def prepare_folder(fs, root: str, plan: Plan, state: OutputState, action: FolderAction) -> None:
+    """Before the first shard: clear the folder (overwrite) or the temporary files a killed attempt left
+    (only whole files are ever renamed in), and write ``_plan.json`` unless resuming."""
+    if action is FolderAction.OVERWRITE:
+        _clear(fs, root, state)
+    else:
+        for name in state.tmp:
+            fs.delete_file(join(root, name))
+    fs.create_dir(root, recursive=True)
+    if action is not FolderAction.RESUME:
+        write_atomic(fs, root, PLAN_FILE, plan_json(plan))
+
+
+def sha256_file(fs, path: str) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def kept_summaries(fs, root: str, kept: list[int]) -> dict[int, dict[str, Any]]:
+    """{"bytes", "sha256"} of the shards an earlier attempt wrote, for the manifest."""
+    out = {}
+    for i in kept:
+        digest, size = sha256_file(fs, join(root, part_name(i)))
+        out[i] = {"bytes": size, "sha256": digest}
+    return out
