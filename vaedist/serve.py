@@ -49,7 +49,7 @@ def generate_images(model, request: pd.DataFrame) -> tuple[np.ndarray, np.ndarra
     if model.conditional:
         if "label" not in request:
             raise ValueError("this model is conditional: each request row needs a 'label' column")
-        labels = request["label"].to_numpy(np.int64)
+        labels = np.array(request["label"], dtype=np.int64)  # a writable copy: torch.from_numpy shares it
         bad = labels[(labels < 0) | (labels >= model.num_classes)]
         if len(bad):
             raise ValueError(f"label {int(bad[0])} is out of range: this model knows 0..{model.num_classes - 1}")
