@@ -68,24 +68,23 @@ def cvae_ckpt(tmp_path_factory) -> Path:
     return _save(model, tmp_path_factory.mktemp("models") / "cvae.pt", "cvae")
 
 
+def _untrained(variant: str, folder: Path, name: str) -> Path:
+    """A small conv model as built (seeded): its weights do not matter for the checks that use it."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant=variant, arch="conv", base_channels=8, latent_dim=4)
+    return _save(build_model(cfg, (28, 28, 1), 10, "bernoulli").eval(), folder / name, variant)
+
+
 @pytest.fixture(scope="session")
 def untrained_cvae_ckpt(tmp_path_factory) -> Path:
     """A small conv CVAE as built: enough for every check made before a shard is written (no data)."""
-    torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(variant="cvae", arch="conv", base_channels=8, latent_dim=4), (28, 28, 1), 10, "bernoulli"
-    )
-    return _save(model.eval(), tmp_path_factory.mktemp("models") / "untrained-cvae.pt", "cvae")
+    return _untrained("cvae", tmp_path_factory.mktemp("models"), "untrained-cvae.pt")
 
 
 @pytest.fixture(scope="session")
 def vae_ckpt(tmp_path_factory) -> Path:
     """An unconditional VAE; its weights do not matter for the checks that use it."""
-    torch.manual_seed(0)
-    model = build_model(
-        ModelConfig(variant="vae", arch="conv", base_channels=8, latent_dim=4), (28, 28, 1), 10, "bernoulli"
-    )
-    return _save(model.eval(), tmp_path_factory.mktemp("models") / "vae.pt", "vae")
+    return _untrained("vae", tmp_path_factory.mktemp("models"), "vae.pt")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ imports MLflow, because MLflow loads this class itself.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import mlflow.pyfunc
@@ -55,21 +54,11 @@ def generate_images(model, request: pd.DataFrame) -> tuple[np.ndarray, np.ndarra
             raise ValueError(f"label {int(bad[0])} is out of range: this model knows 0..{model.num_classes - 1}")
     else:
         labels = np.full(n, -1, dtype=np.int64)
-    z = request_latents(seeds, temps, model.latent_dim)
-    with torch.no_grad():
-        y = torch.from_numpy(labels) if model.conditional else None
-        images = model.generate(z, y)  # (N, C, H, W) in [0, 1]
-    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    from vaedist.generate.writer import decode_images  # the same decoding as generated Parquet
+
+    z = request_latents(seeds, temps, model.latent_dim).numpy()
+    pixels = decode_images(model, z, labels if model.conditional else None, batch_size=1024)
     return pixels, labels, seeds
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """(H, W, C) uint8 -> PNG (grey for one channel)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class GeneratorModel(mlflow.pyfunc.PythonModel):
@@ -94,5 +83,10 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         request = pd.DataFrame(model_input)
         pixels, labels, seeds = generate_images(self.model, request)
         names = [self.class_names[i] if 0 <= i < len(self.class_names) else "" for i in labels]
-        images = [png_bytes(p) for p in pixels] if image_format == "png" else list(pixels)
+        if image_format == "png":
+            from vaedist.generate.format import encode_pngs  # the PNG encoding of generated Parquet
+
+            images = encode_pngs(pixels)
+        else:
+            images = list(pixels)
         return pd.DataFrame({"label": labels, "label_name": names, "seed": seeds, "image": images})
