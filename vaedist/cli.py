@@ -21,6 +21,7 @@ from vaedist import __version__
 from vaedist.config import (
     ARCHS,
     DATASET_NAMES,
+    IMAGE_FORMATS,
     LIKELIHOODS,
     SECTIONS,
     VARIANTS,
@@ -316,13 +317,13 @@ def jobs_stop_cmd(job_id: str, address: str | None) -> None:
 
 @main.command()
 @click.option("--model", "model_uri", required=True, help="models:/vaedist-mnist@champion, runs:/<run_id>/model, or a path to model.pt.")
-@click.option("--out", required=True, help="Output folder or s3://bucket/prefix, one per generation run (part-NNNNN.parquet + _manifest.json).")
+@click.option("--out", required=True, help="Output folder or s3://bucket/prefix, one per generation run (train-NNNNN-of-NNNNN.parquet shards, a README.md dataset card, _manifest.json).")
 @click.option("--labels", help="Class indices, e.g. 0,3,7, or 'all' [default: all]. An unconditional model takes none (its rows get label -1).")
 @click.option("--per-label", type=int, help="Rows per label (give this or --total).")
 @click.option("--total", type=int, help="Rows in all, split across the labels by --class-balance.")
 @click.option("--class-balance", type=click.Choice(["uniform", "as-train"]), help="With --total: equal rows per label, or the real train split's class frequencies [default: uniform].")
 @click.option("--shard-rows", type=int, help="Rows per part file [default: 10000].")
-@click.option("--image-format", type=click.Choice(["raw", "png"]), help="raw = uint8 HxWxC fixed-shape tensor column, png = PNG bytes [default: raw].")
+@click.option("--image-format", type=click.Choice(IMAGE_FORMATS), help="png = the Hugging Face Image struct (PNG bytes; datasets, pandas, polars, duckdb read it), raw = uint8 HxWxC fixed-shape tensor (faster; pyarrow, Ray Data) [default: png].")
 @click.option("--temperature", type=float, help="z ~ N(0, T^2 I) [default: 1].")
 @click.option("--seed", type=int, help="Seed of every sample's z (with its sample_id) [default: 0].")
 @click.option("--batch-size", type=int, help="Images per decoder call [default: 1024].")

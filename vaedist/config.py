@@ -26,6 +26,9 @@ ARCHS = ("dense", "conv")
 LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
 CONDITIONINGS = ("onehot", "embedding")
 DATASET_NAMES = tuple(DATASETS)  # built-in datasets: the registry in vaedist.data
+# Generated image columns: png = the Hugging Face datasets Image struct {bytes: PNG, path: null} (every tool
+# reads it), raw = a uint8 (H, W, C) Arrow fixed-shape tensor (faster; pyarrow, Ray Data and vaedist read it).
+IMAGE_FORMATS = ("png", "raw")
 
 
 class ConfigError(UsageError):
@@ -266,8 +269,8 @@ class GenerateConfig:
     per_label: int | None = None  # rows per label (exclusive with total)
     total: int | None = None  # rows in all, split by class_balance
     class_balance: str = "uniform"  # uniform | as-train (the real train split's class frequencies)
-    shard_rows: int = 10000  # rows per part-NNNNN.parquet
-    image_format: str = "raw"  # raw (uint8 HxWxC tensor column) | png (PNG bytes)
+    shard_rows: int = 10000  # rows per shard file (train-NNNNN-of-NNNNN.parquet)
+    image_format: str = "png"  # one of IMAGE_FORMATS
     temperature: float = 1.0  # z ~ N(0, T^2 I)
     seed: int = 0
     batch_size: int = 1024  # decoder batch per actor call
@@ -295,7 +298,7 @@ class GenerateConfig:
             _check_int(self.total, "generate.total", 1)
         _check_choice(self.class_balance, ("uniform", "as-train"), "generate.class_balance")
         _check_int(self.shard_rows, "generate.shard_rows", 1)
-        _check_choice(self.image_format, ("raw", "png"), "generate.image_format")
+        _check_choice(self.image_format, IMAGE_FORMATS, "generate.image_format")
         _check_float(self.temperature, "generate.temperature", 0.0, strict=True)
         _check_int(self.seed, "generate.seed", 0)
         _check_int(self.batch_size, "generate.batch_size", 1)
