@@ -115,7 +115,7 @@ def generated_plan(
     *,
     dataset: str = "mnist",
     shape: tuple[int, int, int] = (28, 28, 1),
-    image_format: str = "raw",
+    image_format: str = "png",
     latent_dim: int = 2,
     shard_rows: int = 1000,
     class_names: tuple[str, ...] | None = None,
@@ -325,7 +325,7 @@ def test_likelihood_refuses_an_autoencoder_and_a_wrong_dataset(tmp_path, untrain
 def test_generated_folder_reads_the_same_in_both_image_formats(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (30, 28, 28, 1), dtype=np.uint8)
-    plan = generated_plan(per_label=3, shard_rows=7)
+    plan = generated_plan(per_label=3, shard_rows=7, image_format="raw")
     labels = plan_labels(plan)
     assert np.bincount(labels).tolist() == [3] * 10
     raw = ev.read_generated(str(write_generated(tmp_path / "raw", plan, images)))
@@ -376,6 +376,11 @@ def test_cas_of_a_small_generated_set(local_ray, store, generated, registered):
     images = [a.path for a in client.list_artifacts(out["run_id"], "images")]
     assert any(p.startswith("images/cas_confusion_matrix") for p in images), images
     assert any(a.path == "evaluation/cas.json" for a in client.list_artifacts(out["run_id"], "evaluation"))
+    (dataset,) = run.inputs.dataset_inputs  # the generated set is the evaluation's input
+    assert dataset.dataset.name == f"generated/{generated.name}"
+    assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "evaluation")]
+    card = (generated / "README.md").read_text()  # the dataset card shows the figures
+    assert f"MLflow run `{out['run_id']}`" in card and f"| CAS / real | {out['ratio']:.3f} |" in card
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -395,7 +400,7 @@ def _bad_folder(kind: str, root: Path) -> Path:
         return write_generated(root / "partial", generated_plan(), manifest=False)
     if kind == "missing-shard":
         folder = write_generated(root / "lost", generated_plan(shard_rows=5))
-        (folder / "part-00001.parquet").unlink()
+        (folder / "train-00001-of-00004.parquet").unlink()
         return folder
     if kind == "shape":
         return write_generated(root / "small", generated_plan(shape=(14, 14, 1)))
@@ -413,9 +418,9 @@ def _bad_folder(kind: str, root: Path) -> Path:
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
-        ("empty", "is empty: no _manifest.json and no part-NNNNN.parquet files"),
+        ("empty", "is empty: no _manifest.json and no shard files (train-NNNNN-of-NNNNN.parquet)"),
         ("no-manifest", "is incomplete: 1 shard(s) but no _manifest.json"),
-        ("missing-shard", "is incomplete: _manifest.json lists part-00001.parquet but the file is missing"),
+        ("missing-shard", "is incomplete: _manifest.json lists train-00001-of-00004.parquet but the file is missing"),
         ("shape", "are 14x14x1 but mnist images are 28x28x1"),
         ("labels", "has no images of class(es) 5, 6, 7, 8, 9: CAS needs every mnist class"),
         ("unconditional", "holds unlabelled images (label -1: an unconditional model)"),

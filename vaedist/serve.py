@@ -84,7 +84,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         pixels, labels, seeds = generate_images(self.model, request)
         names = [self.class_names[i] if 0 <= i < len(self.class_names) else "" for i in labels]
         if image_format == "png":
-            from vaedist.generate.format import encode_pngs  # the PNG encoding of generated Parquet
+            from vaedist.generate.png import encode_pngs  # the PNG encoding of generated Parquet
 
             images = encode_pngs(pixels)
         else:

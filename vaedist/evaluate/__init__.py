@@ -7,7 +7,7 @@
 - :mod:`.entry`: ``run_evaluate`` (checks the request, dispatches), ``evaluate_likelihood`` and
   ``evaluate_cas`` (run a measure, reuse an earlier result, record it in MLflow).
 
-The generated Parquet is read by :func:`vaedist.generate.format.read_generated`, the one reader of that
+The generated Parquet is read by :func:`vaedist.generate.reader.read_generated`, the one reader of that
 format. Everything below is importable from ``vaedist.evaluate`` as before the split.
 """
 
@@ -33,7 +33,8 @@ from vaedist.evaluate.likelihood import (
     score_images,
     score_shard,
 )
-from vaedist.generate.format import MANIFEST, PART_RE, GeneratedSet, read_generated
+from vaedist.generate.format import MANIFEST, PART_RE
+from vaedist.generate.reader import GeneratedSet, read_generated
 
 __all__ = [
     "CAS_ARTIFACT", "CLASSIFIER_VERSION", "MANIFEST", "PART_RE", "WHATS",

@@ -29,7 +29,8 @@ from vaedist.config import EvaluateConfig
 from vaedist.data import get_spec, load_split
 from vaedist.errors import UsageError, VaedistError, first_line
 from vaedist.evaluate import spread
-from vaedist.generate.format import UNCONDITIONAL_LABEL, GeneratedSet, read_generated, shape_text
+from vaedist.generate.format import UNCONDITIONAL_LABEL, shape_text
+from vaedist.generate.reader import GeneratedSet, read_generated
 from vaedist.models import to_model_input
 
 # Bump when CASClassifier or its training changes: CAS numbers are only comparable within one version.

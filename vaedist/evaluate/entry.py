@@ -14,6 +14,8 @@ from vaedist import __version__, tracking
 from vaedist.config import EvaluateConfig, ResourcesConfig
 from vaedist.errors import UsageError
 from vaedist.evaluate import cas, likelihood, spread
+from vaedist.generate.card import record_evaluation
+from vaedist.generate.format import CARD, MANIFEST_FORMAT, dataset_name
 
 WHATS = ("likelihood", "cas", "all")
 
@@ -130,6 +132,8 @@ def _open_cas_run(s: cas.CasSetup, cfg: EvaluateConfig, uri: str) -> tuple[str, 
         "vaedist.model_run_id": model_run or "", "vaedist.generated": s.where,
         "vaedist.evaluate": "cas", "vaedist.version": __version__,
     })  # fmt: skip
+    # the generated set is this run's input (the generate run logged the same name and digest)
+    tracking.log_dataset(run_id, dataset_name(s.where), gen.manifest_sha1, s.where, "evaluation")
     return run_id, logger
 
 
@@ -153,6 +157,15 @@ def _record_cas(s: cas.CasSetup, synthetic, real, run_id: str, logger) -> dict[s
     logger.log_dict({key: v for key, v in result.items() if key != "run_id"}, cas.CAS_ARTIFACT)
     tracking.end_run(run_id, "FINISHED")
     return result
+
+
+def _update_card(s: cas.CasSetup, result: dict[str, Any], run_id: str, echo) -> None:
+    """Put the figures on the folder's dataset card (a vaedist folder only: others have no card of ours)."""
+    if s.gen.manifest.get("format") != MANIFEST_FORMAT:
+        return
+    figures = {key: result[key] for key in ("cas", "real_accuracy", "ratio")}
+    problem = record_evaluation(s.where, s.gen.manifest, "cas", figures, run_id)
+    echo(f"  warning: {problem}" if problem else f"  dataset card updated: {s.where}/{CARD}")
 
 
 def evaluate_cas(
@@ -191,5 +204,6 @@ def evaluate_cas(
         raise
     result = _record_cas(s, synthetic, real, run_id, logger)
     echo(f"  CAS {synthetic.accuracy:.4f} / real {real.accuracy:.4f} = {result['ratio']:.3f}")
+    _update_card(s, result, run_id, echo)
     echo("  per class: " + "  ".join(f"{name}={acc:.2f}" for name, acc in result["per_class"].items()))
     return result

@@ -1,13 +1,15 @@
 """Batch generation: a trained (C)VAE -> one folder of labelled Parquet shards, on Ray Data.
 
-    plan (shard i -> sample ids, labels, seed) --map_batches(ShardWriter actors)--> part-NNNNN.parquet
-    _plan.json (written first)                                                     _manifest.json (last)
+    plan (shard i -> sample ids, labels, seed) --map_batches(ShardWriter actors)--> train-NNNNN-of-NNNNN.parquet
+    _plan.json (written first)                                         README.md (the dataset card), _manifest.json (last)
 
-Four rooms:
+The rooms:
 - :mod:`.plan`: what to generate (the plan, labels, rows per label, latents) and what to do with the
   output folder (:func:`~.plan.decide_action` -> :class:`~.plan.FolderAction`). Pure.
-- :mod:`.format`: the generated Parquet itself: columns, metadata, file names, manifest, PNG, the shard
-  table, and the readers (:func:`~.format.read_images`, :func:`~.format.read_generated`).
+- :mod:`.format`: the one definition of the generated folder: file names, columns, metadata (vaedist's and
+  the ``huggingface`` features), the shard table, the manifest; :mod:`.png` encodes the images;
+  :mod:`.reader` reads it all back (:func:`~.reader.read_images`, :func:`~.reader.read_generated`);
+  :mod:`.card` writes the Hub dataset card (``README.md``) and keeps evaluation figures on it.
 - :mod:`.writer`: the Ray Data actor pool that renders and writes shards, and the output folder's files.
 - :mod:`.driver`: ``run_generate``: prepare (every check, nothing written), write, record in MLflow.
 
@@ -21,6 +23,7 @@ mixed in. A complete folder is never rewritten without ``overwrite``. One genera
 Everything below is importable from ``vaedist.generate`` as before the split.
 """
 
+from vaedist.generate.card import record_evaluation
 from vaedist.generate.driver import (
     GRID_PER_LABEL,
     GenerateResult,
@@ -33,6 +36,7 @@ from vaedist.generate.driver import (
     sample_grid,
 )
 from vaedist.generate.format import (
+    CARD,
     COLUMNS,
     IMAGE_FORMATS,
     MANIFEST,
@@ -40,17 +44,15 @@ from vaedist.generate.format import (
     META,
     PART_RE,
     PLAN_FILE,
+    SHARD_GLOB,
     TMP_RE,
     UNCONDITIONAL_LABEL,
-    GeneratedSet,
     build_manifest,
-    decode_png,
-    encode_pngs,
+    dataset_digest,
     parquet_bytes,
     part_name,
-    read_generated,
-    read_images,
     schema,
+    shard_of,
     shard_table,
     write_atomic,
     write_folder,
@@ -70,6 +72,8 @@ from vaedist.generate.plan import (
     plan_labels,
     split_rows,
 )
+from vaedist.generate.png import decode_png, encode_pngs
+from vaedist.generate.reader import GeneratedSet, read_generated, read_images
 from vaedist.generate.writer import (
     SHARD_DELAY_ENV,
     ShardWriter,
@@ -84,12 +88,12 @@ from vaedist.generate.writer import (
 )
 
 __all__ = [
-    "COLUMNS", "GRID_PER_LABEL", "IMAGE_FORMATS", "MANIFEST", "MANIFEST_FORMAT", "MAX_ROWS", "META", "PART_RE",
-    "PLAN_FILE", "SHARD_DELAY_ENV", "TMP_RE", "UNCONDITIONAL_LABEL",
+    "CARD", "COLUMNS", "GRID_PER_LABEL", "IMAGE_FORMATS", "MANIFEST", "MANIFEST_FORMAT", "MAX_ROWS", "META", "PART_RE",
+    "PLAN_FILE", "SHARD_DELAY_ENV", "SHARD_GLOB", "TMP_RE", "UNCONDITIONAL_LABEL",
     "FolderAction", "GenerateResult", "GeneratedSet", "ModelFacts", "OutputState", "Plan", "Prepared", "ShardWriter",
-    "build_manifest", "build_plan", "check_writable", "configs_from_spec", "decide_action", "decode_images",
+    "build_manifest", "build_plan", "check_writable", "configs_from_spec", "dataset_digest", "decide_action", "decode_images",
     "decode_png", "describe", "encode_pngs", "inspect_output", "label_counts", "latents", "parquet_bytes",
-    "parse_labels", "part_name", "plan_labels", "prepare", "read_generated", "read_images",
+    "parse_labels", "part_name", "plan_labels", "prepare", "read_generated", "read_images", "record_evaluation",
     "resolve_out", "run_generate", "run_name", "run_shards", "sample_grid", "schema", "sha256_file",
-    "shard_table", "split_rows", "verify_part", "write_atomic", "write_folder", "write_part", "write_shard",
+    "shard_of", "shard_table", "split_rows", "verify_part", "write_atomic", "write_folder", "write_part", "write_shard",
 ]  # fmt: skip

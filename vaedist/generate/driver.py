@@ -16,7 +16,16 @@ import pyarrow.parquet as pq
 from vaedist.config import GenerateConfig, ResourcesConfig
 from vaedist.errors import UsageError, VaedistError, first_line
 from vaedist.generate import writer
-from vaedist.generate.format import MANIFEST, build_manifest, join, part_name, read_images, write_manifest
+from vaedist.generate.format import (
+    MANIFEST,
+    build_manifest,
+    dataset_digest,
+    dataset_name,
+    finish_folder,
+    join,
+    manifest_bytes,
+    part_name,
+)
 from vaedist.generate.plan import (
     FolderAction,
     ModelFacts,
@@ -26,6 +35,7 @@ from vaedist.generate.plan import (
     label_counts,
     plan_labels,
 )
+from vaedist.generate.reader import read_images
 
 GRID_PER_LABEL = 8  # samples per label in the MLflow picture
 
@@ -109,6 +119,7 @@ def build_plan(cfg: GenerateConfig) -> tuple[Plan, bytes, dict[str, str]]:
         image_format=cfg.image_format,
         image_shape=tuple(model.image_shape),
         latent_dim=model.latent_dim,
+        class_names=facts.class_names if facts.conditional else (),
     )
     return plan, model_bytes, info
 
@@ -223,7 +234,7 @@ def sample_grid(fs, root: str, plan: Plan, per_label: int = GRID_PER_LABEL) -> n
     h, w, c = plan.image_shape
     picked: dict[int, list[np.ndarray]] = {k: [] for k in plan.labels}
     for shard in range(plan.num_shards):
-        table = pq.read_table(join(root, part_name(shard)), filesystem=fs, columns=["label", "image"])
+        table = pq.read_table(join(root, part_name(shard, plan.num_shards)), filesystem=fs, columns=["label", "image"])
         images, labels = read_images(table), table["label"].to_numpy()
         for k in plan.labels:
             need = per_label - len(picked[k])
@@ -253,7 +264,7 @@ class _Written:
 
 def _write_shards(p: Prepared, actors, echo: Callable[[str], None]) -> _Written:
     """Run the actor pool over the shards still to write, printing progress at most once a second."""
-    done = _Written(writer.kept_summaries(p.fs, p.root, p.kept))
+    done = _Written(writer.kept_summaries(p.fs, p.root, p.plan, p.kept))
     total, last_echo = p.rows_todo, 0.0
     t0 = time.perf_counter()
     if p.todo:
@@ -355,7 +366,10 @@ def run_generate(
         writer.prepare_folder(p.fs, p.root, plan, p.state, p.action)
         done = _write_shards(p, actors, echo)
         manifest = build_manifest(plan, done.shards, p.model_info, _request(p.cfg))
-        write_manifest(p.fs, p.root, manifest)
+        finish_folder(p.fs, p.root, manifest)
+        # the folder as the run's dataset (context "generated"); evaluations log it again as their input
+        digest = dataset_digest(manifest_bytes(manifest))
+        tracking.log_dataset(run_id, dataset_name(p.uri), digest, p.uri, "generated")
         metrics = _metrics(p, done, manifest, actors.workers)
         logger.log_metrics(metrics, step=0)
         logger.log_image("generated_samples", sample_grid(p.fs, p.root, plan), step=0)
@@ -366,7 +380,7 @@ def run_generate(
     tracking.end_run(run_id)
     echo(
         f"done: {plan.total:,} rows in {plan.num_shards} shard(s), {manifest['bytes'] / plan.total:,.0f} bytes/image, "
-        f"{metrics['images_per_s']:,.0f} images/s; manifest {p.uri}/{MANIFEST}"
+        f"{metrics['images_per_s']:,.0f} images/s; dataset card {p.uri}/README.md, manifest {MANIFEST}"
     )
     return GenerateResult(
         p.uri, plan.hash, "written", plan.total, per_label, plan.num_shards, len(p.todo), manifest["bytes"],

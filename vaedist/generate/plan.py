@@ -29,7 +29,7 @@ import numpy as np
 
 from vaedist.config import GenerateConfig, ResourcesConfig, section_from_dict
 from vaedist.errors import UsageError
-from vaedist.generate.format import PART_RE, PLAN_FILE, UNCONDITIONAL_LABEL, part_name
+from vaedist.generate.format import PLAN_FILE, UNCONDITIONAL_LABEL, part_name, shard_of
 
 MAX_ROWS = 2**32  # sample ids and the label interleave are computed in uint64: (N - 1)^2 < 2^64
 
@@ -48,9 +48,10 @@ class Plan:
     seed: int
     temperature: float
     shard_rows: int
-    image_format: str  # raw | png
+    image_format: str  # one of config.IMAGE_FORMATS
     image_shape: tuple[int, int, int]  # (H, W, C)
     latent_dim: int
+    class_names: tuple[str, ...] = ()  # every class of the model by index (the ClassLabel); () unconditional
 
     @property
     def conditional(self) -> bool:
@@ -70,9 +71,10 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
-        values = {f.name: d[f.name] for f in fields(cls)}
-        for key in ("labels", "label_names", "counts", "image_shape"):
-            values[key] = tuple(values[key])
+        values = {f.name: d[f.name] for f in fields(cls) if f.name in d}  # plans before 0.5: no class_names
+        for key in ("labels", "label_names", "counts", "image_shape", "class_names"):
+            if key in values:
+                values[key] = tuple(values[key])
         return cls(**values)
 
     @property
@@ -269,12 +271,13 @@ class OutputState:
     parts: dict[int, str] = field(default_factory=dict)  # shard index -> part file name
     tmp: list[str] = field(default_factory=list)  # temporary files a killed attempt left
     foreign: list[str] = field(default_factory=list)  # anything vaedist does not write, sorted
+    extras: list[str] = field(default_factory=list)  # README.md, _evaluations.json: vaedist's beside a plan
     manifest: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None  # _plan.json
 
     @property
     def empty(self) -> bool:
-        return not (self.parts or self.tmp or self.foreign or self.manifest or self.plan)
+        return not (self.parts or self.tmp or self.foreign or self.extras or self.manifest or self.plan)
 
 
 def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -287,7 +290,7 @@ def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 def _absent_from_complete(state: OutputState) -> list[str]:
     """Files the manifest lists that the folder no longer holds."""
     listed = [s["file"] for s in state.manifest.get("shards", [])]
-    return [f for f in listed if not (m := PART_RE.fullmatch(f)) or int(m.group(1)) not in state.parts]
+    return [f for f in listed if (i := shard_of(f)) is None or state.parts.get(i) != f]
 
 
 def _decide_complete(state: OutputState, new: dict[str, Any], overwrite: bool, uri: str) -> FolderAction:
@@ -310,10 +313,12 @@ def _decide_complete(state: OutputState, new: dict[str, Any], overwrite: bool, u
 def decide_action(state: OutputState, plan: Plan, overwrite: bool, uri: str) -> FolderAction:
     """What to do with an output folder in ``state`` for ``plan``; UsageError (nothing written) for a
     folder holding other files, another plan (complete or not), or part files without their plan."""
-    if state.foreign:
-        more = f" and {len(state.foreign) - 1} more" if len(state.foreign) > 1 else ""
+    # a README.md without a plan or manifest beside it is somebody else's
+    foreign = state.foreign + (state.extras if state.plan is None and state.manifest is None else [])
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise UsageError(
-            f"--out {uri} holds files that are not from vaedist generate ({state.foreign[0]}{more}); "
+            f"--out {uri} holds files that are not from vaedist generate ({foreign[0]}{more}); "
             "use an empty or new folder"
         )
     new = plan.to_dict()
@@ -327,11 +332,9 @@ def decide_action(state: OutputState, plan: Plan, overwrite: bool, uri: str) -> 
                 f"--out {uri} holds an unfinished run of another plan ({first_difference(state.plan, new)}); "
                 "rerun it with the same arguments to finish it, or pass --overwrite to start over"
             )
-        extra = sorted(i for i in state.parts if i >= plan.num_shards)
+        extra = sorted(name for i, name in state.parts.items() if name != part_name(i, plan.num_shards))
         if extra:
-            raise UsageError(
-                f"--out {uri} holds {part_name(extra[0])}, which is not in its plan; pass --overwrite"
-            )
+            raise UsageError(f"--out {uri} holds {extra[0]}, which is not in its plan; pass --overwrite")
         return FolderAction.RESUME
     if state.parts:
         raise UsageError(

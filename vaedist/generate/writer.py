@@ -1,6 +1,6 @@
 """The writer: a Ray Data actor pool renders whole shards into the output folder; the folder's state.
 
-    shard indices --map_batches(ShardWriter actors)--> part-NNNNN.parquet (+ one summary row per shard)
+    shard indices --map_batches(ShardWriter actors)--> train-NNNNN-of-NNNNN.parquet (+ a summary row per shard)
 
 The decoder dominates, so each actor loads the model once and writes whole shards itself with pyarrow
 (Ray Data's ``write_parquet`` names files with a random id per write: a rerun would duplicate rows); only
@@ -30,8 +30,9 @@ import pyarrow.fs as pafs
 
 from vaedist.errors import UsageError, first_line
 from vaedist.generate.format import (
+    CARD,
+    EVALUATIONS,
     MANIFEST,
-    PART_RE,
     PLAN_FILE,
     TMP_RE,
     join,
@@ -39,6 +40,7 @@ from vaedist.generate.format import (
     part_name,
     plan_json,
     resolve_folder,
+    shard_of,
     write_atomic,
     write_part,
 )
@@ -82,7 +84,7 @@ def decode_images(
 def write_shard(
     model, plan: Plan, shard: int, fs, root: str, batch_size: int, device="cpu", threads=1
 ) -> dict:
-    """Render shard ``shard`` and write ``part-NNNNN.parquet``; returns its summary (rows, bytes, sha256)."""
+    """Render shard ``shard`` and write its file; returns its summary (rows, bytes, sha256)."""
     t0 = time.perf_counter()
     start, rows = plan.shard_range(shard)
     z = latents(plan.seed, start, rows, plan.latent_dim, plan.temperature)  # (rows, L)
@@ -194,14 +196,16 @@ def inspect_output(fs: pafs.FileSystem, root: str, uri: str) -> OutputState:
     state = OutputState()
     for entry in fs.get_file_info(pafs.FileSelector(root)):
         name, is_file = entry.base_name, entry.type == pafs.FileType.File
-        if is_file and (m := PART_RE.fullmatch(name)):
-            state.parts[int(m.group(1))] = name
+        if is_file and (i := shard_of(name)) is not None and i not in state.parts:
+            state.parts[i] = name
         elif is_file and TMP_RE.fullmatch(name):
             state.tmp.append(name)
         elif is_file and name == MANIFEST:
             state.manifest = _read_json(fs, entry.path, uri)
         elif is_file and name == PLAN_FILE:
             state.plan = _read_json(fs, entry.path, uri)
+        elif is_file and name in (CARD, EVALUATIONS):
+            state.extras.append(name)
         else:
             state.foreign.append(name + ("/" if entry.type == pafs.FileType.Directory else ""))
     state.foreign.sort()
@@ -226,7 +230,7 @@ def check_writable(root: str) -> None:
 
 def verify_part(fs, root: str, plan: Plan, shard: int) -> bool:
     """A part file from an earlier attempt is kept if its footer reads back with the right rows and plan."""
-    return part_matches(fs, root, shard, plan.shard_range(shard)[1], plan.hash)
+    return part_matches(fs, root, plan, shard)
 
 
 def _clear(fs, root: str, state: OutputState) -> None:
@@ -235,7 +239,7 @@ def _clear(fs, root: str, state: OutputState) -> None:
     names = ([MANIFEST] if state.manifest is not None else []) + (
         [PLAN_FILE] if state.plan is not None else []
     )
-    names += [state.parts[i] for i in sorted(state.parts)] + state.tmp
+    names += [state.parts[i] for i in sorted(state.parts)] + state.extras + state.tmp
     for name in names:
         fs.delete_file(join(root, name))
 
@@ -262,10 +266,10 @@ def sha256_file(fs, path: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def kept_summaries(fs, root: str, kept: list[int]) -> dict[int, dict[str, Any]]:
+def kept_summaries(fs, root: str, plan: Plan, kept: list[int]) -> dict[int, dict[str, Any]]:
     """{"bytes", "sha256"} of the shards an earlier attempt wrote, for the manifest."""
     out = {}
     for i in kept:
-        digest, size = sha256_file(fs, join(root, part_name(i)))
+        digest, size = sha256_file(fs, join(root, part_name(i, plan.num_shards)))
         out[i] = {"bytes": size, "sha256": digest}
     return out
