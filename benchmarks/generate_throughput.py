@@ -5,11 +5,13 @@ latent 16, depth 2) briefly trained on real MNIST so its digits are mostly black
 then
   1. decoder-only: ``model.generate`` at the pipeline's batch size and thread count, on N latents,
      measured before and after the end-to-end run (the mean is the limit, the spread the noise);
-  2. end to end: ``run_generate`` (Ray Data actor -> Parquet shards + manifest + MLflow), raw + zstd,
-     timed from the pipeline's start (actor start-up included) to the last shard;
-  3. PNG: the same through ``--image-format png`` on N/4 images, for its size and cost.
+  2. end to end, raw: ``run_generate`` (Ray Data actor -> Parquet shards + card + manifest + MLflow) with
+     ``--image-format raw`` (uint8 tensors + zstd), timed from the pipeline's start (actor start-up
+     included) to the last shard;
+  3. end to end, png (the default: the Hugging Face Image struct, PNG encoded in the actors): the same N.
 
-Goals: end-to-end >= 0.8x decoder-only; raw + zstd <= 0.5 byte per pixel.
+Goals: raw end to end >= 0.8x decoder-only, png >= 0.6x (on 2 cores PNG encoding competes with the
+decoder for the same CPUs); raw + zstd <= 0.5 byte per pixel.
 
     .venv/bin/python benchmarks/generate_throughput.py            # N = 200,000
     .venv/bin/python benchmarks/generate_throughput.py --n 20000  # a quick look
@@ -115,7 +117,7 @@ def main() -> None:
     raw, raw_command_rate = generate("raw", args.n, "raw")
     after = decoder_only(ckpt, args.n, args.batch_size, threads)
     print(f"decoder-only again: {after:,.0f} images/s")
-    png, _ = generate("png", max(args.shard_rows, args.n // 4), "png")
+    png, _ = generate("png", args.n, "png")
     sys.exit(report(args, before, after, raw, raw_command_rate, png))
 
 
@@ -139,14 +141,19 @@ def report(args, before: float, after: float, raw, raw_command_rate: float, png)
         f"end_to_end_steady_images_per_s: {steady:,.0f} (after start-up: {steady / limit:.2f}x decoder-only)"
     )
     print(f"whole_command_images_per_s: {raw_command_rate:,.0f} (with model resolution, MLflow, sample grid)")
-    print(f"png_images_per_s: {png.images_per_s:,.0f}")
+    print(f"png_images_per_s: {png.images_per_s:,.0f} ({png.seconds:.1f} s, start-up {png.startup_seconds:.1f} s)")
     print(f"raw_zstd_bytes_per_image: {raw.bytes / raw.rows:,.1f}")
     print(f"png_bytes_per_image: {png.bytes / png.rows:,.1f}")
     print(f"end_to_end_ratio: {raw.images_per_s / limit:.2f} (goal >= 0.8)")
+    print(f"png_end_to_end_ratio: {png.images_per_s / limit:.2f} (goal >= 0.6)")
     # The same ratio measured inside the run (decoder seconds / wall seconds): immune to other load.
     print(f"decoder_busy_fraction: {raw.decoder_busy_fraction:.2f} (goal >= 0.8)")
     print(f"raw_zstd_bytes_per_pixel: {raw.bytes / raw.rows / pixels:.3f} (goal <= 0.5)")
-    ok = raw.images_per_s / limit >= 0.8 and raw.bytes / raw.rows / pixels <= 0.5
+    ok = (
+        raw.images_per_s / limit >= 0.8
+        and png.images_per_s / limit >= 0.6
+        and raw.bytes / raw.rows / pixels <= 0.5
+    )
     return 0 if ok or math.isnan(limit) else 1
 
 
