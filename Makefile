@@ -54,7 +54,8 @@ lint: $(VENV)/.dev
 # Re-pin every dependency after changing pyproject.toml (run in a fresh venv).
 lock: $(VENV)/.dev
 	$(BIN)/pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/' > constraints.body
-	{ sed -n '/^#/p' constraints.txt; cat constraints.body; } > constraints.txt && rm constraints.body
+	{ sed -n '/^#/p' constraints.txt; cat constraints.body; } > constraints.new  # not > constraints.txt: it is still being read
+	mv constraints.new constraints.txt && rm constraints.body
 
 clean:
 	rm -rf $(VENV) mlflow.db mlartifacts vaedist-runs out .pytest_cache
