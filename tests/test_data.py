@@ -55,7 +55,7 @@ def test_registry_facts():
 
 
 def test_unknown_dataset_is_a_usage_error(tmp_path):
-    msg = "unknown dataset 'foo' (choose from: mnist, fashion-mnist, cifar10)"
+    msg = "unknown dataset 'foo' (choose from: mnist, fashion-mnist, cifar10; or a path to an image folder or Parquet table, e.g. ./my-images)"
     for call in (
         lambda: get_spec("foo"),
         lambda: load_split("foo", "train", tmp_path),

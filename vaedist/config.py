@@ -69,7 +69,13 @@ class DataConfig:
     val_size: int = 5000
 
     def __post_init__(self) -> None:
-        _check_choice(self.dataset, DATASET_NAMES, "data.dataset")
+        from vaedist.data.sources import absolute, is_path
+
+        if isinstance(self.dataset, str) and is_path(self.dataset):
+            # the same folder from any working directory (Ray workers, a later generate); options checked
+            object.__setattr__(self, "dataset", absolute(self.dataset))
+        else:
+            _check_choice(self.dataset, DATASET_NAMES, "data.dataset")
         _check_int(self.val_size, "data.val_size", 1)
 
 
@@ -179,12 +185,19 @@ class ExperimentConfig:
         h, w, _ = spec.image_shape
         if self.model.arch == "conv":
             side = 2**self.model.depth
+            near = "x".join(str(max(side, round(d / side) * side)) for d in (h, w))  # the nearest that works
+            resize = f", or --image-size {near}" if spec.from_path else ""
             _check(
                 h % side == 0 and w % side == 0,
                 "model.depth",
                 f"{self.model.depth} stride-2 blocks need an image side divisible by {side}, "
-                f"but {self.data.dataset} is {h}x{w} (use depth <= {_max_depth(h, w)})",
+                f"but {spec.name} is {h}x{w} (use depth <= {_max_depth(h, w)}{resize})",
             )
+        _check(
+            spec.num_classes > 0 or not self.model.conditional,
+            "model.variant",
+            f"cvae needs labelled images, but {spec.name} has none (no class folders): use vae or ae",
+        )
         if self.model.likelihood == "bernoulli" and spec.image_shape[2] == 3:
             raise ConfigError(
                 "model.likelihood: 'bernoulli' needs black-and-white images; use 'logistic' or 'gaussian' "

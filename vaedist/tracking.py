@@ -54,11 +54,16 @@ def shown_uri(uri: str | None = None) -> str:
 
 
 def experiment_name(dataset: str) -> str:
-    return f"vaedist/{dataset}"
+    """vaedist/<name>: a built-in dataset's name, or a path dataset's (``name=`` option, else its stem)."""
+    from vaedist.data.sources import display_name
+
+    return f"vaedist/{display_name(dataset)}"
 
 
 def registered_model_name(dataset: str) -> str:
-    return f"vaedist-{dataset}"
+    from vaedist.data.sources import display_name
+
+    return f"vaedist-{display_name(dataset)}"
 
 
 def _mlflow():

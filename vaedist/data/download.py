@@ -44,7 +44,7 @@ def _resolve(name: str, root: str | os.PathLike | None, spec: DatasetSpec | None
     """The spec to use (`spec` overrides the registry, for tests and private mirrors) and its folder."""
     if spec is None:
         spec = get_spec(name)
-    elif name != spec.name:
+    elif name not in (spec.name, spec.source):
         raise UsageError(f"dataset name {name!r} does not match the spec passed in ({spec.name!r})")
     base = Path(root).expanduser() if root is not None else default_data_dir()
     return spec, base / spec.name

@@ -152,6 +152,10 @@ def _load_arrays(spec: DatasetSpec, folder: str) -> tuple[np.ndarray, np.ndarray
     Keyed on the spec itself (hashable, frozen) so a patched spec never sees another spec's arrays.
     """
     base = Path(folder)
+    if spec.from_path:  # the user's images, decoded once into the cache
+        from vaedist.data.custom import load_arrays
+
+        return load_arrays(spec)
     if spec.format == "idx":
         tri, trl, tei, tel = (read_idx(base / fs.filename) for fs in spec.files)
         # IDX images are (N, H, W); add the channel axis (a view, still C-contiguous).
@@ -225,11 +229,15 @@ def load_split(
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r} (choose from: {', '.join(SPLITS)})")
     spec, folder = _resolve(name, root, spec)
-    ensure_files(spec.name, folder.parent, download=download, progress=progress, spec=spec)
-    key = str(folder.resolve())
+    if not spec.from_path:
+        ensure_files(spec.name, folder.parent, download=download, progress=progress, spec=spec)
+    key = spec.source or str(folder.resolve())
     if split in ("train", "val"):
+        n_train = len(_load_arrays(spec, key)[1])
+        if spec.from_path and val_size == DEFAULT_VAL_SIZE:  # the user's images: a tenth, at most the default
+            val_size = min(val_size, max(1, n_train // 10))
         # Checked against the rows actually read (a patched spec need not state train_size right).
-        _check_val_size(val_size, len(_load_arrays(spec, key)[1]), spec.name)
+        _check_val_size(val_size, n_train, spec.name)
         val_size = int(val_size)
     return _split(spec, key, split, val_size)
 
@@ -249,16 +257,19 @@ def dataset_info(
     'splits' is empty unless ready.
     """
     spec, folder = _resolve(name, root, spec)
-    files = verify(spec.name, folder.parent, spec=spec)
+    files = {} if spec.from_path else verify(spec.name, folder.parent, spec=spec)
     ready = all(s == "ok" for s in files.values())
+    if spec.from_path:
+        folder = spec.source.partition("?")[0]
     splits: dict[str, dict] = {}
     if ready:
         for split in ("train", "val", "test"):
-            images, labels = load_split(spec.name, split, folder.parent, val_size, download=False, spec=spec)
+            images, labels = load_split(spec.source or spec.name, split, Path(folder).parent, val_size,
+                                        download=False, spec=spec)  # fmt: skip
             splits[split] = {
                 "count": int(len(labels)),
                 "image_shape": tuple(int(d) for d in images.shape[1:]),
-                "class_counts": np.bincount(labels, minlength=spec.num_classes).tolist(),
+                "class_counts": np.bincount(labels[labels >= 0], minlength=spec.num_classes).tolist(),
             }
     return {
         "name": spec.name,

@@ -28,7 +28,9 @@ class DatasetSpec:
 
     `files` order matters to the readers:
       - format 'idx': (train images, train labels, test images, test labels), each a gzipped IDX file;
-      - format 'cifar-pickle': (the `cifar-10-python.tar.gz` tarball,).
+      - format 'cifar-pickle': (the `cifar-10-python.tar.gz` tarball,);
+      - formats 'image-folder' and 'parquet' (the user's images, :mod:`vaedist.data.custom`): no files;
+        `source` is the dataset string and `digest` the fingerprint of its files and options.
     `image_shape` is (H, W, C); images are always handed out as uint8 NHWC.
     Frozen and made of tuples so a spec is hashable: the in-process caches key on it.
     """
@@ -42,6 +44,12 @@ class DatasetSpec:
     default_likelihood: str
     train_size: int
     test_size: int
+    source: str = ""  # a path dataset's string (location and options); "" for the built-in ones
+    digest: str = ""  # a path dataset's fingerprint (vaedist.data.custom.fingerprint)
+
+    @property
+    def from_path(self) -> bool:
+        return bool(self.source)
 
     @property
     def num_classes(self) -> int:
@@ -51,6 +59,8 @@ class DatasetSpec:
     def fingerprint(self) -> str:
         """16 hex digits that change whenever the data could: the official files' md5s, shape and classes.
         Runs, models and manifests record it; MLflow shows it as the dataset's digest."""
+        if self.digest:
+            return self.digest
         facts = [self.name, self.format, *map(str, self.image_shape), *self.class_names]
         facts += [f"{f.filename}:{f.md5}:{f.size}" for f in self.files]
         return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
@@ -152,8 +162,18 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The registered spec for `name`; UsageError (exit 2) naming the choices if unknown."""
+    """The registered spec for `name`, or the spec of a path dataset (listed, and decoded into the cache
+    the first time: :func:`vaedist.data.custom.spec_for`); UsageError (exit 2) naming the choices if unknown."""
+    from vaedist.data.sources import is_path
+
+    if isinstance(name, str) and is_path(name):
+        from vaedist.data.custom import spec_for
+
+        return spec_for(name)
     try:
         return DATASETS[name]
     except (KeyError, TypeError):
-        raise UsageError(f"unknown dataset {name!r} (choose from: {', '.join(DATASETS)})") from None
+        raise UsageError(
+            f"unknown dataset {name!r} (choose from: {', '.join(DATASETS)}; or a path to an image folder or "
+            "Parquet table, e.g. ./my-images)"
+        ) from None

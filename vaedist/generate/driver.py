@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from vaedist.config import GenerateConfig, ResourcesConfig
 from vaedist.errors import UsageError, VaedistError, first_line
@@ -35,7 +34,7 @@ from vaedist.generate.plan import (
     label_counts,
     plan_labels,
 )
-from vaedist.generate.reader import read_images
+from vaedist.generate.reader import read_shard
 
 GRID_PER_LABEL = 8  # samples per label in the MLflow picture
 
@@ -234,8 +233,7 @@ def sample_grid(fs, root: str, plan: Plan, per_label: int = GRID_PER_LABEL) -> n
     h, w, c = plan.image_shape
     picked: dict[int, list[np.ndarray]] = {k: [] for k in plan.labels}
     for shard in range(plan.num_shards):
-        table = pq.read_table(join(root, part_name(shard, plan.num_shards)), filesystem=fs, columns=["label", "image"])
-        images, labels = read_images(table), table["label"].to_numpy()
+        images, labels = read_shard(fs, join(root, part_name(shard, plan.num_shards)))
         for k in plan.labels:
             need = per_label - len(picked[k])
             if need > 0:
@@ -373,7 +371,7 @@ def run_generate(
         metrics = _metrics(p, done, manifest, actors.workers)
         logger.log_metrics(metrics, step=0)
         logger.log_image("generated_samples", sample_grid(p.fs, p.root, plan), step=0)
-        logger.log_dict(manifest, "generate/_manifest.json")
+        logger.log_dict(manifest, f"generate/{MANIFEST}")
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise

@@ -54,6 +54,12 @@ def _png_blobs(col: pa.Array) -> list | None:
     return None
 
 
+def read_shard(fs, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (n, H, W, C), labels int64 (n,)) of one shard file."""
+    table = pq.read_table(path, filesystem=fs, columns=["label", "image"])
+    return read_images(table), table["label"].to_numpy().astype(np.int64)
+
+
 def read_images(data: Any, shape: tuple[int, int, int] | None = None) -> np.ndarray:
     """uint8 (N, H, W, C) from generated rows, whichever ``image_format`` wrote them.
 

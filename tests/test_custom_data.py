@@ -1,0 +1,216 @@
+"""The user's own images as datasets: image folders and Parquet tables (one written by Hugging Face
+datasets itself), the shape rule, the cache, bad input; then (slow) the real CIFAR-10 JPEG folder, and a
+conv CVAE trained on a folder and on a datasets-written Parquet, generating rows with the folder's names.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from vaedist.config import experiment_from_dict
+from vaedist.data import dataset_info, get_spec, load_split
+from vaedist.data.custom import spec_for
+from vaedist.errors import UsageError
+
+
+@pytest.fixture(autouse=True)
+def decoded_cache(tmp_path, monkeypatch):
+    """A cache of decoded datasets of the test's own, and no spec remembered from another test."""
+    monkeypatch.setenv("VAEDIST_CACHE_DIR", str(tmp_path / "decoded"))
+    spec_for.cache_clear()
+    yield tmp_path / "decoded"
+    spec_for.cache_clear()
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _folder(root: Path, classes=("cat", "ant", "bee"), per_class=20, size=(8, 8), mode="L", seed=0) -> dict:
+    """ROOT/<class>/<i>.png with random pixels; {relative path: pixels}."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            shape = (*size, 3) if mode == "RGB" else size
+            arr = rng.integers(0, 256, shape, dtype=np.uint8)
+            Image.fromarray(arr).save(root / name / f"{i:03d}.png")
+            written[f"{name}/{i:03d}.png"] = arr
+    return written
+
+
+def test_an_image_folder_is_a_dataset_with_sorted_classes_and_a_carved_test_split(tmp_path):
+    written = _folder(tmp_path / "bugs")
+    spec = get_spec(str(tmp_path / "bugs"))
+    assert spec.name == "bugs" and spec.class_names == ("ant", "bee", "cat")  # sorted: the ImageFolder rule
+    assert spec.image_shape == (8, 8, 1) and spec.format == "image-folder"
+    assert (spec.train_size, spec.test_size) == (54, 6)  # a tenth carved for test
+    x_tr, y_tr = load_split(spec.source, "train_full")
+    x_te, y_te = load_split(spec.source, "test")
+    x_val, _ = load_split(spec.source, "val")
+    assert len(x_val) == 5 and len(load_split(spec.source, "train")[1]) == 49  # val: a tenth of train
+    every = {arr.tobytes(): ("ant", "bee", "cat").index(rel.split("/")[0]) for rel, arr in written.items()}
+    for x, y in ((x_tr, y_tr), (x_te, y_te)):
+        assert [every[im[:, :, 0].tobytes()] for im in x] == y.tolist()  # each image with its folder's label
+    assert spec.fingerprint == get_spec(str(tmp_path / "bugs")).fingerprint  # deterministic
+    info = dataset_info(str(tmp_path / "bugs"))
+    assert info["splits"]["test"]["class_counts"] == np.bincount(y_te, minlength=3).tolist()
+
+
+def test_split_folders_are_kept_and_validation_joins_train(tmp_path):
+    _folder(tmp_path / "s" / "train", per_class=5)
+    _folder(tmp_path / "s" / "validation", per_class=2, seed=1)
+    _folder(tmp_path / "s" / "test", classes=("ant", "cat"), per_class=3, seed=2)
+    spec = get_spec(str(tmp_path / "s"))
+    assert spec.class_names == ("ant", "bee", "cat") and (spec.train_size, spec.test_size) == (21, 6)
+    assert sorted(set(load_split(spec.source, "test")[1].tolist())) == [0, 2]
+
+
+def test_sizes_must_agree_unless_image_size_is_given(tmp_path):
+    _folder(tmp_path / "m", classes=("a",), per_class=3, size=(10, 12))
+    _folder(tmp_path / "m", classes=("b",), per_class=3, size=(20, 8), mode="RGB", seed=1)
+    with pytest.raises(UsageError, match=r"images differ in size: a/000.png is 10x12, b/000.png is 20x8; pass --image-size"):
+        get_spec(str(tmp_path / "m"))
+    spec = get_spec(f"{tmp_path / 'm'}?image_size=16x16")
+    assert spec.image_shape == (16, 16, 3)  # one colour image: all RGB
+    grey = get_spec(f"{tmp_path / 'm'}?image_size=6&channels=1&name=mixed")
+    assert grey.image_shape == (6, 6, 1) and grey.name == "mixed" and grey.fingerprint != spec.fingerprint
+
+
+def test_the_shape_rule_covers_then_crops_the_centre():
+    from vaedist.data.images import fit
+
+    arr = np.zeros((10, 40), np.uint8)
+    arr[:, 18:22] = 255  # a white band in the middle of a wide image
+    out = fit(Image.fromarray(arr), (20, 20), None)
+    assert out.shape == (20, 20, 1)  # 10x40 -> 20x80 (the short side covers 20), then columns 30..49
+    assert out[:, 8:12].min() > 200 and out[:, :3].max() < 60 and out[:, -3:].max() < 60  # band at 6..13
+
+
+def test_a_parquet_written_by_hugging_face_datasets(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    rng = np.random.default_rng(3)
+    arrays = rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    features = datasets.Features({"img": datasets.Image(), "kind": datasets.ClassLabel(names=["x", "y", "z"])})
+    ds = datasets.Dataset.from_dict(
+        {"img": [Image.fromarray(a) for a in arrays], "kind": [i % 3 for i in range(12)]}, features=features
+    )
+    ds.to_parquet(str(tmp_path / "hf.parquet"))
+    with pytest.raises(UsageError, match=r"has no 'image' column \(it has: img, kind\); pass --image-column"):
+        get_spec(str(tmp_path / "hf.parquet"))
+    spec = get_spec(f"{tmp_path / 'hf.parquet'}?image_column=img&label_column=kind&test_size=3")
+    assert spec.name == "hf" and spec.class_names == ("x", "y", "z") and spec.image_shape == (8, 8, 3)
+    x, y = load_split(spec.source, "train_full")
+    tx, ty = load_split(spec.source, "test")
+    got = {a.tobytes(): int(lab) for a, lab in zip(np.concatenate([x, tx]), np.concatenate([y, ty]), strict=True)}
+    assert got == {a.tobytes(): i % 3 for i, a in enumerate(arrays)}
+
+
+def test_string_labels_become_sorted_classes_and_bad_labels_are_refused(tmp_path):
+    images = [_png(np.full((4, 4), v, np.uint8)) for v in range(6)]
+    labels = ["dog", "cat", "dog", "eel", "cat", "dog"]
+    pq.write_table(pa.table({"image": images, "label": labels}), tmp_path / "s.parquet")
+    spec = get_spec(str(tmp_path / "s.parquet") + "?test_size=1")
+    assert spec.class_names == ("cat", "dog", "eel")
+    pq.write_table(pa.table({"image": images, "label": [0, 1, -1, 0, 1, 0]}), tmp_path / "neg.parquet")
+    with pytest.raises(UsageError, match="label -1 is outside 0..1"):
+        get_spec(str(tmp_path / "neg.parquet"))
+
+
+def test_a_generated_folder_trains_like_any_table(tmp_path):
+    from vaedist import generate as G
+
+    plan = G.Plan("m", "", "0" * 64, "x", (0, 2), ("zero", "two"), (5, 5), 0, 1.0, 4, "png", (6, 6, 1), 2,
+                  ("zero", "one", "two"))  # fmt: skip
+    images = np.random.default_rng(0).integers(0, 256, (10, 6, 6, 1), dtype=np.uint8)
+    G.write_folder(str(tmp_path / "synth"), plan, images, G.latents(0, 0, 10, 2))
+    spec = get_spec(str(tmp_path / "synth") + "?test_size=2")
+    assert spec.class_names == ("zero", "one", "two") and spec.format == "parquet"  # the ClassLabel's names
+    x, y = load_split(spec.source, "train_full")
+    assert len(y) == 8 and set(y.tolist()) <= {0, 2}
+
+
+def test_a_second_load_reads_the_cache_and_changed_files_are_decoded_again(tmp_path, decoded_cache):
+    _folder(tmp_path / "c", per_class=4)
+    first = get_spec(str(tmp_path / "c"))
+    x1 = np.array(load_split(first.source, "train_full")[0])
+    assert (decoded_cache / first.fingerprint / "meta.json").exists()
+    victim = tmp_path / "c" / "bee" / "001.png"
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # unreadable, same size: the listing is unchanged
+    spec_for.cache_clear()
+    assert np.array_equal(load_split(get_spec(str(tmp_path / "c")).source, "train_full")[0], x1)  # not decoded
+    victim.write_bytes(b"not a png")  # another size: decoded again, and refused
+    spec_for.cache_clear()
+    with pytest.raises(UsageError, match=r"c/bee/001.png is not a readable image .*pass --skip-bad-images"):
+        get_spec(str(tmp_path / "c"))
+    skipping = get_spec(str(tmp_path / "c") + "?skip_bad_images=true")
+    assert skipping.train_size + skipping.test_size == 11
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("missing", "does not exist"),
+        ("empty", "is empty: put images in ROOT/<class>/"),
+        ("no-images", "has no images (.png"),
+        ("empty-class", "class folder"),
+        ("no-label-column", "has no 'label' column (it has: image, y); pass --label-column"),
+    ],
+)
+def test_bad_sources_are_one_line(tmp_path, layout, message):
+    root = tmp_path / "d"
+    if layout == "empty":
+        root.mkdir()
+    elif layout == "no-images":
+        root.mkdir()
+        (root / "notes.txt").write_text("hi")
+    elif layout == "empty-class":
+        _folder(root, classes=("a",), per_class=2)
+        (root / "b").mkdir()
+    elif layout == "no-label-column":
+        root.mkdir()
+        pq.write_table(pa.table({"image": [_png(np.zeros((2, 2), np.uint8))], "y": [0]}), root / "t.parquet")
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        get_spec(str(root))
+
+
+def test_model_checks_name_the_fix(tmp_path):
+    _folder(tmp_path / "odd", classes=("a", "b"), per_class=3, size=(30, 30))
+    base = {"data": {"dataset": str(tmp_path / "odd")}, "model": {"arch": "conv", "depth": 2}}
+    with pytest.raises(UsageError, match=r"need an image side divisible by 4, but odd is 30x30 .*--image-size 32x32"):
+        experiment_from_dict(base)
+    for name in ("x.png", "y.png"):
+        shutil.copy(tmp_path / "odd" / "a" / "000.png", tmp_path / name)
+    (tmp_path / "flat").mkdir()
+    for name in ("x.png", "y.png"):
+        shutil.move(tmp_path / name, tmp_path / "flat" / name)
+    flat = {"data": {"dataset": str(tmp_path / "flat") + "?image_size=32&test_size=1"}, "model": {"variant": "cvae"}}
+    with pytest.raises(UsageError, match="cvae needs labelled images, but flat has none"):
+        experiment_from_dict(flat)
+    assert experiment_from_dict({**flat, "model": {"variant": "vae"}}).data.dataset.startswith(str(tmp_path))
+
+
+def test_a_relative_path_is_made_absolute_in_the_config(tmp_path, monkeypatch):
+    _folder(tmp_path / "rel", classes=("a", "b"), per_class=5, size=(8, 8))
+    monkeypatch.chdir(tmp_path)
+    cfg = experiment_from_dict({"data": {"dataset": "./rel?name=mine"}, "model": {"arch": "dense"}})
+    assert cfg.data.dataset == f"{tmp_path / 'rel'}?name=mine"
+    from vaedist import tracking
+
+    assert tracking.experiment_name(cfg.data.dataset) == "vaedist/mine"
+    assert tracking.registered_model_name(cfg.data.dataset) == "vaedist-mine"
+    assert os.path.isabs(get_spec(cfg.data.dataset).source.partition("?")[0])
