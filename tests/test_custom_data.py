@@ -214,3 +214,106 @@ def test_a_relative_path_is_made_absolute_in_the_config(tmp_path, monkeypatch):
     assert tracking.experiment_name(cfg.data.dataset) == "vaedist/mine"
     assert tracking.registered_model_name(cfg.data.dataset) == "vaedist-mine"
     assert os.path.isabs(get_spec(cfg.data.dataset).source.partition("?")[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Real CIFAR-10 content (../shared/data/cifar10-jpeg), real Ray, real MLflow
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg(data_dir) -> Path:
+    path = data_dir / "cifar10-jpeg"
+    if not (path / "train" / "cat").is_dir():
+        pytest.fail(f"the CIFAR-10 JPEG folder is not at {path} (../shared/data/cifar10-jpeg in CI)", pytrace=False)
+    return path
+
+
+def _subset(src: Path, dst: Path, classes=("cat", "dog", "ship"), train=300, test=60) -> Path:
+    for split, n in (("train", train), ("test", test)):
+        for name in classes:
+            (dst / split / name).mkdir(parents=True)
+            for f in sorted((src / split / name).iterdir())[:n]:
+                shutil.copy(f, dst / split / name / f.name)
+    return dst
+
+
+@pytest.mark.slow
+def test_data_info_shows_the_cifar10_jpeg_folder(cifar_jpeg, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VAEDIST_CACHE_DIR": str(tmp_path / "decoded")}
+    out = subprocess.run([sys.executable, "-m", "vaedist", "data", "info", str(cifar_jpeg)], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "cifar10-jpeg" in text and "train  45000 images 32x32x3" in text and "val     5000" in text
+    assert "test   10000 images 32x32x3" in text and "50,000 training images (train + val)" in text
+    assert "airplane=1000, automobile=1000, bird=1000, cat=1000" in text  # the test split, ImageFolder order
+    assert "test split: given" in text
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _train_and_generate(dataset: str, tmp_path: Path):
+    from vaedist import generate as G
+    from vaedist.config import GenerateConfig
+    from vaedist.train import run_training
+
+    cfg = experiment_from_dict({
+        "data": {"dataset": dataset},
+        "model": {"variant": "cvae", "arch": "conv", "base_channels": 8, "latent_dim": 8, "likelihood": "logistic"},
+        "train": {"epochs": 1, "batch_size": 128}, "resources": {"workers": 1},
+    })  # fmt: skip
+    result = run_training(cfg, name="own", storage=str(tmp_path / "runs"), echo=lambda *_: None)
+    out = tmp_path / "synth"
+    G.run_generate(GenerateConfig(model=result.model_uri, out=str(out), per_label=4), echo=lambda *_: None)
+    return result, G.read_generated(str(out))
+
+
+@pytest.mark.slow
+def test_a_conv_cvae_trains_on_a_folder_and_generates_its_class_names(cifar_jpeg, local_ray, mlflow_store, tmp_path):
+    folder = _subset(cifar_jpeg, tmp_path / "pets3")
+    result, gen = _train_and_generate(str(folder), tmp_path)
+    assert result.model_uri.startswith("models:/vaedist-pets3/")
+    run = mlflow_store.get_run(result.run_id)
+    assert mlflow_store.get_experiment(run.info.experiment_id).name == "vaedist/pets3"
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"pets3-train", "pets3-validation"}
+    assert gen.label_names == {0: ["cat"], 1: ["dog"], 2: ["ship"]} and gen.images.shape[1:] == (32, 32, 3)
+
+
+@pytest.mark.slow
+def test_a_conv_cvae_trains_on_a_parquet_written_by_datasets(cifar_jpeg, local_ray, mlflow_store, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    folder = _subset(cifar_jpeg, tmp_path / "src", classes=("bird", "frog"), train=200, test=0)
+    files = sorted((folder / "train").rglob("*.jpg"))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["bird", "frog"])})
+    ds = datasets.Dataset.from_dict({"image": [str(f) for f in files],
+                                     "label": [0 if f.parent.name == "bird" else 1 for f in files]}, features=features)  # fmt: skip
+    (tmp_path / "birds").mkdir()
+    ds.to_parquet(str(tmp_path / "birds" / "train-00000-of-00001.parquet"))
+    result, gen = _train_and_generate(str(tmp_path / "birds"), tmp_path)
+    assert result.model_uri.startswith("models:/vaedist-birds/")
+    assert gen.label_names == {0: ["bird"], 1: ["frog"]}

@@ -160,7 +160,7 @@ def test_folders_of_earlier_versions_stay_readable(tmp_path):
     assert gen.labels.dtype == np.int64 and gen.image_format == "png"
 
 
-def test_a_folder_with_an_image_stored_by_path_is_refused(tmp_path):
+def test_a_generated_folder_with_an_image_stored_by_path_is_refused(tmp_path):
     folder = tmp_path / "gen"
     _write(folder, _plan(counts=(3, 2)))
     name = G.part_name(0, 1)

@@ -271,8 +271,16 @@ def dataset_info(
                 "image_shape": tuple(int(d) for d in images.shape[1:]),
                 "class_counts": np.bincount(labels[labels >= 0], minlength=spec.num_classes).tolist(),
             }
+    meta = {}
+    if spec.from_path:
+        from vaedist.data.cache import load_meta
+
+        meta = load_meta(spec.digest) or {}
     return {
         "name": spec.name,
+        "fingerprint": spec.fingerprint,
+        "test_split": meta.get("test_split", "official"),
+        "skipped": meta.get("skipped", []),
         "folder": str(folder),
         "format": spec.format,
         "image_shape": spec.image_shape,

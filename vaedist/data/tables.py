@@ -86,19 +86,35 @@ def _read_file(fs, path: str, rel: str, opts: SourceOptions) -> tuple[pa.Table, 
     return pq.read_table(path, columns=[opts.image_column, opts.label_column], filesystem=fs), schema
 
 
-def _sources(column: pa.ChunkedArray, rel: str) -> list[bytes] | np.ndarray:
+def _by_path(fs, folder: str, path: str | None, rel: str) -> bytes:
+    """An Image struct without bytes: its file, absolute or relative to the table's folder (what
+    ``datasets.Dataset.to_parquet`` writes for images it was given as local files)."""
+    if not path:
+        raise UsageError(f"{rel}: an image has neither bytes nor a path")
+    full = path if path.startswith("/") or "://" in path else f"{folder}/{path}"
+    try:
+        with fs.open_input_file(full) as f:
+            return f.read()
+    except OSError:
+        raise UsageError(f"{rel}: image file {path} (stored by path) is not readable") from None
+
+
+def _sources(column: pa.ChunkedArray, rel: str, fs, folder: str) -> list[bytes] | np.ndarray:
     """Encoded images (bytes) of a column, or uint8 (N, H, W, C) when it holds tensors."""
     col = column.combine_chunks()
     if isinstance(col.type, pa.FixedShapeTensorType):
         arr = np.asarray(col.to_numpy_ndarray(), dtype=np.uint8)
         return arr[..., None] if arr.ndim == 3 else arr
+    paths = None
     if pa.types.is_struct(col.type) and col.type.get_field_index("bytes") >= 0:
+        paths = col.field("path").to_pylist() if col.type.get_field_index("path") >= 0 else None
         col = col.field("bytes")
     if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
         raise UsageError(f"{rel}: image column of type {column.type} holds neither encoded images nor tensors")
     blobs = col.to_pylist()
-    if any(b is None for b in blobs):
-        raise UsageError(f"{rel}: an image has no bytes (images stored only by path are not read)")
+    for i, blob in enumerate(blobs):
+        if blob is None:
+            blobs[i] = _by_path(fs, folder, paths[i] if paths else None, rel)
     return blobs
 
 
@@ -133,7 +149,8 @@ def read_rows(location: str, listing: Listing, split: str, opts: SourceOptions, 
     for rel, _, _ in listing.files.get(split, []):
         table, schema = _read_file(fs, root if single else f"{root}/{rel}", rel, opts)
         declared = declared or _class_label_names(schema, opts.label_column)
-        sources.append(_sources(table.column(opts.image_column), rel))
+        path = root if single else f"{root}/{rel}"
+        sources.append(_sources(table.column(opts.image_column), rel, fs, path.rsplit("/", 1)[0]))
         raw_labels += table.column(opts.label_column).to_pylist()
         names += [f"{rel} row {i}" for i in range(table.num_rows)]
     if classes and raw_labels and isinstance(raw_labels[0], str):
