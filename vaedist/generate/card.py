@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import yaml
 
+from vaedist.data.sources import display_name
 from vaedist.generate.format import (
     CARD,
     EVALUATIONS,
@@ -51,7 +52,7 @@ def _features_yaml(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 def header(manifest: dict[str, Any]) -> dict[str, Any]:
     """The card's YAML metadata. A raw-format folder declares no features: datasets cannot read its tensors."""
     meta: dict[str, Any] = {
-        "pretty_name": f"vaedist synthetic {manifest['dataset']}",
+        "pretty_name": f"vaedist synthetic {display_name(manifest['dataset'])}",
         "tags": ["synthetic", "image", "vaedist", "vae"],
         "configs": [{"config_name": "default", "data_files": [{"split": SPLIT, "path": SHARD_GLOB}]}],
     }
@@ -141,7 +142,7 @@ def _evaluation_lines(evaluations: dict[str, Any], folder: str) -> list[str]:
 def render(manifest: dict[str, Any], evaluations: dict[str, Any], folder: str) -> str:
     """The whole card: YAML header between ``---`` lines, then the body (Markdown)."""
     body = [
-        f"# Synthetic {manifest['dataset']} images from a vaedist model",
+        f"# Synthetic {display_name(manifest['dataset'])} images from a vaedist model",
         "",
         *_provenance(manifest),
         "",
