@@ -275,7 +275,7 @@ def local_ray():
     ray.shutdown()
 
 
-def _train_and_generate(dataset: str, tmp_path: Path):
+def _train_and_generate(dataset: str, tmp_path: Path, before_generate=lambda: None):
     from vaedist import generate as G
     from vaedist.config import GenerateConfig
     from vaedist.train import run_training
@@ -286,6 +286,7 @@ def _train_and_generate(dataset: str, tmp_path: Path):
         "train": {"epochs": 1, "batch_size": 128}, "resources": {"workers": 1},
     })  # fmt: skip
     result = run_training(cfg, name="own", storage=str(tmp_path / "runs"), echo=lambda *_: None)
+    before_generate()
     out = tmp_path / "synth"
     G.run_generate(GenerateConfig(model=result.model_uri, out=str(out), per_label=4), echo=lambda *_: None)
     return result, G.read_generated(str(out))
@@ -294,7 +295,8 @@ def _train_and_generate(dataset: str, tmp_path: Path):
 @pytest.mark.slow
 def test_a_conv_cvae_trains_on_a_folder_and_generates_its_class_names(cifar_jpeg, local_ray, mlflow_store, tmp_path):
     folder = _subset(cifar_jpeg, tmp_path / "pets3")
-    result, gen = _train_and_generate(str(folder), tmp_path)
+    # the class names travel with the model: generation names its rows with the folder gone
+    result, gen = _train_and_generate(str(folder), tmp_path, lambda: (shutil.rmtree(folder), spec_for.cache_clear()))
     assert result.model_uri.startswith("models:/vaedist-pets3/")
     run = mlflow_store.get_run(result.run_id)
     assert mlflow_store.get_experiment(run.info.experiment_id).name == "vaedist/pets3"

@@ -20,9 +20,24 @@ from vaedist.models import BaseVAE, build_model_from_hparams
 CHECKPOINT_FILE = "model.pt"
 
 
+def dataset_facts(dataset: str | None) -> dict[str, Any]:
+    """What a model keeps of its data: name, fingerprint and class names, so that generation names its
+    rows and evaluation checks its data even where the user's folder is gone. {} where unknown."""
+    if not dataset:
+        return {}
+    from vaedist.data import get_spec
+
+    try:
+        spec = get_spec(dataset)
+    except UsageError:
+        return {}
+    return {"name": spec.name, "fingerprint": spec.fingerprint, "class_names": list(spec.class_names)}
+
+
 def save_checkpoint(path: Path, model: BaseVAE, optimizer, epoch: int, cfg_flat: dict, metrics: dict) -> None:
     torch.save(
         {
+            "dataset": dataset_facts(cfg_flat.get("data.dataset")),
             "hparams": model.hparams,
             "state_dict": model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else {},

@@ -69,10 +69,12 @@ def _model_facts(cfg: GenerateConfig) -> tuple[ModelFacts, Any, bytes]:
     dataset = trained_dataset(ckpt)
     if not dataset:
         raise UsageError(f"checkpoint {path} does not say which dataset it was trained on (no data.dataset)")
-    try:
-        class_names = list(get_spec(dataset).class_names)
-    except (UsageError, KeyError, ValueError):
-        class_names = []
+    class_names = (ckpt.get("dataset") or {}).get("class_names")  # kept by the model since 0.5
+    if not class_names:
+        try:
+            class_names = list(get_spec(dataset).class_names)
+        except (UsageError, KeyError, ValueError):
+            class_names = []
     if len(class_names) != model.num_classes:
         class_names = [str(i) for i in range(model.num_classes)]
     facts = ModelFacts(cfg.model, dataset, bool(model.conditional), model.num_classes, tuple(class_names),
