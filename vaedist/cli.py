@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from vaedist import __version__
+from vaedist import __version__, console
 from vaedist.config import (
     ARCHS,
     DATASET_NAMES,
@@ -54,7 +54,14 @@ class Group(click.Group):
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vaedist")
-def main() -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Also show Ray's and MLflow's INFO logs (always in Ray's log files) [default: $VAEDIST_VERBOSE].",
+)
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Train and tune VAEs on Ray, track them in MLflow, generate labelled synthetic images to Parquet.
 
     \b
@@ -63,6 +70,8 @@ def main() -> None:
       vaedist train --dataset mnist --variant cvae --arch conv --epochs 2 --workers 2
       vaedist ui
     """
+    # Before any command imports Ray or MLflow: both read their logging settings at import.
+    ctx.with_resource(console.configured(verbose))
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -96,7 +105,7 @@ def data_info(name: str, data_dir: str | None, as_json: bool) -> None:
     if as_json:
         echo(json.dumps(info, indent=2, default=str))
         return
-    echo(f"{name}: {info['folder']}")
+    echo(f"{info['name']}: {info['folder']}")
     for fname, status in info["files"].items():
         echo(f"  {status:8s} {fname}")
     if not info["ready"]:
@@ -106,6 +115,12 @@ def data_info(name: str, data_dir: str | None, as_json: bool) -> None:
         h, w, c = s["image_shape"]
         echo(f"  {split:5s} {s['count']:6d} images {h}x{w}x{c}")
         echo("        per class: " + ", ".join(f"{n}={k}" for n, k in zip(names, s["class_counts"], strict=True)))
+    if info["splits"]:
+        train = info["splits"]["train"]["count"] + info["splits"]["val"]["count"]
+        echo(f"  {train:,} training images (train + val), {len(names)} classes; test split: {info['test_split']}; "
+             f"fingerprint {info['fingerprint']}")  # fmt: skip
+    if info["skipped"]:
+        echo(f"  skipped {len(info['skipped'])} unreadable image(s), e.g. {info['skipped'][0]}")
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -446,6 +461,37 @@ def evaluate_cas(
     from vaedist.evaluate import run_evaluate
 
     run_evaluate(cfg, resources, "cas", echo=echo)
+
+
+@evaluate.command("audit")
+@click.option("--generated", required=True, help="A vaedist generate folder, or any labelled Parquet image table (an image column, an integer label column).")
+@click.option("--dataset", help="Real dataset: a built-in name or a path [default: the folder's manifest's].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (progress goes to stderr).")
+@click.option("--k", "audit_k", type=int, help="Nearest neighbours of precision / recall / density / coverage [default: 5].")
+@click.option("--features", "audit_features", type=click.Path(dir_okay=False), help="A feature extractor saved with torch.export or TorchScript: float (B, C, H, W) in [0, 1] -> (B, D) [default: the CAS classifier trained on the real data].")
+@click.option("--epochs", type=int, help="Epochs of the feature classifier (the CAS recipe) [default: 5].")
+@click.option("--batch-size", type=int, help="Feature classifier global batch size [default: 256].")
+@click.option("--lr", type=float, help="Feature classifier Adam learning rate [default: 1e-3].")
+@click.option("--seed", type=int, help="Seed of the classifier, the samples and the k-means cells [default: 0].")
+@_resource_options
+def evaluate_audit(generated, dataset, as_json, audit_k, audit_features, epochs, batch_size, lr, seed, workers,
+                   cpus_per_worker, gpus_per_worker, address) -> None:  # fmt: skip
+    """Fidelity (FD, KID), diversity (precision, recall, density, coverage) and memorization (distance
+    to the closest training image, copy fraction, data-copying Z) of a synthetic set, each beside the
+    same figure for real test data, with a verdict; logged to MLflow. The distances are measured in a
+    domain classifier's features (not Inception: no Inception weights here) unless --features is given.
+    """
+    cfg = EvaluateConfig(**_given(generated=generated, dataset=dataset, audit_k=audit_k, audit_features=audit_features,
+                                  classifier_epochs=epochs, classifier_batch_size=batch_size, classifier_lr=lr,
+                                  seed=seed))  # fmt: skip
+    resources = _resources(workers, cpus_per_worker, gpus_per_worker, address)
+    from vaedist.evaluate import run_evaluate
+    from vaedist.evaluate.audit import json_ready
+
+    progress = (lambda line: click.echo(line, err=True)) if as_json else echo
+    result = run_evaluate(cfg, resources, "audit", echo=progress)["audit"]
+    if as_json:
+        click.echo(json.dumps(json_ready(result)))
 
 
 # --------------------------------------------------------------------------------------------- ui

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import ray
 
-from vaedist import tracking
+from vaedist import console, tracking
 from vaedist.config import ResourcesConfig
-from vaedist.errors import UsageError, VaedistError, first_line
+from vaedist.errors import UsageError, VaedistError, first_line, redact_url
 
 STORAGE_ENV = "VAEDIST_STORAGE_PATH"
 DEFAULT_STORAGE = "vaedist-runs"
@@ -31,16 +31,23 @@ RUN_MARKER = ".vaedist-mlflow-run"
 
 
 def worker_env() -> dict[str, str]:
-    """Variables every Ray worker needs: where MLflow is and where the data are."""
+    """Variables every Ray worker needs: where MLflow is, where the data are, what reaches the terminal."""
     from vaedist.data import default_data_dir
 
-    return {"MLFLOW_TRACKING_URI": tracking.tracking_uri(), "VAEDIST_DATA_DIR": str(default_data_dir())}
+    return {
+        "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+        "VAEDIST_DATA_DIR": str(default_data_dir()),
+        **console.worker_env(os.environ),
+    }
 
 
-def connect_ray(address: str | None = None) -> None:
-    """Join ``address`` (or $RAY_ADDRESS), else start Ray in-process; idempotent."""
+def connect_ray(address: str | None = None) -> str | None:
+    """Join ``address`` (or $RAY_ADDRESS), else start Ray in-process; idempotent.
+
+    Returns a line for the user saying where work runs (None when Ray was connected already).
+    """
     if ray.is_initialized():
-        return
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
     # Inside a Ray job (vaedist submit, ray job submit) the job's runtime env may already set these;
     # Ray refuses to merge a key set twice, and the job's value is the one the user meant.
@@ -48,19 +55,25 @@ def connect_ray(address: str | None = None) -> None:
         json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
     ).get("env_vars") or {}
     runtime_env = {"env_vars": {k: v for k, v in worker_env().items() if k not in job_env}}
+    # Workers' output still reaches this terminal (log_to_driver), for their warnings and errors; their
+    # INFO lines are kept off it at the source (console.worker_env, RunConfig's LoggingConfig). The
+    # logging_level is this driver's "ray" logger's ("Started a local Ray instance", Tune's INFO lines).
+    level = console.ray_logging_level(console.is_verbose())
     try:
-        if address:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        else:
-            # The dashboard process also serves the State API that Ray Train's controller polls.
-            # "local": a new in-process Ray, never some other Ray that happens to run on this machine.
-            ray.init(address="local", runtime_env=runtime_env, log_to_driver=True)
+        # Without an address, "local": a new in-process Ray, never some other Ray that happens to run on
+        # this machine. Its dashboard process also serves the State API that Ray Train's controller polls.
+        context = ray.init(
+            address=address or "local", runtime_env=runtime_env, log_to_driver=True, logging_level=level
+        )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = first_line(exc)
         raise VaedistError(
             f"cannot connect to Ray at {address or 'a new local instance'}: {first} "
             "(check --address / RAY_ADDRESS and that the head is running)"
         ) from None
+    where = f"the Ray cluster at {redact_url(address)}" if address else "a new local instance"
+    dashboard = getattr(context, "dashboard_url", None)  # "host:port", or "" without a dashboard
+    return f"Ray: {where}" + (f", dashboard http://{dashboard.removeprefix('http://')}" if dashboard else "")
 
 
 @dataclass(frozen=True)

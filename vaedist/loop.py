@@ -115,9 +115,11 @@ def train_epoch(
     free_bits: float,
     generator: torch.Generator,
     device: torch.device,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> Sums:
     """One pass over ``indices`` in minibatches; returns per-sample sums of the losses.
+
+    ``on_step(step, steps)`` is called before each step (a progress display, a test's fault hook).
 
     ``model`` is the ElboObjective that gets called (DDP-wrapped under Ray Train), ``core`` the bare BaseVAE
     (for ``conditional``/``likelihood``). ``images`` uint8 (N,H,W,C), ``labels`` int64 (N,), on CPU;
@@ -130,7 +132,7 @@ def train_epoch(
     binarized = core.likelihood.binarized
     for step in range(steps):
         if on_step is not None:
-            on_step(step)
+            on_step(step, steps)
         idx = torch.from_numpy(indices[step * batch_size : (step + 1) * batch_size])
         x = make_input(images[idx], binarized, generator).to(device, non_blocking=True)  # (B, C, H, W)
         y = labels[idx].to(device, non_blocking=True) if core.conditional else None

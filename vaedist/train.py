@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
-import logging
 import os
 import tempfile
 import threading
@@ -26,7 +25,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from vaedist import loop, tracking
+from vaedist import console, loop, tracking
 from vaedist.champion import MODEL_TAG, VERSION_TAG, register_checkpoint
 from vaedist.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from vaedist.cluster import (
@@ -46,7 +45,6 @@ from vaedist.models import BaseVAE, build_model
 # hard at that step the first time only (a marker file next to the checkpoints remembers it).
 FAULT_ENV = "VAEDIST_INJECT_FAULT"
 NOISE_STREAM = 1  # derive_seed(seed, epoch, rank, NOISE_STREAM): eps draws, apart from the data-order stream
-log = logging.getLogger("vaedist.train")
 DONE_TAG = "vaedist.checkpoint"  # set on a train run once it finished: where its best checkpoint is
 
 
@@ -250,19 +248,13 @@ def _run_epoch(w: Worker, epoch: int, on_step) -> dict[str, float]:
 
 
 def _log_epoch(w: Worker, metrics: dict[str, float], logger, pictures) -> None:
-    """Rank 0's metrics, console line and (every ``image_every`` epochs and at the end) pictures."""
+    """Rank 0's metrics and (every ``image_every`` epochs and at the end) pictures."""
     epoch = int(metrics["epoch"])
     logger.log_metrics(
         {k: v for k, v in metrics.items() if k not in ("epoch", "first_step_unix_s")}, step=epoch
     )
     if not is_rank_zero():
         return
-    # Ray Train routes a worker's logging to the driver's console (print would be teed twice).
-    log.info(
-        f"[vaedist] epoch {epoch}/{w.cfg.train.epochs}: train -ELBO {metrics['train_neg_elbo']:.2f}, "
-        f"val -ELBO {metrics['val_neg_elbo']:.2f} nats ({metrics['val_bits_per_dim']:.4f} bits/dim), "
-        f"{metrics['train_images_per_s']:,.0f} img/s"
-    )
     if pictures is not None and (epoch % w.cfg.train.image_every == 0 or epoch == w.cfg.train.epochs):
         for key, image in pictures.render().items():
             logger.log_image(key, image, step=epoch)
@@ -280,9 +272,13 @@ def _report_epoch(w: Worker, metrics: dict[str, float], cfg_flat: dict[str, Any]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker. ``config``: flat ExperimentConfig + data refs + run id."""
+    """Runs on every Ray Train worker. ``config``: flat ExperimentConfig + data refs + run id + the driver's
+    progress queue (None: no display, e.g. a Tune trial, whose progress Tune itself reports)."""
+    console.quiet_worker_console()
     w = _set_up_worker(config)
     nodes = _node_ids(w.world)
+    queue = config.get("progress") if is_rank_zero() else None
+    progress = console.StepReporter(queue.put_nowait if queue is not None else None)
     # Rank 0's MLflow client and picture inputs are opened on a side thread while the first steps run:
     # nothing is logged before the first epoch ends, and the ~2 s of imports and connecting would
     # otherwise hold back the first step (on a GPU worker the device would sit idle meanwhile).
@@ -297,14 +293,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         try:
             for epoch in range(w.start_epoch, w.cfg.train.epochs):
 
-                def on_step(step: int, epoch: int = epoch) -> None:
+                def on_step(step: int, steps: int, epoch: int = epoch) -> None:
                     if not first_step_at:
                         first_step_at.append(time.time())
                     stop_at_exit.check()
                     _maybe_inject_fault(epoch, step, w.rank)
+                    progress.step(epoch + 1, step, steps)
 
                 metrics = _run_epoch(w, epoch, on_step)
                 metrics["first_step_unix_s"] = first_step_at[0] if first_step_at else 0.0
+                progress.epoch(metrics)
                 if opening is not None:
                     logger, pictures = opening.result()
                     opening = None
@@ -352,7 +350,8 @@ def log_training_data(run_id: str, cfg: ExperimentConfig) -> None:
     for split in ("train", "validation"):
         rule = f"{spec.fingerprint}/{split}/val_size={cfg.data.val_size}"
         digest = hashlib.sha256(rule.encode()).hexdigest()[:16]
-        tracking.log_dataset(run_id, f"{spec.name}-{split}", digest, spec.mirrors[0], split)
+        source = spec.mirrors[0] if spec.mirrors else spec.source.partition("?")[0]  # official mirror, or the path
+        tracking.log_dataset(run_id, f"{spec.name}-{split}", digest, source, split)
 
 
 def build_trainer(
@@ -363,8 +362,12 @@ def build_trainer(
     plan: WorkerPlan,
     data_refs: list,
     callbacks: list | None = None,
+    progress=None,
 ) -> ray.train.torch.TorchTrainer:
-    """One TorchTrainer; the same ``name`` and ``storage`` resume from its latest checkpoint."""
+    """One TorchTrainer; the same ``name`` and ``storage`` resume from its latest checkpoint.
+
+    ``progress``: a Ray queue that rank 0 puts its progress on for this driver's display, or None.
+    """
     claim_run_folder(storage, name, run_id)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -374,6 +377,7 @@ def build_trainer(
             "tracking_uri": tracking.tracking_uri(),
             "torch_threads": plan.torch_threads,
             "data_refs": data_refs,
+            "progress": progress,
         },
         scaling_config=plan.scaling_config(),
         run_config=ray.train.RunConfig(
@@ -386,6 +390,8 @@ def build_trainer(
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
+            # The console level of Ray Train's own loggers, in its controller and in every worker.
+            logging_config=ray.train.LoggingConfig(log_level=console.train_log_level(console.is_verbose())),
         ),
     )
 
@@ -431,6 +437,28 @@ def _fit(trainer: ray.train.torch.TorchTrainer, name: str, storage: str, run_id:
     return result, best
 
 
+@contextlib.contextmanager
+def _progress_display(cfg: ExperimentConfig, echo):
+    """Rank 0 -> this driver: a Ray queue that rank 0 puts its progress on (yielded, for the workers'
+    config), drawn here by a side thread while the body runs (console.EpochDisplay)."""
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})  # takes no CPU a worker needs
+
+    def receive(timeout_s: float):
+        try:
+            return queue.get(block=timeout_s > 0, timeout=timeout_s or None)
+        except Empty:
+            return None
+
+    mode = console.progress_mode(console.stderr_isatty(), console.is_verbose())
+    try:
+        with console.following(receive, console.EpochDisplay(cfg.train.epochs, echo, mode)):
+            yield queue
+    finally:
+        queue.shutdown()
+
+
 def run_training(
     cfg: ExperimentConfig,
     name: str | None = None,
@@ -444,7 +472,9 @@ def run_training(
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
     storage = storage_path(storage)
-    connect_ray(cfg.resources.address)
+    where = connect_ray(cfg.resources.address)
+    if where:
+        echo(where)
     plan = plan_workers(cfg.resources)
     check_storage_shared(storage)
     done = _finished_before(cfg, name, register)
@@ -458,15 +488,17 @@ def run_training(
     log_training_data(run_id, cfg)
     echo(f"training {name}: {plan.workers} worker(s) x {plan.cpus_per_worker:g} CPU"
          f"{f' x {plan.gpus_per_worker:g} GPU' if plan.use_gpu else ''}; MLflow run {run_id} in {tracking.shown_uri(uri)}")  # fmt: skip
-    try:
-        trainer = build_trainer(cfg, name, storage, run_id, plan, data_refs)
-    except UsageError:
-        tracking.end_run(run_id, "FAILED")
-        raise
-    fit_started = time.time()
-    result, best = _fit(trainer, name, storage, run_id)
+    with _progress_display(cfg, echo) as progress:
+        try:
+            trainer = build_trainer(cfg, name, storage, run_id, plan, data_refs, progress=progress)
+        except UsageError:
+            tracking.end_run(run_id, "FAILED")
+            raise
+        fit_started = time.time()
+        result, best = _fit(trainer, name, storage, run_id)
     model_uri, version, moved = "", "", False
     if register:
+        echo(f"registering the best checkpoint ({Path(best.path).name}) as a model in MLflow")
         model_uri, version, moved, _ = register_checkpoint(best, run_id, cfg.data.dataset)
     tracking.set_run_tags(run_id, {DONE_TAG: best.path})
     tracking.end_run(run_id, "FINISHED")

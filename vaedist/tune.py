@@ -9,6 +9,7 @@ compare / parallel-coordinates views show the search; the best trial's model is 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -26,7 +27,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from vaedist import tracking
+from vaedist import console, tracking
 from vaedist.champion import register_checkpoint
 from vaedist.cluster import (
     WorkerPlan,
@@ -143,7 +144,9 @@ def run_tune(
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
     storage = storage_path(storage)
-    connect_ray(base.resources.address)
+    where = connect_ray(base.resources.address)
+    if where:
+        echo(where)
     resources = base.resources
     if resources.cpus_per_worker is None:
         # One CPU per worker by default, so that trials run side by side (ASHA compares them as they go).
@@ -166,7 +169,9 @@ def run_tune(
     )  # fmt: skip
     tuner = _tuner(trainable, base, tune_cfg, name, storage, concurrency, echo)
     seconds = {"prepare": time.perf_counter() - started}
-    grid = tuner.fit()
+    mode = console.progress_mode(console.stderr_isatty(), console.is_verbose())
+    with _showing(console.TrialDisplay(base.train.epochs, tune_cfg.metric, echo, mode)):
+        grid = tuner.fit()
     seconds["trials"] = time.perf_counter() - started - seconds["prepare"]
 
     table = results_table(grid, tune_cfg, base)
@@ -212,8 +217,45 @@ def _tuner(trainable, base: ExperimentConfig, tune_cfg: TuneConfig, name: str, s
             metric=tune_cfg.metric, mode=tune_cfg.mode, num_samples=tune_cfg.num_samples,
             scheduler=scheduler, search_alg=search,
         ),  # fmt: skip
-        run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=1),
+        run_config=ray.tune.RunConfig(
+            name=name, storage_path=storage, verbose=console.tune_verbosity(console.is_verbose()),
+            callbacks=[TrialProgress()],
+        ),  # fmt: skip
     )
+
+
+class TrialProgress(ray.tune.Callback):
+    """Tune calls these in this driver process for every trial; they draw on the display of the search
+    running now. The display is looked up, not held: Tune pickles its callbacks into the search's
+    tuner.pkl, and a resumed search runs the unpickled ones."""
+
+    display: console.TrialDisplay | None = None
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.display is not None:
+            self.display.start(trial.trial_id, trial.config.get("train.epochs"))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.display is not None:
+            self.display.result(trial.trial_id, int(result.get("epoch", 0)), result.get(self.display.metric))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.display is not None:
+            self.display.end(trial.trial_id, failed=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if self.display is not None:
+            self.display.end(trial.trial_id, failed=True)
+
+
+@contextlib.contextmanager
+def _showing(display: console.TrialDisplay):
+    TrialProgress.display = display
+    try:
+        yield
+    finally:
+        TrialProgress.display = None
+        display.close()
 
 
 def best_trial(table: list[dict[str, Any]], tune_cfg: TuneConfig) -> dict[str, Any] | None:
