@@ -74,6 +74,49 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.with_resource(console.configured(verbose))
 
 
+_DATASET_HELP = (
+    f"A built-in dataset ({', '.join(DATASET_NAMES)}) or a path / URI (s3://, gs://) to an image folder "
+    "(ROOT/<class>/<images>) or a Parquet image table"
+)
+_DATASET_OPTIONS = ("image_size", "channels", "dataset_name", "image_column", "label_column", "test_size",
+                    "skip_bad_images")  # fmt: skip
+
+
+def _dataset_options(fn):
+    """The options of a dataset given as a path; they become part of the dataset string (sources.py)."""
+    options = [
+        click.option("--image-size", help="Path datasets: resize every image to N or HxW (cover, then crop the centre) [default: all images must share one size]."),
+        click.option("--channels", type=click.Choice(["1", "3"]), help="Path datasets: 1 (greyscale) or 3 (RGB) [default: 3 if any image is in colour, else 1]."),
+        click.option("--dataset-name", help="Path datasets: the name in the experiment vaedist/<name> and the model vaedist-<name> [default: the folder or file stem]."),
+        click.option("--image-column", help="Parquet datasets: the image column [default: image]."),
+        click.option("--label-column", help="Parquet datasets: the label column [default: label]."),
+        click.option("--test-size", type=int, help="Path datasets without a test split: images carved for test [default: a tenth, at most 10,000]."),
+        click.option("--skip-bad-images", is_flag=True, default=None, help="Path datasets: skip (and count) unreadable images instead of refusing the dataset."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _dataset_string(dataset: str | None, flags: dict[str, Any]) -> str | None:
+    """``dataset`` with the path options given as flags (popped from ``flags``) written into it."""
+    from vaedist.data.sources import is_path, with_options
+    from vaedist.errors import UsageError
+
+    given = {key: flags.pop(key) for key in _DATASET_OPTIONS if key in flags}
+    given = {key: value for key, value in given.items() if value is not None}
+    if not given:
+        return dataset
+    flag = "--" + next(iter(given)).replace("_", "-")
+    if dataset is None or not is_path(dataset):
+        raise UsageError(f"{flag} applies to a dataset given as a path (--dataset ./my-images), not to {dataset or 'mnist'}")
+    if "dataset_name" in given:
+        given["name"] = given.pop("dataset_name")
+    if "channels" in given:
+        given["channels"] = int(given["channels"])
+    return with_options(dataset, **given)
+
+
 # ------------------------------------------------------------------------------------------- data
 
 
@@ -94,14 +137,21 @@ def data_fetch(name: str, data_dir: str | None) -> None:
 
 
 @data.command("info")
-@click.argument("name")
+@click.argument("name", metavar="NAME|PATH")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Cache folder [default: $VAEDIST_DATA_DIR or ~/.cache/vaedist/data].")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def data_info(name: str, data_dir: str | None, as_json: bool) -> None:
-    """Where NAME's files are, whether they verify, and per split: count, image shape, rows per class."""
-    from vaedist.data import dataset_info
+@_dataset_options
+def data_info(name: str, data_dir: str | None, as_json: bool, **options: Any) -> None:
+    """Where NAME's files are, whether they verify, and per split: count, image shape, rows per class.
 
-    info = dataset_info(name, root=data_dir)
+    NAME may be a path to an image folder or Parquet table: it is listed, decoded once into the cache and
+    described the way training will see it.
+    """
+    from vaedist.data import dataset_info
+    from vaedist.data.sources import absolute, is_path
+
+    name = _dataset_string(name, options) or name
+    info = dataset_info(absolute(name) if is_path(name) else name, root=data_dir)
     if as_json:
         echo(json.dumps(info, indent=2, default=str))
         return
@@ -143,7 +193,8 @@ def _sections(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A train job spec (jobs/train-*.yaml) to start from; flags override it.")
-@click.option("--dataset", type=click.Choice(DATASET_NAMES), help="Dataset [default: mnist].")
+@click.option("--dataset", metavar="NAME|PATH", help=_DATASET_HELP + " [default: mnist].")
+@_dataset_options
 @click.option("--variant", type=click.Choice(VARIANTS), help="ae = autoencoder + latent noise, vae, cvae = label-conditioned [default: cvae].")
 @click.option("--arch", type=click.Choice(ARCHS), help="Encoder/decoder family [default: conv].")
 @click.option("--latent-dim", type=int, help="Size of z [default: 16].")
@@ -171,6 +222,9 @@ def train(config_path: str | None, name: str | None, storage_path: str | None, d
     """
     from vaedist.jobs import load_spec, spec_from_dict, train_summary
 
+    if any(flags.get(key) is not None for key in _DATASET_OPTIONS) and flags.get("dataset") is None and config_path:
+        flags["dataset"] = load_spec(config_path).sections.get("data", {}).get("dataset")  # the spec's, shaped
+    flags["dataset"] = _dataset_string(flags.get("dataset"), flags)
     overrides = _sections(flags)
     if config_path:
         spec = load_spec(config_path, overrides=overrides)
@@ -198,15 +252,27 @@ def train(config_path: str | None, name: str | None, storage_path: str | None, d
 # -------------------------------------------------------------------------------------------- run
 
 
+_JOB_DATASET_HELP = "Train on this dataset instead of the spec's: a built-in name or a path (train, tune, pipeline jobs)."
+
+
+def _dataset_override(dataset: str | None) -> dict | None:
+    from vaedist.data.sources import absolute, is_path
+
+    if dataset is None:
+        return None
+    return {"data": {"dataset": absolute(dataset) if is_path(dataset) else dataset}}
+
+
 @main.command()
 @click.argument("job")
 @click.option("--preset", help="A preset of the spec, e.g. 'smoke' for a one-minute run.")
+@click.option("--dataset", metavar="NAME|PATH", help=_JOB_DATASET_HELP)
 @click.option("--dry-run", is_flag=True, help="Validate the spec and print it, run nothing.")
-def run(job: str, preset: str | None, dry_run: bool) -> None:
+def run(job: str, preset: str | None, dataset: str | None, dry_run: bool) -> None:
     """Run a job spec here: JOB is jobs/NAME.yaml or just NAME (e.g. demo, tune-mnist)."""
     from vaedist.jobs import JOB_KINDS, load_spec, run_spec
 
-    spec = load_spec(job, preset=preset)
+    spec = load_spec(job, preset=preset, overrides=_dataset_override(dataset))
     if dry_run:
         import yaml
 
@@ -238,6 +304,7 @@ _ADDRESS_HELP = (
 @click.argument("job")
 @click.option("--address", help=_ADDRESS_HELP + " Without one, the job runs here on local Ray.")
 @click.option("--preset", help="A preset of the spec, e.g. 'smoke' for a one-minute run.")
+@click.option("--dataset", metavar="NAME|PATH", help=_JOB_DATASET_HELP + " The cluster must see the path (shared storage, s3://).")
 @click.option("--no-wait", is_flag=True, help="Print the submission id and how to follow it, then return.")
 @click.option(
     "--resubmit",
@@ -246,7 +313,13 @@ _ADDRESS_HELP = (
 )
 @click.pass_context
 def submit(
-    ctx: click.Context, job: str, address: str | None, preset: str | None, no_wait: bool, resubmit: bool
+    ctx: click.Context,
+    job: str,
+    address: str | None,
+    preset: str | None,
+    dataset: str | None,
+    no_wait: bool,
+    resubmit: bool,
 ) -> None:
     """Send 'python -m vaedist run jobs/JOB.yaml' to a Ray cluster through the Jobs API.
 
@@ -267,14 +340,15 @@ def submit(
     if jobs_address(address) is None:
         if no_wait:
             raise UsageError("--no-wait needs a Ray cluster: pass --address or set RAY_ADDRESS")
-        load_spec(job, preset=preset)  # a bad spec fails here, before Ray starts
+        load_spec(job, preset=preset, overrides=_dataset_override(dataset))  # a bad spec fails here, before Ray starts
         _err(f"no --address and no RAY_ADDRESS: running {job} here, on local Ray in this process")
-        ctx.invoke(run, job=job, preset=preset, dry_run=False)
+        ctx.invoke(run, job=job, preset=preset, dataset=dataset, dry_run=False)
         return
     ctx.exit(
         submit_spec(
-            job, address, preset=preset, wait=not no_wait, resubmit=resubmit, echo=echo, warn=_err, out=_out
-        )
+            job, address, preset=preset, wait=not no_wait, resubmit=resubmit, echo=echo, warn=_err, out=_out,
+            dataset=(_dataset_override(dataset) or {}).get("data", {}).get("dataset"),
+        )  # fmt: skip
     )
 
 
@@ -403,8 +477,8 @@ def _resource_options(fn):
 )
 @click.option(
     "--dataset",
-    type=click.Choice(DATASET_NAMES),
-    help="Test set [default: the model's].",
+    metavar="NAME|PATH",
+    help="Test set: a built-in name or a path [default: the model's].",
 )
 @click.option("--k", type=int, help="Importance samples for the IW-NLL [default: 1000].")
 @click.option(
@@ -437,8 +511,8 @@ def evaluate_likelihood(
 )
 @click.option(
     "--dataset",
-    type=click.Choice(DATASET_NAMES),
-    help="Real dataset [default: the manifest's].",
+    metavar="NAME|PATH",
+    help="Real dataset: a built-in name or a path [default: the manifest's].",
 )
 @click.option(
     "--epochs", type=int, help="Classifier epochs, the same for generated and real data [default: 5]."

@@ -75,7 +75,8 @@ class DataConfig:
             # the same folder from any working directory (Ray workers, a later generate); options checked
             object.__setattr__(self, "dataset", absolute(self.dataset))
         else:
-            _check_choice(self.dataset, DATASET_NAMES, "data.dataset")
+            _check(self.dataset in DATASET_NAMES, "data.dataset", f"{self.dataset!r} is neither a built-in dataset "
+                   f"({', '.join(DATASET_NAMES)}) nor an image folder or Parquet table here")  # fmt: skip
         _check_int(self.val_size, "data.val_size", 1)
 
 
@@ -331,10 +332,21 @@ class EvaluateConfig:
     classifier_epochs: int = 5  # CAS: same budget for the synthetic-data and the real-data classifier
     classifier_batch_size: int = 256
     classifier_lr: float = 1e-3
+    # audit (fidelity, diversity, memorization): run beside CAS when true; ``vaedist evaluate audit`` runs it alone
+    audit: bool = False
+    audit_k: int = 5  # nearest neighbours of the precision / recall / density / coverage balls
+    audit_features: str | None = None  # a torch.export / TorchScript feature extractor; None: the CAS classifier's
 
     def __post_init__(self) -> None:
-        if self.dataset is not None:
-            _check_choice(self.dataset, DATASET_NAMES, "evaluate.dataset")
+        from vaedist.data.sources import absolute, is_path
+
+        if isinstance(self.dataset, str) and is_path(self.dataset):  # a path dataset, as DataConfig takes it
+            object.__setattr__(self, "dataset", absolute(self.dataset))
+        elif self.dataset is not None:
+            _check(self.dataset in DATASET_NAMES, "evaluate.dataset", f"{self.dataset!r} is neither a built-in "
+                   f"dataset ({', '.join(DATASET_NAMES)}) nor an image folder or Parquet table here")  # fmt: skip
+        _check(isinstance(self.audit, bool), "evaluate.audit", f"must be true or false, got {self.audit!r}")
+        _check_int(self.audit_k, "evaluate.audit_k", 1)
         _check_int(self.k, "evaluate.k", 1)
         _check_int(self.k_batch, "evaluate.k_batch", 1)
         _check_int(self.batch_size, "evaluate.batch_size", 1)

@@ -100,19 +100,22 @@ def _spec_in_project(job: str, root: Path) -> Path:
 
 
 def plan_submission(
-    job: str, preset: str | None = None, root: Path | None = None
+    job: str, preset: str | None = None, root: Path | None = None, dataset: str | None = None
 ) -> tuple[JobSpec, Submission]:
-    """Validate the spec here (a bad spec never reaches the cluster) and build what is sent."""
+    """Validate the spec here (a bad spec never reaches the cluster) and build what is sent. ``dataset``
+    replaces the spec's (the entrypoint gets ``--dataset``; the submission id covers it)."""
     from vaedist.tracking import tracking_uri
 
-    spec = load_spec(job, preset=preset)  # unknown job -> the list of valid ones; unknown key -> its name
+    overrides = {"data": {"dataset": dataset}} if dataset else None
+    spec = load_spec(job, preset=preset, overrides=overrides)  # unknown job -> the valid ones; unknown key -> its name
     root = root or project_root()
     rel = _spec_in_project(job, root).as_posix()
     env = {"MLFLOW_TRACKING_URI": tracking_uri()}
     env.update({k: os.environ[k] for k in PASS_THROUGH_ENV if os.environ.get(k)})
     resources = section_from_dict(ResourcesConfig, spec.sections.get("resources"), "resources")
     preset_arg = f" --preset {shlex.quote(preset)}" if preset else ""
-    base_id = submission_id(spec.name, preset, (root / rel).read_bytes())
+    preset_arg += f" --dataset {shlex.quote(dataset)}" if dataset else ""
+    base_id = submission_id(spec.name, preset, (root / rel).read_bytes() + (dataset or "").encode())
     return spec, Submission(
         name=spec.name,
         preset=preset,
@@ -123,7 +126,7 @@ def plan_submission(
         entrypoint_num_cpus=_float_or_none(resources.entrypoint_num_cpus),
         entrypoint_num_gpus=_float_or_none(resources.entrypoint_num_gpus),
         metadata={"vaedist.job": spec.name, "vaedist.preset": preset or "", "vaedist.spec": rel,
-                  "vaedist.base_id": base_id},
+                  "vaedist.base_id": base_id, **({"vaedist.dataset": dataset} if dataset else {})},
     )  # fmt: skip
 
 
@@ -209,10 +212,11 @@ def submit_spec(
     echo: Echo = print,
     warn: Echo | None = None,
     out: Echo | None = None,
+    dataset: str | None = None,
 ) -> int:
     """Submit jobs/JOB.yaml to the cluster at ``address`` (once: a repeat attaches); return the exit code."""
     warn = warn or _stderr
-    _, plan = plan_submission(job, preset)
+    _, plan = plan_submission(job, preset, dataset=dataset)
     url = jobs_address(address)
     assert url is not None
     api = JobsAPI(url)
@@ -235,7 +239,7 @@ def submit_spec(
     last = family[-1]
     status = str(last.status)
     if action is SubmitAction.REPORT:
-        rerun = shlex.join([job, *(["--preset", preset] if preset else [])])
+        rerun = shlex.join([job, *(["--preset", preset] if preset else []), *(["--dataset", dataset] if dataset else [])])
         echo(f"{last.submission_id} already ran: {status} after {_duration(last)}"
              f"{f' ({last.message})' if last.message and status != 'SUCCEEDED' else ''}")  # fmt: skip
         echo(f"  logs      vaedist jobs logs {last.submission_id} {hint}")

@@ -1,4 +1,4 @@
-"""Datasets from a path: the reference string that names one, and its options. Pure (no file access).
+"""Datasets from a path: the reference string that names one, and its options.
 
 A dataset is named everywhere by one string: a built-in name (``mnist``), or a path or URI to the user's
 images with the options that shape them, as a query string::
@@ -10,10 +10,12 @@ images with the options that shape them, as a query string::
 The one string travels unchanged through configs, MLflow params, checkpoints, generation plans and
 manifests, so every process (Ray workers, a later ``vaedist generate``) rebuilds the same dataset from it
 alone. The CLI writes the options from flags (``--image-size``, ``--channels``, ``--dataset-name``, ...).
+Pure string work, except :func:`is_path`, which asks whether a bare name exists as a file or folder.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -40,8 +42,14 @@ class SourceOptions:
 
 
 def is_path(dataset: str) -> bool:
-    """Whether a dataset string names a path or URI rather than a built-in dataset."""
-    return "/" in dataset or "://" in dataset or dataset.startswith((".", "~")) or "?" in dataset
+    """Whether a dataset string names a path or URI rather than a built-in dataset: it looks like one
+    (``/``, ``.``, ``~``, a URI, options), or a file or folder of that name exists here and it is not a
+    built-in name (which always wins)."""
+    from vaedist.data.registry import DATASETS
+
+    if "/" in dataset or "://" in dataset or dataset.startswith((".", "~")) or "?" in dataset:
+        return True
+    return dataset not in DATASETS and os.path.exists(dataset)
 
 
 def parse_size(text: str) -> tuple[int, int]:
