@@ -619,3 +619,33 @@ def test_submit_and_ray_job_submit_record_runs_pictures_and_champion(cluster, tm
     again = _vaedist(*submit_cmd[3:], env=env, cwd=tmp_path)
     assert again.returncode == 1 and f"{sid}-r2 already ran: STOPPED" in again.stdout, again.stdout
     assert len(_submissions(head)) == count + 1 + (1 if TUNE_JOB else 0)
+
+
+@pytest.mark.slow
+def test_tune_cifar_smoke_runs_on_real_cifar10_content_through_submit(cluster, data_dir, tmp_path):
+    """The headline search on CIFAR-10 images (the JPEG folder: 200 training and 50 test images per class),
+    with the dataset pointed at the folder by --dataset, through the Jobs API of a real head."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    head, mlflow = cluster
+    src, folder = data_dir / "cifar10-jpeg", tmp_path / "cifar-sub"
+    for split, n in (("train", 200), ("test", 50)):
+        for cls in sorted(p.name for p in (src / split).iterdir()):
+            (folder / split / cls).mkdir(parents=True)
+            for f in sorted((src / split / cls).iterdir())[:n]:
+                shutil.copy(f, folder / split / cls / f.name)
+    env = _client_env(head, mlflow)
+    out = _vaedist("submit", "tune-cifar", "--preset", "smoke", "--dataset", str(folder), "--address", head.address,
+                   env=env, cwd=tmp_path, timeout=420)  # fmt: skip
+    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
+    assert "SUCCEEDED after" in out.stdout
+    client = MlflowClient(mlflow.uri)
+    exp = client.get_experiment_by_name("vaedist/cifar-sub")  # named after the folder
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("vaedist.kind") == "tune"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.params.get("data.dataset", "").startswith(str(folder))
+    assert client.get_model_version_by_alias("vaedist-cifar-sub", "champion").run_id in {r.info.run_id for r in runs}
