@@ -354,3 +354,21 @@ def test_cli_flags_shape_a_path_dataset_and_bad_input_is_one_line(tmp_path):
         out = _cli(*args, cwd=tmp_path)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_evaluation_refuses_data_whose_fingerprint_changed_unless_allowed(tmp_path):
+    from vaedist.checkpoint import save_checkpoint
+    from vaedist.config import ModelConfig
+    from vaedist.evaluate.likelihood import load_for_likelihood
+    from vaedist.models import build_model
+
+    _folder(tmp_path / "f", classes=("a", "b"), per_class=6)
+    dataset = str(tmp_path / "f")
+    model = build_model(ModelConfig(variant="vae", arch="dense", width=8, latent_dim=2), (8, 8, 1), 2, "logistic")
+    save_checkpoint(tmp_path / "model.pt", model, None, 1, {"data.dataset": dataset}, {})
+    assert load_for_likelihood(str(tmp_path / "model.pt"), None)[3] == dataset
+    _folder(tmp_path / "f", classes=("b",), per_class=7, seed=5)  # one more image: other data
+    spec_for.cache_clear()
+    with pytest.raises(UsageError, match=r"was trained on data with fingerprint \w+, but f is now \w+ .*--allow-other-data"):
+        load_for_likelihood(str(tmp_path / "model.pt"), None)
+    assert load_for_likelihood(str(tmp_path / "model.pt"), None, allow_other_data=True)[3] == dataset

@@ -487,18 +487,21 @@ def _resource_options(fn):
 @click.option("--batch-size", type=int, help="Test images per forward pass [default: 100].")
 @click.option("--seed", type=int, help="Seed of the test-set binarization and the z draws [default: 0].")
 @click.option("--limit", type=int, help="Score only the first N test images (smoke runs) [default: all].")
+@click.option("--allow-other-data", is_flag=True, default=None, help="Score the model even on data whose fingerprint differs from its training data's.")
 @_resource_options
 def evaluate_likelihood(
-    model, dataset, k, k_batch, batch_size, seed, limit, workers, cpus_per_worker, gpus_per_worker, address
-) -> None:
+    model, dataset, k, k_batch, batch_size, seed, limit, allow_other_data, workers, cpus_per_worker,
+    gpus_per_worker, address,
+) -> None:  # fmt: skip
     """Test -ELBO and importance-weighted NLL (nats, bits/dim) of a model, logged on its MLflow run.
 
     Bernoulli models are scored on the test set binarized once with --seed (the MNIST literature's
     protocol), others on the 8-bit images; a conditional model as -log p(x|y) with the true label.
     """
     cfg = EvaluateConfig(
-        **_given(model=model, dataset=dataset, k=k, k_batch=k_batch, batch_size=batch_size, seed=seed)
-    )
+        **_given(model=model, dataset=dataset, k=k, k_batch=k_batch, batch_size=batch_size, seed=seed,
+                 allow_other_data=allow_other_data)
+    )  # fmt: skip
     resources = _resources(workers, cpus_per_worker, gpus_per_worker, address)
     from vaedist.evaluate import run_evaluate  # torch and Ray load only once the flags are valid
 

@@ -336,6 +336,7 @@ class EvaluateConfig:
     audit: bool = False
     audit_k: int = 5  # nearest neighbours of the precision / recall / density / coverage balls
     audit_features: str | None = None  # a torch.export / TorchScript feature extractor; None: the CAS classifier's
+    allow_other_data: bool = False  # score a model on data whose fingerprint differs from its training data's
 
     def __post_init__(self) -> None:
         from vaedist.data.sources import absolute, is_path

@@ -119,8 +119,9 @@ def score_shard(
     return {"start": start, "stop": stop, "seconds": time.perf_counter() - t0, "scores": scores}
 
 
-def load_for_likelihood(uri: str, dataset: str | None) -> tuple[Path, BaseVAE, dict, str]:
-    """(checkpoint path, model, checkpoint dict, dataset) after checking the model can be scored on it."""
+def load_for_likelihood(uri: str, dataset: str | None, allow_other_data: bool = False) -> tuple[Path, BaseVAE, dict, str]:
+    """(checkpoint path, model, checkpoint dict, dataset) after checking the model can be scored on it: its
+    shape, its classes, and (unless allowed) that the data is the data it was trained on, by fingerprint."""
     path = tracking.resolve_checkpoint(uri)
     model, ckpt = load_model(path)
     variant = getattr(model, "variant", "?")
@@ -141,6 +142,12 @@ def load_for_likelihood(uri: str, dataset: str | None) -> tuple[Path, BaseVAE, d
     if model.conditional and model.num_classes != spec.num_classes:
         raise UsageError(
             f"model {uri} is conditioned on {model.num_classes} classes but {dataset} has {spec.num_classes}"
+        )
+    trained_on = (ckpt.get("dataset") or {}).get("fingerprint")  # recorded since 0.5
+    if trained_on and trained_on != spec.fingerprint and not allow_other_data:
+        raise UsageError(
+            f"model {uri} was trained on data with fingerprint {trained_on}, but {spec.name} is now {spec.fingerprint} "
+            "(other files, classes or options): pass --allow-other-data to score it anyway"
         )
     return path, model, ckpt, dataset
 
@@ -202,7 +209,7 @@ class LikelihoodSetup:
 def set_up(cfg: EvaluateConfig, limit: int | None) -> LikelihoodSetup:
     """Load and check the model, load the test split and prepare it in the model's protocol."""
     uri = cfg.model
-    path, model, ckpt, dataset = load_for_likelihood(uri, cfg.dataset)
+    path, model, ckpt, dataset = load_for_likelihood(uri, cfg.dataset, cfg.allow_other_data)
     images, labels = load_split(dataset, "test")
     binarized = bool(model.likelihood.binarized)
     prepared = prepare_test_images(images, binarized, cfg.seed)
