@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vaedist import loop
+from vaedist import console, loop
 from vaedist.config import EvaluateConfig
 from vaedist.data import get_spec, load_split
 from vaedist.errors import UsageError, VaedistError, first_line
@@ -162,6 +162,8 @@ def classifier_loop_per_worker(config: dict[str, Any]) -> None:
 
     from vaedist.train import is_rank_zero
 
+    console.quiet_worker_console()
+
     if ray.train.get_checkpoint() is not None:
         return  # finished before under this name: Ray Train hands back the reported result
     ctx = ray.train.get_context()
@@ -232,7 +234,12 @@ def train_classifier(
             "torch_threads": plan.torch_threads,
         },
         scaling_config=plan.scaling_config(),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            # Ray Train's own INFO lines to its log files unless -v (vaedist.console)
+            logging_config=ray.train.LoggingConfig(log_level=console.train_log_level(console.is_verbose())),
+        ),
     )
     try:
         result = trainer.fit()
