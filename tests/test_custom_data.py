@@ -295,6 +295,7 @@ def _train_and_generate(dataset: str, tmp_path: Path, before_generate=lambda: No
 @pytest.mark.slow
 def test_a_conv_cvae_trains_on_a_folder_and_generates_its_class_names(cifar_jpeg, local_ray, mlflow_store, tmp_path):
     folder = _subset(cifar_jpeg, tmp_path / "pets3")
+    fingerprint = get_spec(str(folder)).fingerprint
     # the class names travel with the model: generation names its rows with the folder gone
     result, gen = _train_and_generate(str(folder), tmp_path, lambda: (shutil.rmtree(folder), spec_for.cache_clear()))
     assert result.model_uri.startswith("models:/vaedist-pets3/")
@@ -302,6 +303,9 @@ def test_a_conv_cvae_trains_on_a_folder_and_generates_its_class_names(cifar_jpeg
     assert mlflow_store.get_experiment(run.info.experiment_id).name == "vaedist/pets3"
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"pets3-train", "pets3-validation"}
     assert gen.label_names == {0: ["cat"], 1: ["dog"], 2: ["ship"]} and gen.images.shape[1:] == (32, 32, 3)
+    # the data's fingerprint on the run's dataset inputs' source, the registered model and the manifest
+    assert gen.manifest["dataset_fingerprint"] == fingerprint
+    assert mlflow_store.get_model_version("vaedist-pets3", result.version).tags["dataset_fingerprint"] == fingerprint
 
 
 @pytest.mark.slow

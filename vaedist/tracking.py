@@ -344,6 +344,12 @@ def log_model(
     client.set_model_version_tag(name, version, VAL_METRIC, str(val_metric))
     client.set_model_version_tag(name, version, VAL_SET_TAG, val_set)
     client.set_model_version_tag(name, version, "run_id", run_id)
+    from vaedist.checkpoint import dataset_facts
+
+    facts = dataset_facts(dataset)  # the data it was trained on, as the registry shows it
+    if facts:
+        client.set_model_version_tag(name, version, "dataset", dataset)
+        client.set_model_version_tag(name, version, "dataset_fingerprint", facts["fingerprint"])
     return f"models:/{name}/{version}", version
 
 

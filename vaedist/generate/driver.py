@@ -78,7 +78,7 @@ def _model_facts(cfg: GenerateConfig) -> tuple[ModelFacts, Any, bytes]:
     if len(class_names) != model.num_classes:
         class_names = [str(i) for i in range(model.num_classes)]
     facts = ModelFacts(cfg.model, dataset, bool(model.conditional), model.num_classes, tuple(class_names),
-                       str(model.hparams.get("variant")))  # fmt: skip
+                       str(model.hparams.get("variant")), (ckpt.get("dataset") or {}).get("fingerprint", ""))  # fmt: skip
     return facts, model, path.read_bytes()
 
 
@@ -105,7 +105,7 @@ def build_plan(cfg: GenerateConfig) -> tuple[Plan, bytes, dict[str, str]]:
     facts, model, model_bytes = _model_facts(cfg)
     labels, names = plan_labels(cfg.labels, facts)
     counts = label_counts(cfg, labels, facts.conditional, _train_freq(facts.dataset, labels))
-    info = _model_info(cfg.model)
+    info = {**_model_info(cfg.model), "dataset_fingerprint": facts.dataset_fingerprint}
     plan = Plan(
         model_uri=cfg.model,
         model_version=str(info.get("version", "")),

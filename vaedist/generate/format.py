@@ -245,7 +245,8 @@ def build_manifest(
     plan: Plan, shards: dict[int, dict[str, Any]], model_info: dict[str, str], request: dict[str, Any]
 ) -> dict[str, Any]:
     """The manifest of a complete folder: ``shards`` maps every shard to its {"bytes", "sha256"};
-    ``model_info`` holds the registered name and run id where known, ``request`` what the user asked."""
+    ``model_info`` holds the registered name and run id where known (and the training data's
+    ``dataset_fingerprint``), ``request`` what the user asked."""
     sch = schema(plan)
     return {
         "format": MANIFEST_FORMAT,
@@ -259,6 +260,7 @@ def build_manifest(
             "sha256": plan.model_sha256,
         },
         "dataset": plan.dataset,
+        "dataset_fingerprint": model_info.get("dataset_fingerprint", ""),
         "seed": plan.seed,
         "temperature": plan.temperature,
         "image_format": plan.image_format,

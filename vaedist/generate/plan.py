@@ -172,6 +172,7 @@ class ModelFacts:
     num_classes: int
     class_names: tuple[str, ...]  # the dataset's, or "0".."K-1" where they do not match the model
     variant: str
+    dataset_fingerprint: str = ""  # of the training data, as the checkpoint keeps it ("" before 0.5)
 
 
 def plan_labels(
