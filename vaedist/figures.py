@@ -34,6 +34,8 @@ __all__ = [
     "latent_coords",
     "latent_scatter",
     "confusion_matrix_image",
+    "nearest_copies_grid",
+    "per_class_bars",
     "to_uint8",
     "save_png",
 ]
@@ -514,6 +516,62 @@ def confusion_matrix_image(cm: np.ndarray, class_names: list[str], title: str = 
                 fontsize=fontsize,
                 color="white" if frac[i, j] > 0.5 else "black",
             )
+    return _render(fig)
+
+
+# ----------------------------------------------------------------------------- synthetic-data audit
+
+
+def nearest_copies_grid(
+    generated: np.ndarray, nearest: np.ndarray, distances: Sequence[float], threshold: float | None = None,
+    title: str | None = None, scale: int = 2,
+) -> np.ndarray:
+    """Generated images (top row) above their nearest training images (bottom row), each pair's distance
+    over its column ("d=0.00", a "!" where it is under ``threshold``: nearer than real data comes).
+
+    generated, nearest: uint8 (M, H, W, C), the same shape; distances: M numbers.
+    Returns uint8 (H_out, W_out, 3) as `labelled_rows` with R = 2.
+    """
+    gen = _as_images(generated, 4, "generated")
+    near = _as_images(nearest, 4, "nearest")
+    if gen.shape != near.shape:
+        raise ValueError(f"generated {gen.shape} and nearest {near.shape} must have the same shape")
+    if len(distances) != len(gen):
+        raise ValueError(f"{len(distances)} distances for {len(gen)} pairs")
+    marks = [f"d={d:.2f}" + ("!" if threshold is not None and d < threshold else "") for d in distances]
+    return labelled_rows(np.stack([gen, near]), ["generated", "nearest training"], title=title,
+                         col_labels=marks, scale=scale)  # fmt: skip
+
+
+def per_class_bars(
+    class_names: Sequence[str], values: dict[str, Sequence[float]], floors: dict[str, Sequence[float]] | None = None,
+    title: str = "",
+) -> np.ndarray:
+    """Grouped bars per class, one colour per measure (e.g. precision, recall, coverage in [0, 1]); where
+    ``floors`` gives a measure's real-data value per class, a black tick marks it on the bar. NaN: no bar.
+
+    class_names: K strings; values, floors: measure -> K numbers. Returns uint8 (500, W, 3), W growing with K.
+    """
+    k, names = len(class_names), list(values)
+    if k == 0 or not names:
+        raise ValueError("per_class_bars needs at least one class and one measure")
+    for name in names:
+        if len(values[name]) != k or (floors and name in floors and len(floors[name]) != k):
+            raise ValueError(f"{name!r} must have one value per class ({k})")
+    fig = Figure(figsize=(max(6.0, 0.7 * k * len(names) / 2 + 2), 5.0), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    width, x = 0.8 / len(names), np.arange(k)
+    colors = _class_colors(max(len(names), 3))
+    for j, name in enumerate(names):
+        pos = x - 0.4 + width * (j + 0.5)
+        ax.bar(pos, np.nan_to_num(np.asarray(values[name], float), nan=0.0), width, label=name, color=colors[j])
+        if floors and name in floors:
+            ax.scatter(pos, np.asarray(floors[name], float), marker="_", s=120, color="black", zorder=3)
+    ax.scatter([], [], marker="_", color="black", label="real test data")
+    ax.set_xticks(x, labels=list(class_names), rotation=45 if k > 10 else 0, ha="right" if k > 10 else "center")
+    ax.set_ylim(0.0, 1.15)  # room above the bars for the legend
+    ax.legend(loc="upper center", ncol=len(names) + 1, fontsize=8, frameon=False)
+    ax.set_title(title)
     return _render(fig)
 
 

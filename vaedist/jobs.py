@@ -241,7 +241,8 @@ def train_summary(result: Any, echo: Echo = print) -> None:
 
 
 def pipeline_summary(result: PipelineResult, echo: Echo = print) -> None:
-    """What a pipeline (``make demo``) ends with: the model, the Parquet folder, NLL, CAS, how to open MLflow."""
+    """What a pipeline (``make demo``) ends with: the model, the Parquet folder, NLL, CAS, the audit's verdict
+    (when the evaluate section has ``audit: true``), how to open MLflow."""
     from vaedist.tracking import shown_uri, tracking_uri
 
     echo("done:")
@@ -260,6 +261,11 @@ def pipeline_summary(result: PipelineResult, echo: Echo = print) -> None:
     if cas:
         echo(f"  CAS          {cas['cas']:.4f} (classifier trained on real data: {cas['real_accuracy']:.4f}, "
              f"ratio {cas['ratio']:.3f})")  # fmt: skip
+    audit = result.evaluation.get("audit")
+    if audit:
+        from vaedist.evaluate.audit import verdict_line
+
+        echo(f"  audit        {verdict_line(audit)}")
     store = tracking_uri()
     echo(f"  MLflow       {shown_uri(store)}  ->  open it with: {ui_command(store)}")
 

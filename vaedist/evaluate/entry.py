@@ -13,11 +13,11 @@ from typing import Any
 from vaedist import __version__, tracking
 from vaedist.config import EvaluateConfig, ResourcesConfig
 from vaedist.errors import UsageError
-from vaedist.evaluate import cas, likelihood, spread
+from vaedist.evaluate import audit_run, cas, likelihood, spread
 from vaedist.generate.card import record_evaluation
 from vaedist.generate.format import CARD, MANIFEST_FORMAT, dataset_name
 
-WHATS = ("likelihood", "cas", "all")
+WHATS = ("likelihood", "cas", "all", "audit")  # all = likelihood and CAS (and the audit with cfg.audit)
 
 
 def check_request(cfg: EvaluateConfig, what: str, limit: int | None) -> tuple[str, ...]:
@@ -25,6 +25,8 @@ def check_request(cfg: EvaluateConfig, what: str, limit: int | None) -> tuple[st
     if what not in WHATS:
         raise UsageError(f"evaluate: what {what!r} is not one of {', '.join(WHATS)}")
     measures = ("likelihood", "cas") if what == "all" else (what,)
+    if cfg.audit and what in ("all", "cas"):  # an evaluate section with audit: true
+        measures += ("audit",)
     if "likelihood" in measures and not cfg.model:
         raise UsageError(
             "evaluate likelihood needs a model (--model models:/vaedist-mnist@champion or a checkpoint)"
@@ -32,6 +34,10 @@ def check_request(cfg: EvaluateConfig, what: str, limit: int | None) -> tuple[st
     if "cas" in measures and not cfg.generated:
         raise UsageError(
             "evaluate cas needs a generated folder (--generated DIR, written by vaedist generate)"
+        )
+    if "audit" in measures and not cfg.generated:
+        raise UsageError(
+            "evaluate audit needs a synthetic set (--generated: a vaedist generate folder or a labelled Parquet table)"
         )
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise UsageError(f"evaluate: limit must be a positive number of test images, got {limit!r}")
@@ -48,7 +54,8 @@ def run_evaluate(
     reuse: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Run the evaluations ``what`` asks for: 'likelihood' (needs ``cfg.model``), 'cas' (needs
-    ``cfg.generated``) or 'all' (both). Returns ``{"likelihood": {...}, "cas": {...}}`` with the keys run.
+    ``cfg.generated``), 'all' (both), 'audit' (``cfg.generated``; also after CAS when ``cfg.audit``).
+    Returns ``{"likelihood": {...}, "cas": {...}, "audit": {...}}`` with the keys run.
 
     ``limit``: score only the first ``limit`` test images in the likelihood (smoke runs, tests).
     ``reuse``: an evaluation MLflow already holds for the same model (or generated folder), data, k and
@@ -59,6 +66,8 @@ def run_evaluate(
     for measure in check_request(cfg, what, limit):
         if measure == "likelihood":
             out["likelihood"] = evaluate_likelihood(cfg, resources, echo=echo, limit=limit, reuse=reuse)
+        elif measure == "audit":
+            out["audit"] = audit_run.evaluate_audit(cfg, resources, echo=echo, reuse=reuse)
         else:
             out["cas"] = evaluate_cas(cfg, resources, echo=echo, reuse=reuse)
     return out

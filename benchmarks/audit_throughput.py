@@ -1,0 +1,125 @@
+"""Audit throughput: ``vaedist evaluate audit`` of 60,000 generated MNIST images, the feature classifier cached.
+
+One run on this machine:
+  1. a dense CVAE trained briefly on real MNIST (plain torch, seconds) decodes N labelled samples, written as
+     the folder ``vaedist generate`` writes (PNG images, the format module's writer);
+  2. warm-up: the audit of 1,000 of them trains the feature classifier (the CAS recipe, ``--epochs``) and
+     keeps it in the MLflow store, as a first audit of a dataset does;
+  3. timed: the audit of all N, as a user runs it (``python -m vaedist evaluate audit ... --json`` in a fresh
+     process: Ray start, reading the Parquet, the classifier from MLflow, features of N + 70,000 real images,
+     nearest-neighbour searches of N and 10,000 test images against 60,000 training images in features and
+     in pixels, MLflow records and pictures).
+
+Goal: the timed audit of 60,000 images in at most 180 s.
+
+    .venv/bin/python benchmarks/audit_throughput.py                 # N = 60,000, classifier 5 epochs
+    .venv/bin/python benchmarks/audit_throughput.py --epochs 1      # a quicker warm-up
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GOAL_S = 180.0
+
+
+def write_samples(folder: Path, n: int, steps: int) -> None:
+    """A briefly trained dense CVAE's samples, n / 10 per digit, as a vaedist generate folder."""
+    import numpy as np
+    import torch
+
+    from vaedist.data import load_split
+    from vaedist.generate.format import write_folder
+    from vaedist.generate.plan import Plan
+    from vaedist.models import CVAE, binarize, to_model_input
+
+    torch.manual_seed(0)
+    images, labels = load_split("mnist", "train", progress=False)
+    model = CVAE(image_shape=(28, 28, 1), num_classes=10, likelihood="bernoulli", arch="dense", latent_dim=8,
+                 width=256, depth=1)  # fmt: skip
+    opt, g = torch.optim.Adam(model.parameters(), lr=2e-3), torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        i = torch.randint(0, len(labels), (128,), generator=g).numpy()
+        loss = model.loss(
+            binarize(to_model_input(torch.from_numpy(images[i])), g), torch.from_numpy(labels[i])
+        ).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    per = n // 10
+    y = np.repeat(np.arange(10), per)
+    with torch.no_grad():
+        x = model.eval().generate(torch.randn(len(y), 8, generator=g), torch.from_numpy(y))  # (N, 1, 28, 28)
+    samples = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    names = tuple(str(d) for d in range(10))
+    plan = Plan("bench-cvae.pt", "", "0" * 64, "mnist", tuple(range(10)), names, (per,) * 10, 0, 1.0, 10_000, "png",
+                (28, 28, 1), 8, names)  # fmt: skip
+    write_folder(str(folder), plan, samples, np.zeros((len(y), 8), np.float32), model_info={"name": "bench"})
+
+
+def audit(folder: Path, epochs: int, work: Path) -> tuple[dict, float, list[str]]:
+    """(the JSON result, wall seconds, progress lines) of ``vaedist evaluate audit`` in a fresh process."""
+    cmd = [sys.executable, "-m", "vaedist", "evaluate", "audit", "--generated", str(folder), "--dataset", "mnist",
+           "--epochs", str(epochs), "--workers", "2", "--json"]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=os.environ.copy())
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"audit failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), seconds, proc.stderr.splitlines()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=60_000, help="generated images to audit (default 60,000)")
+    ap.add_argument(
+        "--epochs", type=int, default=5, help="feature classifier epochs (default 5, the CAS recipe)"
+    )
+    ap.add_argument(
+        "--train-steps", type=int, default=300, help="Adam steps of the sample model (default 300)"
+    )
+    ap.add_argument("--workdir", help="where the Parquet and the MLflow store go (default: a temp folder)")
+    args = ap.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vaedist-bench-audit-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    os.environ.setdefault("VAEDIST_STORAGE_PATH", str(work / "runs"))
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if "VAEDIST_DATA_DIR" not in os.environ and (shared / "mnist").is_dir():
+        os.environ["VAEDIST_DATA_DIR"] = str(shared)
+    print(f"machine: {os.cpu_count()} CPU(s); work in {work}")
+
+    t0 = time.perf_counter()
+    write_samples(work / "samples", args.n, args.train_steps)
+    write_samples(work / "warm-up", 1000, args.train_steps)
+    print(f"samples written: {args.n:,} + 1,000 (warm-up) [{time.perf_counter() - t0:.0f} s]")
+    _, warm, _ = audit(work / "warm-up", args.epochs, work)
+    print(
+        f"warm-up audit (trains the feature classifier, {args.epochs} epoch(s), keeps it in MLflow): {warm:.0f} s"
+    )
+    result, seconds, lines = audit(work / "samples", args.epochs, work)
+    for line in lines:
+        if "[" in line or "feature extractor" in line:
+            print("   ", line.strip())
+    print()
+    print(f"n: {result['generated_images']:,} generated vs {result['train_images']:,} training and "
+          f"{result['test_images']:,} test images, {os.cpu_count()} CPU(s)")  # fmt: skip
+    print(
+        f"audit_measure_s: {result['seconds']:.1f} (features, searches, measures; without start-up and records)"
+    )
+    print(f"audit_wall_s: {seconds:.1f} (the whole command in a fresh process)")
+    print(f"audit_images_per_s: {result['generated_images'] / seconds:,.0f}")
+    print(f"audit_{args.n}_seconds: {seconds:.1f} (goal <= {GOAL_S:.0f})")
+    sys.exit(0 if seconds <= GOAL_S else 1)
+
+
+if __name__ == "__main__":
+    main()
