@@ -32,11 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from vaedist.data import get_spec
 from vaedist.errors import UsageError
 from vaedist.evaluate import neighbours
 from vaedist.evaluate.sets import TABLE_FORMAT
-from vaedist.generate.format import UNCONDITIONAL_LABEL, shape_text
+from vaedist.generate.format import UNCONDITIONAL_LABEL
 from vaedist.generate.reader import GeneratedSet
 
 AUDIT_VERSION = 1  # bump when a measure changes: the run name changes with it
@@ -55,17 +54,9 @@ KMEANS_FIT = 10_000  # training features the k-means cells are fitted on (a seed
 def check_set(gen: GeneratedSet, dataset: str | None, k: int) -> tuple[str, GeneratedSet]:
     """(the dataset, the set with labels as the dataset's class indices) after checking image shape,
     labels and their names, and size (> k, so every generated image has k other ones)."""
-    if dataset and gen.dataset and dataset != gen.dataset:
-        raise UsageError(
-            f"{gen.folder} was generated for {gen.dataset}, not {dataset} (drop --dataset or fix it)"
-        )
-    dataset = dataset or gen.dataset
-    if dataset is None:
-        raise UsageError(f"{gen.folder} does not say which dataset it imitates: pass --dataset")
-    spec = get_spec(dataset)
-    if tuple(gen.images.shape[1:]) != tuple(spec.image_shape):
-        raise UsageError(f"images in {gen.folder} are {shape_text(gen.images.shape[1:])} but {dataset} images "
-                         f"are {shape_text(spec.image_shape)}")  # fmt: skip
+    from vaedist.evaluate.cas import matching_dataset
+
+    dataset, spec = matching_dataset(gen, dataset)
     if len(gen.labels) < k + 1:
         raise UsageError(f"{gen.folder} holds {len(gen.labels)} image(s), fewer than k + 1 = {k + 1} (each image's "
                          f"k = {k} nearest neighbours are measured)")  # fmt: skip

@@ -39,9 +39,9 @@ CAS_ARTIFACT = "evaluation/cas.json"
 TEST_BATCH = 1000  # test images per forward pass when counting the confusion matrix
 
 
-def check_generated(gen: GeneratedSet, dataset: str | None) -> str:
-    """The dataset to test on, after checking the generated set matches it: image shape, label set
-    (every class present, no other), label names, and the manifest's dataset."""
+def matching_dataset(gen: GeneratedSet, dataset: str | None):
+    """(the dataset a set is judged against: the given one, else its manifest's; its spec), after checking
+    the two agree and the images have the dataset's shape. CAS and the audit both start here."""
     if dataset and gen.dataset and dataset != gen.dataset:
         raise UsageError(
             f"{gen.folder} was generated for {gen.dataset}, not {dataset} (drop --dataset or fix it)"
@@ -55,6 +55,13 @@ def check_generated(gen: GeneratedSet, dataset: str | None) -> str:
         raise UsageError(
             f"generated images in {gen.folder} are {shape_text(shape)} but {dataset} images are {shape_text(spec.image_shape)}"
         )
+    return dataset, spec
+
+
+def check_generated(gen: GeneratedSet, dataset: str | None) -> str:
+    """The dataset to test on, after checking the generated set matches it: image shape, label set
+    (every class present, no other), label names, and the manifest's dataset."""
+    dataset, spec = matching_dataset(gen, dataset)
     present = sorted(set(np.unique(gen.labels).tolist()))
     if UNCONDITIONAL_LABEL in present:
         raise UsageError(
@@ -149,6 +156,39 @@ def _confusion(
     return cm.view(k, k)
 
 
+@dataclass
+class WorkerFit:
+    """One rank's CAS classifier, trained and tested: the model (DDP-wrapped when world > 1), the test
+    confusion matrix (K, K) all-reduced over the ranks, this rank's optimizer steps, the seconds it took."""
+
+    net: torch.nn.Module
+    confusion: torch.Tensor
+    steps: int
+    seconds: float
+
+
+def fit_on_worker(config: dict[str, Any]) -> WorkerFit:
+    """Inside a Ray Train worker: the CAS recipe (seeded init, DDP, :func:`_train_epochs`), then the test
+    confusion. ``config``: data refs (train images/labels, test images/labels), image_shape, num_classes,
+    epochs, batch_size (global), lr, seed, torch_threads. CAS and the audit's feature extractor both train here."""
+    import ray
+    import ray.train.torch
+
+    console.quiet_worker_console()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["torch_threads"])
+    device = ray.train.torch.get_device()
+    train_x, train_y, test_x, test_y = (torch.from_numpy(np.array(ray.get(r))) for r in config["data_refs"])
+    loop.seed_everything(config["seed"])  # same init on every rank
+    net = ray.train.torch.prepare_model(CASClassifier(tuple(config["image_shape"]), config["num_classes"]))
+    torch.manual_seed(loop.derive_seed(config["seed"], rank))  # dropout masks differ per rank
+    t0 = time.perf_counter()
+    steps = _train_epochs(net, train_x, train_y, config, rank, world, device)
+    cm = _confusion(net, test_x, test_y, config["num_classes"], rank, world, device)
+    return WorkerFit(net, cm, steps, time.perf_counter() - t0)
+
+
 def classifier_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: train the CAS classifier (DDP), test it on the real test set.
 
@@ -158,32 +198,20 @@ def classifier_loop_per_worker(config: dict[str, Any]) -> None:
     the finished result and trains nothing.
     """
     import ray
-    import ray.train.torch
+    import ray.train
 
     from vaedist.train import is_rank_zero
 
-    console.quiet_worker_console()
-
     if ray.train.get_checkpoint() is not None:
         return  # finished before under this name: Ray Train hands back the reported result
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["torch_threads"])
-    device = ray.train.torch.get_device()
-    train_x, train_y, test_x, test_y = (torch.from_numpy(np.array(ray.get(r))) for r in config["data_refs"])
-
-    loop.seed_everything(config["seed"])  # same init on every rank
-    net = ray.train.torch.prepare_model(CASClassifier(tuple(config["image_shape"]), config["num_classes"]))
-    torch.manual_seed(loop.derive_seed(config["seed"], rank))  # dropout masks differ per rank
-    t0 = time.perf_counter()
-    steps_done = _train_epochs(net, train_x, train_y, config, rank, world, device)
-    cm = _confusion(net, test_x, test_y, config["num_classes"], rank, world, device)
+    fit = fit_on_worker(config)
+    cm = fit.confusion
     metrics = {
         "accuracy": float(cm.trace()) / max(1, int(cm.sum())),
         "confusion": cm.tolist(),
-        "train_images": len(train_x),
-        "steps_per_rank": steps_done,
-        "train_seconds": time.perf_counter() - t0,
+        "train_images": len(ray.get(config["data_refs"][1])),
+        "steps_per_rank": fit.steps,
+        "train_seconds": fit.seconds,
     }
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from vaedist import console, loop, tracking
+from vaedist import console, tracking
 from vaedist.config import EvaluateConfig
 from vaedist.data import get_spec, load_split
 from vaedist.errors import UsageError, VaedistError, first_line
 from vaedist.evaluate import spread
-from vaedist.evaluate.cas import CLASSIFIER_VERSION, CASClassifier, _confusion, _train_epochs
+from vaedist.evaluate.cas import CLASSIFIER_VERSION, CASClassifier, fit_on_worker
 from vaedist.models import to_model_input
 
 FEATURES_VERSION = 1  # bump when the layer taken or the extractor's training changes: numbers move with it
@@ -147,23 +147,14 @@ def extractor_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: the CAS classifier's training (its own epoch loop, DDP) on the real
     training split; rank 0 reports test accuracy and the weights (state dict) as the checkpoint."""
     import ray
-    import ray.train.torch
+    import ray.train
 
     from vaedist.train import is_rank_zero
 
     if ray.train.get_checkpoint() is not None:
         return  # finished before under this name: Ray Train hands back the reported result
-    console.quiet_worker_console()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["torch_threads"])
-    device = ray.train.torch.get_device()
-    train_x, train_y, test_x, test_y = (torch.from_numpy(np.array(ray.get(r))) for r in config["data_refs"])
-    loop.seed_everything(config["seed"])  # same init on every rank
-    net = ray.train.torch.prepare_model(CASClassifier(tuple(config["image_shape"]), config["num_classes"]))
-    torch.manual_seed(loop.derive_seed(config["seed"], rank))  # dropout masks differ per rank
-    _train_epochs(net, train_x, train_y, config, rank, world, device)
-    cm = _confusion(net, test_x, test_y, config["num_classes"], rank, world, device)
+    fit = fit_on_worker(config)  # the CAS recipe, shared
+    net, cm = fit.net, fit.confusion
     metrics = {"accuracy": float(cm.trace()) / max(1, int(cm.sum()))}
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
