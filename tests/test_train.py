@@ -189,7 +189,7 @@ def _cli(args, env_extra=None, cwd=None, timeout=240):
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["--dataset", "imagenet"], 2, "Invalid value for '--dataset'"),
+        (["--dataset", "imagenet"], 2, "data.dataset: 'imagenet' is neither a built-in dataset (mnist, fashion-mnist, cifar10) nor an image folder or Parquet table here"),
         (["--variant", "gan"], 2, "Invalid value for '--variant'"),
         (["--gpus-per-worker", "1"], 2, "error: asked for 1 worker(s) x 1 GPU but the Ray cluster has 0 GPU(s)"),
         (["--workers", "64"], 2, "error: asked for 64 worker(s) x 1 CPU but the Ray cluster has"),
