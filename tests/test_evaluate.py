@@ -454,3 +454,21 @@ def test_cli_likelihood_bad_input_is_one_line(tmp_path, untrained_cvae):
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_cas_reads_another_generators_labelled_table(tmp_path):
+    """A Parquet table with a Hugging Face Image struct and integer labels, not written by vaedist."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vaedist.generate.png import encode_pngs
+
+    images = np.random.default_rng(0).integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+    image = pa.StructArray.from_arrays([pa.array(encode_pngs(images), pa.binary()), pa.nulls(40, pa.string())],
+                                       names=["bytes", "path"])  # fmt: skip
+    pq.write_table(pa.table({"image": image, "label": np.arange(40) % 10}), tmp_path / "other.parquet")
+    cfg = EvaluateConfig(generated=str(tmp_path / "other.parquet"), dataset="mnist", classifier_batch_size=16)
+    gen, dataset = ev.cas.read_checked(cfg)
+    assert dataset == "mnist" and np.array_equal(gen.images, images) and np.bincount(gen.labels).tolist() == [4] * 10
+    with pytest.raises(UsageError, match="does not say which dataset it imitates: pass --dataset"):
+        ev.cas.read_checked(EvaluateConfig(generated=str(tmp_path / "other.parquet"), classifier_batch_size=16))

@@ -29,8 +29,9 @@ from vaedist.config import EvaluateConfig
 from vaedist.data import get_spec, load_split
 from vaedist.errors import UsageError, VaedistError, first_line
 from vaedist.evaluate import spread
+from vaedist.evaluate.sets import read_set
 from vaedist.generate.format import UNCONDITIONAL_LABEL, shape_text
-from vaedist.generate.reader import GeneratedSet, read_generated
+from vaedist.generate.reader import GeneratedSet
 from vaedist.models import to_model_input
 
 # Bump when CASClassifier or its training changes: CAS numbers are only comparable within one version.
@@ -315,7 +316,7 @@ class CasSetup:
 def read_checked(cfg: EvaluateConfig) -> tuple[GeneratedSet, str]:
     """The generated set and the dataset it is tested on, after every check (before anything else loads)."""
     folder = str(cfg.generated)
-    gen = read_generated(folder)
+    gen = read_set(folder)  # a vaedist folder, or another generator's labelled Parquet table
     dataset = check_generated(gen, cfg.dataset)
     if len(gen.labels) < cfg.classifier_batch_size:
         raise UsageError(
