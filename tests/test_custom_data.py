@@ -376,3 +376,20 @@ def test_evaluation_refuses_data_whose_fingerprint_changed_unless_allowed(tmp_pa
     with pytest.raises(UsageError, match=r"was trained on data with fingerprint \w+, but f is now \w+ .*--allow-other-data"):
         load_for_likelihood(str(tmp_path / "model.pt"), None)
     assert load_for_likelihood(str(tmp_path / "model.pt"), None, allow_other_data=True)[3] == dataset
+
+
+def test_a_table_mixing_encoded_images_and_tensors_keeps_every_row_in_order(tmp_path):
+    """One file of PNG bytes, one of raw uint8 tensors: every row, in file order, with its label."""
+    rng = np.random.default_rng(7)
+    a, b = rng.integers(0, 256, (4, 5, 5), dtype=np.uint8), rng.integers(0, 256, (3, 5, 5), dtype=np.uint8)
+    (tmp_path / "mix").mkdir()
+    pq.write_table(pa.table({"image": [_png(x) for x in a], "label": [0, 1, 0, 1]}), tmp_path / "mix" / "a.parquet")
+    tensor = pa.ExtensionArray.from_storage(
+        pa.fixed_shape_tensor(pa.uint8(), (5, 5, 1)), pa.FixedSizeListArray.from_arrays(pa.array(b.reshape(-1)), 25)
+    )
+    pq.write_table(pa.table({"image": tensor, "label": [1, 0, 1]}), tmp_path / "mix" / "b.parquet")
+    spec = get_spec(str(tmp_path / "mix") + "?test_size=1")
+    x, y = load_split(spec.source, "train_full")
+    tx, ty = load_split(spec.source, "test")
+    rows = {im[:, :, 0].tobytes(): int(lab) for im, lab in zip(np.concatenate([x, tx]), np.concatenate([y, ty]), strict=True)}
+    assert rows == {im.tobytes(): lab for im, lab in zip([*a, *b], [0, 1, 0, 1, 1, 0, 1], strict=True)}

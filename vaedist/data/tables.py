@@ -164,20 +164,28 @@ def read_rows(location: str, listing: Listing, split: str, opts: SourceOptions, 
 
 
 def decode_rows(rows: TableRows, opts: SourceOptions) -> tuple[img.Decoded, list]:
-    """Decode every row's image by the shape rule; tensors go through the same rule."""
+    """Decode every row's image by the shape rule, in row order: encoded images of all files in one
+    (pooled) pass, tensors (raw folders) through the same rule; files of both kinds may mix."""
     from PIL import Image
 
-    encoded = [b for part in rows.sources if isinstance(part, list) for b in part]
-    decoded = img.decode_all(encoded, opts.image_size, opts.channels) if encoded else img.Decoded()
-    if any(isinstance(part, np.ndarray) for part in rows.sources):  # tensors: no bytes to decode
-        start = 0
-        decoded = img.Decoded()
-        for part in rows.sources:
-            for arr in part if isinstance(part, np.ndarray) else []:
+    encoded, encoded_rows, tensors, row = [], [], img.Decoded(), 0
+    for part in rows.sources:
+        if isinstance(part, np.ndarray):  # uint8 (n, H, W, C): no bytes to decode
+            for arr in part:
                 pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-                decoded.images.append(img.fit(pil, opts.image_size, opts.channels))
-                decoded.kept.append(start)
-                start += 1
+                tensors.images.append(img.fit(pil, opts.image_size, opts.channels))
+                tensors.kept.append(row)
+                row += 1
+        else:
+            encoded += part
+            encoded_rows += range(row, row + len(part))
+            row += len(part)
+    found = img.decode_all(encoded, opts.image_size, opts.channels) if encoded else img.Decoded()
+    at = {encoded_rows[i]: im for i, im in zip(found.kept, found.images, strict=True)} | dict(
+        zip(tensors.kept, tensors.images, strict=True)
+    )
+    kept = sorted(at)
+    decoded = img.Decoded([at[i] for i in kept], kept, [(encoded_rows[i], why) for i, why in found.bad])
     return decoded, rows.names
 
 
