@@ -39,7 +39,8 @@ def plain_loop(cfg, epochs: int, threads: int) -> list[float]:
         indices = loop.epoch_indices(len(images_t), epoch, cfg.train.seed)
         generator = torch.Generator().manual_seed(loop.derive_seed(cfg.train.seed, epoch, 0))
         t0 = time.perf_counter()
-        sums = loop.train_epoch(objective, model, optimizer, images_t, labels_t, indices, cfg.train.batch_size,
+        batches = loop.index_batches(images_t, labels_t, indices, cfg.train.batch_size)
+        sums = loop.train_epoch(objective, model, optimizer, batches, len(indices) // cfg.train.batch_size,
                                 lambda _: cfg.train.beta, 0.0, generator, torch.device("cpu"))  # fmt: skip
         rates.append(sums.count / (time.perf_counter() - t0))
     return rates

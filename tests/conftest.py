@@ -50,6 +50,31 @@ def data_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """Ray in this process for one test module: a 2-CPU node like this machine (the actor and worker sizing
+    must not deadlock on it); ``address="local"`` never joins a cluster already running here."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A throwaway sqlite MLflow store for one test, in its tmp folder (also the working directory)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
 @pytest.fixture(scope="session")
 def tuned_store(tmp_path_factory):
     """One real smoke search (tune-mnist --preset smoke, plus a crashing trial) shared by the tests that

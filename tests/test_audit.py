@@ -341,17 +341,6 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never join a cluster running here
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tables(tmp_path_factory) -> dict[str, Path]:
     """5,000 real MNIST training images, 5,000 held-out test images (a seeded random choice: the test
     set's first half comes from other writers than its second), and uniform noise, each as a table."""

@@ -253,28 +253,6 @@ def test_data_info_shows_the_cifar10_jpeg_folder(cifar_jpeg, tmp_path):
     assert "test split: given" in text
 
 
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(uri)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _train_and_generate(dataset: str, tmp_path: Path, before_generate=lambda: None):
     from vaedist import generate as G
     from vaedist.config import GenerateConfig

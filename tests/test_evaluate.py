@@ -96,19 +96,6 @@ def registered(store, trained_cvae) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False
-    )  # never join a cluster already running here
-    yield
-    ray.shutdown()
-
-
 def generated_plan(
     labels=range(10),
     per_label: int = 2,

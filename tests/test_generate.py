@@ -88,17 +88,6 @@ def vae_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)  # the 2-CPU node the actor sizing must not deadlock on
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A throwaway MLflow store for the whole module (the in-process runs share it)."""
     root = tmp_path_factory.mktemp("mlflow")

@@ -570,3 +570,48 @@ def test_model_registries_speak_the_config_vocabulary():
 
     assert tuple(MODELS) == config.VARIANTS
     assert tuple(LIKELIHOOD_CLASSES) == config.LIKELIHOODS
+
+
+def test_every_arch_activation_and_hierarchy_in_the_vocabulary_builds():
+    """The new names (resnet, mol, silu, stochastic_layers) are config vocabulary that models/ builds."""
+    from vaedist import config
+    from vaedist.models.nets import ACTIVATIONS
+    from vaedist.models.vae import HIERARCHICAL
+
+    assert tuple(ACTIVATIONS) == config.ACTIVATIONS
+    assert set(HIERARCHICAL) == {"vae", "cvae"} <= set(config.VARIANTS)
+    for arch in config.ARCHS:
+        for layers in (1, 2):
+            cfg = ModelConfig(variant="cvae", arch=arch, stochastic_layers=layers, activation="silu", **SMALL)
+            model = build_model(cfg, (8, 8, 1), 10, "mol")
+            assert model.stochastic_layers == layers and model.hparams["arch"] == arch
+            x, y = fake_batch(model, 2)
+            assert model.loss(x, y).kl_layers.shape == (2, layers)
+
+
+# Exactly what a checkpoint written before resnet / mol / hierarchies held: no key for the new knobs.
+OLD_HPARAMS = {
+    "variant": "cvae", "arch": "conv", "likelihood": "bernoulli", "image_height": 28, "image_width": 28,
+    "image_channels": 1, "num_classes": 10, "latent_dim": 4, "width": 32, "base_channels": 8, "depth": 2,
+    "activation": "relu", "conditioning": "onehot", "embedding_dim": 16,
+}  # fmt: skip
+OLD_KEYS = {
+    "encoder.first.weight", "encoder.first.bias", "encoder.blocks.1.weight", "encoder.blocks.1.bias",
+    "encoder.head.weight", "encoder.head.bias", "decoder.fc.0.weight", "decoder.fc.0.bias",
+    "decoder.blocks.0.weight", "decoder.blocks.0.bias", "decoder.blocks.2.weight", "decoder.blocks.2.bias",
+}  # fmt: skip
+
+
+def test_a_checkpoint_from_before_the_new_knobs_still_loads(tmp_path):
+    from vaedist.checkpoint import load_model
+
+    torch.manual_seed(0)
+    old = small_model("cvae", "conv", "bernoulli")
+    assert set(old.state_dict()) == OLD_KEYS and old.hparams == OLD_HPARAMS  # layout and record unchanged
+    path = tmp_path / "model.pt"
+    torch.save({"dataset": {}, "hparams": OLD_HPARAMS, "state_dict": old.state_dict(), "optimizer": {},
+                "epoch": 3, "config": {"model.variant": "cvae"}, "metrics": {}}, path)  # fmt: skip
+    model, _ = load_model(path)
+    assert type(model) is CVAE and model.stochastic_layers == 1 and model.hparams == OLD_HPARAMS
+    z, y = torch.randn(2, 4), torch.tensor([3, 4])
+    assert torch.equal(model.generate(z, y), old.eval().generate(z, y))

@@ -74,8 +74,13 @@ def test_plan_is_deterministic_and_carries_what_the_job_needs(monkeypatch, tmp_p
     assert plan.entrypoint_num_cpus is None and plan.entrypoint_num_gpus is None
 
     monkeypatch.delenv("VAEDIST_DATA_DIR")
+    monkeypatch.delenv("VAEDIST_VERBOSE", raising=False)
     _, bare = submit.plan_submission("train-mnist", preset="smoke")
     assert "VAEDIST_DATA_DIR" not in bare.runtime_env["env_vars"]
+    assert "VAEDIST_VERBOSE" not in bare.runtime_env["env_vars"]
+    monkeypatch.setenv("VAEDIST_VERBOSE", "1")  # `vaedist -v submit`: the job's logs read as verbose too
+    _, verbose = submit.plan_submission("train-mnist", preset="smoke")
+    assert verbose.runtime_env["env_vars"]["VAEDIST_VERBOSE"] == "1" and verbose.base_id == bare.base_id
     # The id follows the spec file's contents: an edited spec is another job.
     assert submit.submission_id("train-mnist", "smoke", b"a") != submit.submission_id(
         "train-mnist", "smoke", b"b"

@@ -25,26 +25,6 @@ SMALL = {
 }
 
 
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(uri)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_train_two_workers_records_everything_in_mlflow(local_ray, mlflow_store, tmp_path):
     from vaedist.checkpoint import load_model
@@ -96,7 +76,8 @@ def test_train_two_workers_records_everything_in_mlflow(local_ray, mlflow_store,
 def test_fault_mid_epoch_resumes_from_checkpoint(local_ray, mlflow_store, tmp_path):
     import ray
 
-    from vaedist.train import FAULT_ENV, run_training
+    from vaedist.train import run_training
+    from vaedist.worker import FAULT_ENV
 
     cfg = experiment_from_dict(SMALL)
     clean = run_training(cfg, name="clean", storage=str(tmp_path / "runs"), echo=lambda *_: None)
@@ -284,7 +265,7 @@ def test_data_of_every_rank_is_disjoint():
 # A process exits (as Ray shuts down the worker of a trial ASHA stopped) while a daemon thread trains.
 _EXIT_MID_STEP = """
 import threading, time, torch
-from vaedist.train import StopAtExit, WorkerExiting
+from vaedist.worker import StopAtExit, WorkerExiting
 
 torch.set_num_threads(1)
 started = threading.Event()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -67,6 +70,12 @@ def test_tune_smoke_parent_children_champion_and_resume(tuned_store, monkeypatch
     assert len(client.get_metric_history(by_depth["1"].info.run_id, "val_neg_elbo")) == 1
     assert [r["status"] for r in result.table] == ["OK", "ERROR"]
     assert result.table[0]["model.depth"] == 1 and result.table[0]["epochs_run"] == 1
+    # A one-worker trial trains in the trial's own process (Tune's function API): its checkpoint is
+    # Tune's, in the trial's folder, and no TorchTrainer run folder was made for it.
+    best = Path(result.table[0]["checkpoint"])
+    assert best.name.startswith("checkpoint_") and (best / "model.pt").is_file()
+    assert best.parent.parent == folder / "runs" / result.name
+    assert not list((folder / "runs").glob(f"{result.name}-*"))
     assert any("model.depth" in line and "val_neg_elbo" in line for line in lines)  # the printed table
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"tune_results.txt", "tune_results.csv"} <= artifacts
@@ -96,3 +105,24 @@ def test_tune_smoke_parent_children_champion_and_resume(tuned_store, monkeypatch
     # (a pipeline's generate step is keyed on it).
     assert (again.model_uri, again.version) == (result.model_uri, result.version)
     assert len(client.search_model_versions("name = 'vaedist-mnist'")) == versions
+
+
+@pytest.mark.slow
+def test_a_trial_of_two_workers_fits_a_torch_trainer(local_ray, mlflow_store, tmp_path):
+    """Several workers per trial keep a TorchTrainer inside the trial (DDP), its checkpoints its own."""
+    from vaedist.jobs import load_spec, run_spec
+
+    spec = load_spec("tune-mnist", preset="smoke", overrides={
+        "data": {"val_size": 500}, "resources": {"workers": 2, "cpus_per_worker": 1},
+        "tune": {"num_samples": 1, "search_space": {"model.arch": {"choice": ["dense"]},
+                 "model.width": {"choice": [32]}, "train.epochs": {"choice": [1]}}}})  # fmt: skip
+    os.environ["VAEDIST_STORAGE_PATH"] = str(tmp_path / "runs")
+    try:
+        result = run_spec(spec, echo=lambda *_: None)
+    finally:
+        del os.environ["VAEDIST_STORAGE_PATH"]
+    [row] = result.table
+    assert row["status"] == "OK" and row["epochs_run"] == 1
+    best = Path(row["checkpoint"])  # the TorchTrainer's run folder <search>-<trial id>, not Tune's trial folder
+    assert best.parent.name == f"{result.name}-{row['trial']}" and best.name == "epoch-0001"
+    assert result.model_uri.startswith("models:/vaedist-mnist/")

@@ -19,10 +19,12 @@ import click
 
 from vaedist import __version__, console
 from vaedist.config import (
+    ACTIVATIONS,
     ARCHS,
     DATASET_NAMES,
     IMAGE_FORMATS,
     LIKELIHOODS,
+    PRECISIONS,
     SECTIONS,
     VARIANTS,
     EvaluateConfig,
@@ -195,17 +197,26 @@ def _sections(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A train job spec (jobs/train-*.yaml) to start from; flags override it.")
 @click.option("--dataset", metavar="NAME|PATH", help=_DATASET_HELP + " [default: mnist].")
 @_dataset_options
+@click.option("--memory-budget", help="Train splits decoded larger than this (512MB, 2GiB) stream through Ray Data instead of loading whole [default: half the object store].")
 @click.option("--variant", type=click.Choice(VARIANTS), help="ae = autoencoder + latent noise, vae, cvae = label-conditioned [default: cvae].")
-@click.option("--arch", type=click.Choice(ARCHS), help="Encoder/decoder family [default: conv].")
-@click.option("--latent-dim", type=int, help="Size of z [default: 16].")
+@click.option("--arch", type=click.Choice(ARCHS), help="Encoder/decoder family; resnet = residual blocks at every resolution [default: conv].")
+@click.option("--latent-dim", type=int, help="Size of z (of the top latent in a hierarchical model) [default: 16].")
 @click.option("--width", type=int, help="Dense: hidden units per layer [default: 512].")
-@click.option("--base-channels", type=int, help="Conv: channels of the first block [default: 32].")
-@click.option("--depth", type=int, help="Dense: hidden layers; conv: stride-2 blocks [default: 2].")
-@click.option("--likelihood", type=click.Choice(LIKELIHOODS), help="p(x|z) [default: the dataset's].")
+@click.option("--base-channels", type=int, help="Conv, resnet: channels of the first block [default: 32].")
+@click.option("--depth", type=int, help="Dense: hidden layers; conv, resnet: stride-2 halvings [default: 2].")
+@click.option("--blocks-per-level", type=int, help="Resnet: residual blocks at each resolution [default: 2].")
+@click.option("--activation", type=click.Choice(ACTIVATIONS), help="Nonlinearity of encoder and decoder [default: relu].")
+@click.option("--stochastic-layers", type=int, help="vae, cvae: latent layers; > 1 makes a hierarchical VAE with top-down inference, at most depth + 1 [default: 1].")
+@click.option("--latent-channels", type=int, help="Hierarchical VAE: channels of each latent map below the top latent [default: 4].")
+@click.option("--likelihood", type=click.Choice(LIKELIHOODS), help="p(x|z); mol = discretized mixture of logistics [default: the dataset's].")
+@click.option("--mixtures", type=int, help="mol: logistic components per pixel [default: 10].")
 @click.option("--epochs", type=int, help="Epochs [default: 10].")
 @click.option("--batch-size", type=int, help="Global batch size, split across workers [default: 128].")
 @click.option("--lr", type=float, help="Adam learning rate [default: 1e-3].")
 @click.option("--beta", type=float, help="KL weight; 1 is the true ELBO [default: 1].")
+@click.option("--kl-warmup-epochs", type=int, help="Ramp the KL weight linearly from 0 over this many epochs [default: 0].")
+@click.option("--free-bits", type=float, help="Nats per latent dim (per layer in a hierarchical VAE) below which KL is not penalised [default: 0].")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Mixed precision: auto = bf16 autocast on GPUs that have it, fp32 on CPU; bf16; fp32 [default: auto].")
 @click.option("--seed", type=int, help="Seed for init, shuffling and binarization [default: 0].")
 @click.option("--workers", type=int, help="Ray Train workers (DDP ranks) [default: 1].")
 @click.option("--gpus-per-worker", type=float, help="GPUs per worker; 0 trains on CPUs [default: 1 where the cluster has a GPU for every worker, else 0].")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -22,9 +23,12 @@ from vaedist.errors import UsageError
 # torch-free so that `vaedist --help` and config validation never import torch; models/ keys its registries
 # (MODELS, LIKELIHOOD_CLASSES) by the same names, and tests/test_models.py keeps the two equal.
 VARIANTS = ("ae", "vae", "cvae")
-ARCHS = ("dense", "conv")
-LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
+ARCHS = ("dense", "conv", "resnet")
+LIKELIHOODS = ("bernoulli", "gaussian", "logistic", "mol")
 CONDITIONINGS = ("onehot", "embedding")
+ACTIVATIONS = ("relu", "silu")
+# Mixed precision of training: auto = bf16 autocast on a CUDA device that has it, else float32.
+PRECISIONS = ("auto", "bf16", "fp32")
 DATASET_NAMES = tuple(DATASETS)  # built-in datasets: the registry in vaedist.data
 # Generated image columns: png = the Hugging Face datasets Image struct {bytes: PNG, path: null} (every tool
 # reads it), raw = a uint8 (H, W, C) Arrow fixed-shape tensor (faster; pyarrow, Ray Data and vaedist read it).
@@ -58,6 +62,19 @@ def _check_float(value: Any, where: str, minimum: float, *, strict: bool = False
     _check(ok, where, f"must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"512MB"`` / ``"1.5GiB"`` / ``"1000000"`` -> bytes (SI and binary units, as Ray's docs write them)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _BYTE_UNITS:
+        raise ValueError(f"must be a size such as 512MB, 2GiB or a number of bytes, got {text!r}")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset, where its files are, and how the validation split is carved."""
@@ -67,6 +84,9 @@ class DataConfig:
     data_dir: str | None = None
     # Images carved deterministically from the official train split for validation.
     val_size: int = 5000
+    # Decoded train split larger than this streams through Ray Data instead of sitting in the object
+    # store whole: "512MB", "2GiB", bytes; None: half of the cluster's object store memory.
+    memory_budget: str | None = None
 
     def __post_init__(self) -> None:
         from vaedist.data.sources import absolute, is_path
@@ -78,22 +98,35 @@ class DataConfig:
             _check(self.dataset in DATASET_NAMES, "data.dataset", f"{self.dataset!r} is neither a built-in dataset "
                    f"({', '.join(DATASET_NAMES)}) nor an image folder or Parquet table here")  # fmt: skip
         _check_int(self.val_size, "data.val_size", 1)
+        if self.memory_budget is not None:
+            try:
+                parse_bytes(self.memory_budget)
+            except ValueError as exc:
+                raise ConfigError(f"data.memory_budget: {exc}") from None
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Model family and size. The knobs Tune searches are width, base_channels, depth, latent_dim."""
+    """Model family and size. The knobs Tune searches are width, base_channels, depth, latent_dim, and the
+    hierarchy (stochastic_layers, latent_channels), residual blocks and the mixture size."""
 
     variant: str = "cvae"  # ae (plain autoencoder + latent noise) | vae | cvae (label-conditioned)
-    arch: str = "conv"  # dense (MLP) | conv (strided conv / transposed conv)
-    latent_dim: int = 16
+    arch: str = "conv"  # dense (MLP) | conv (strided conv / transposed conv) | resnet (residual blocks)
+    latent_dim: int = 16  # the (top) latent z
     width: int = 512  # dense: hidden units per layer
-    base_channels: int = 32  # conv: channels of the first block, doubled per block
-    depth: int = 2  # dense: hidden layers; conv: stride-2 blocks (image side must divide by 2**depth)
+    base_channels: int = 32  # conv, resnet: channels of the first block, doubled per block
+    # dense: hidden layers; conv, resnet: stride-2 halvings (image side must divide by 2**depth)
+    depth: int = 2
     # None: the dataset's default (bernoulli for MNIST, discretized logistic for colour / grey levels).
     likelihood: str | None = None
     latent_noise: float = 0.1  # ae only: std of Gaussian noise added to the code during training
     conditioning: str = "onehot"  # cvae: how the label enters encoder and decoder
+    activation: str = "relu"  # the networks' nonlinearity
+    blocks_per_level: int = 2  # resnet: residual blocks at each resolution
+    # vae, cvae: latent layers; > 1 = hierarchical VAE (top-down inference), at most depth + 1
+    stochastic_layers: int = 1
+    latent_channels: int = 4  # hierarchical: channels of each latent map below the top latent
+    mixtures: int = 10  # mol: logistic components per pixel (Salimans et al. 2017)
 
     def __post_init__(self) -> None:
         _check_choice(self.variant, VARIANTS, "model.variant")
@@ -106,6 +139,17 @@ class ModelConfig:
             _check_choice(self.likelihood, LIKELIHOODS, "model.likelihood")
         _check_float(self.latent_noise, "model.latent_noise", 0.0)
         _check_choice(self.conditioning, CONDITIONINGS, "model.conditioning")
+        _check_choice(self.activation, ACTIVATIONS, "model.activation")
+        _check_int(self.blocks_per_level, "model.blocks_per_level", 1)
+        _check_int(self.latent_channels, "model.latent_channels", 1)
+        _check_int(self.mixtures, "model.mixtures", 1)
+        _check_int(self.stochastic_layers, "model.stochastic_layers", 1)
+        if self.stochastic_layers > 1:
+            _check(self.variant != "ae", "model.stochastic_layers",
+                   "a hierarchy of latents needs variant vae or cvae (an autoencoder has no posterior)")  # fmt: skip
+            _check(self.stochastic_layers <= self.depth + 1, "model.stochastic_layers",
+                   f"{self.stochastic_layers} layers need depth >= {self.stochastic_layers - 1} (one latent "
+                   f"layer per level below the top), got depth {self.depth}")  # fmt: skip
 
     @property
     def conditional(self) -> bool:
@@ -126,8 +170,12 @@ class TrainConfig:
     image_every: int = 1  # log pictures every k epochs (and always after the last)
     checkpoints_to_keep: int = 2  # best N checkpoints by validation loss
     max_failures: int = 1  # worker-group restarts from the last checkpoint before the run fails
+    # auto: bf16 autocast on a CUDA device that supports it, float32 elsewhere; bf16; fp32. The ELBO's
+    # sums stay float32 either way.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_choice(self.precision, PRECISIONS, "train.precision")
         _check_int(self.epochs, "train.epochs", 1)
         _check_int(self.batch_size, "train.batch_size", 1)
         _check_float(self.lr, "train.lr", 0.0, strict=True)
@@ -184,7 +232,7 @@ class ExperimentConfig:
 
         spec = get_spec(self.data.dataset)
         h, w, _ = spec.image_shape
-        if self.model.arch == "conv":
+        if self.model.arch in ("conv", "resnet"):
             side = 2**self.model.depth
             near = "x".join(str(max(side, round(d / side) * side)) for d in (h, w))  # the nearest that works
             resize = f", or --image-size {near}" if spec.from_path else ""

@@ -8,9 +8,10 @@ a Ray Data iterator for data this small (see benchmarks/train_throughput.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,29 @@ def kl_weight(epoch: int, step_in_epoch: int, steps_per_epoch: int, beta: float,
     return beta * min(1.0, progress)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``train_epoch`` runs the networks in, from ``train.precision``; None = float32.
+
+    ``auto``: bf16 on a CUDA device with native bf16 (Ampere and newer), else float32 (CPU autocast is
+    slower than float32 on most CPUs); ``bf16``: bf16 wherever autocast has it (CUDA with native bf16,
+    CPU); ``fp32``: float32. bf16 keeps float32's exponent range, so no loss scaling is needed (unlike fp16).
+    """
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if native else None
+    if precision == "bf16":
+        if device.type == "cuda" and not native:
+            raise ValueError(f"train.precision bf16: {device} has no native bf16 (use fp32 or auto)")
+        return torch.bfloat16
+    raise ValueError(f"train.precision: {precision!r} is not one of auto, bf16, fp32")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 def make_input(images: torch.Tensor, binarized: bool, generator: torch.Generator | None) -> torch.Tensor:
     """uint8 (B,H,W,C) -> float (B,C,H,W) in [0,1]; a fresh Bernoulli draw for binarized likelihoods."""
     x = to_model_input(images)
@@ -72,13 +96,18 @@ def make_input(images: torch.Tensor, binarized: bool, generator: torch.Generator
 
 @dataclass
 class Sums:
-    """Running per-sample sums, so ranks can all-reduce them and divide once."""
+    """Running per-sample sums, so ranks can all-reduce them and divide once.
+
+    As a tensor: [neg_elbo, recon, kl, loss, count, kl_layer0, kl_layer1, ...], float64; the per-layer KL
+    slots (top layer first) only for a model with several stochastic layers, so collapse shows per layer.
+    """
 
     neg_elbo: float = 0.0
     recon: float = 0.0
     kl: float = 0.0
     loss: float = 0.0
     count: int = 0
+    kl_layers: torch.Tensor | None = None  # (S,) float64 sums
 
     def add(self, out, batch: int) -> None:
         self.neg_elbo += float(out.neg_elbo.detach().sum())
@@ -86,13 +115,18 @@ class Sums:
         self.kl += float(out.kl.detach().sum())
         self.loss += float(out.loss.detach()) * batch
         self.count += batch
+        layers = getattr(out, "kl_layers", None)
+        if layers is not None and layers.shape[-1] > 1:
+            part = layers.detach().sum(0).double().cpu()
+            self.kl_layers = part if self.kl_layers is None else self.kl_layers + part
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.neg_elbo, self.recon, self.kl, self.loss, self.count], dtype=torch.float64)
+        head = torch.tensor([self.neg_elbo, self.recon, self.kl, self.loss, self.count], dtype=torch.float64)
+        return head if self.kl_layers is None else torch.cat([head, self.kl_layers])
 
     @staticmethod
     def means(t: torch.Tensor, num_dims: int) -> dict[str, float]:
-        neg_elbo, recon, kl, loss, count = t.tolist()
+        neg_elbo, recon, kl, loss, count, *layers = t.tolist()
         count = max(count, 1.0)
         return {
             "neg_elbo": neg_elbo / count,
@@ -100,47 +134,59 @@ class Sums:
             "kl": kl / count,
             "loss": loss / count,
             "bits_per_dim": neg_elbo / count / (num_dims * math.log(2)),
+            **{f"kl_layer{i}": v / count for i, v in enumerate(layers)},
         }
+
+
+def index_batches(
+    images: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """In-memory minibatches: (uint8 (B,H,W,C), int64 (B,)) at ``indices``, the last partial batch dropped
+    so every DDP rank runs the same number of steps (``len(indices) // batch_size``)."""
+    for step in range(len(indices) // batch_size):
+        idx = torch.from_numpy(indices[step * batch_size : (step + 1) * batch_size])
+        yield images[idx], labels[idx]
 
 
 def train_epoch(
     model: torch.nn.Module,
     core: BaseVAE,
     optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    indices: np.ndarray,
-    batch_size: int,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
     beta_at: Callable[[int], float],
     free_bits: float,
     generator: torch.Generator,
     device: torch.device,
     on_step: Callable[[int, int], None] | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> Sums:
-    """One pass over ``indices`` in minibatches; returns per-sample sums of the losses.
+    """One pass over ``batches`` (at most ``steps`` of them); returns per-sample sums of the losses.
 
-    ``on_step(step, steps)`` is called before each step (a progress display, a test's fault hook).
-
-    ``model`` is the ElboObjective that gets called (DDP-wrapped under Ray Train), ``core`` the bare BaseVAE
-    (for ``conditional``/``likelihood``). ``images`` uint8 (N,H,W,C), ``labels`` int64 (N,), on CPU;
-    ``batch_size`` is this rank's share. The last partial batch is dropped so every DDP rank runs the
-    same number of steps.
+    ``batches`` yields (uint8 (B,H,W,C), int64 (B,)) on CPU: ``index_batches`` over arrays in memory, or a
+    Ray Data shard's stream (``streaming.py``). ``steps`` is the same on every DDP rank (the caller's
+    promise), and ``on_step(step, steps)`` is called before each step (a progress display, a test's fault
+    hook). ``model`` is the ElboObjective that gets called (DDP-wrapped under Ray Train), ``core`` the bare
+    BaseVAE (for ``conditional``/``likelihood``). ``autocast_dtype`` (see :func:`autocast_dtype`): the forward
+    pass runs under ``torch.autocast`` in that dtype; the model keeps the likelihood and KL sums in float32,
+    and the backward pass runs outside autocast, as torch's AMP recipe has it.
     """
     model.train()
     sums = Sums()
-    steps = len(indices) // batch_size
     binarized = core.likelihood.binarized
-    for step in range(steps):
+    for step, (images, labels) in enumerate(batches):
+        if step >= steps:
+            break
         if on_step is not None:
             on_step(step, steps)
-        idx = torch.from_numpy(indices[step * batch_size : (step + 1) * batch_size])
-        x = make_input(images[idx], binarized, generator).to(device, non_blocking=True)  # (B, C, H, W)
-        y = labels[idx].to(device, non_blocking=True) if core.conditional else None
-        out = model(x, y, beta=beta_at(step), free_bits=free_bits)
+        x = make_input(images, binarized, generator).to(device, non_blocking=True)  # (B, C, H, W)
+        y = labels.to(device, non_blocking=True) if core.conditional else None
+        with _autocast(device, autocast_dtype):
+            out = model(x, y, beta=beta_at(step), free_bits=free_bits)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        sums.add(out, len(idx))
+        sums.add(out, len(images))
     return sums
 
 

@@ -109,7 +109,7 @@ class EpochPictures:
         for start in range(0, len(self.scatter_x), 512):
             xb = self._x(self.scatter_x[start : start + 512])
             mus.append(self.model.encode(xb, self._labels(self.scatter_y[start : start + 512]))[0].cpu())
-        z = torch.cat(mus).numpy()
+        z = torch.cat(mus)[:, : self.model.top_latent_dim].numpy()  # a hierarchical model's top latent
         return figures.latent_scatter(z, self.scatter_y, self.class_names, title="validation codes (posterior means)")
 
     def interpolation(self) -> np.ndarray:

@@ -36,7 +36,9 @@ SUBMIT_EXCLUDES = (
     "/.venv", "/.git", "/mlflow.db", "/mlruns", "/mlartifacts", "/vaedist-runs", "/out",
     "__pycache__", "/test-artifacts", "*.egg-info", "/.pytest_cache", "/.ruff_cache",
 )  # fmt: skip
-PASS_THROUGH_ENV = ("VAEDIST_DATA_DIR", "VAEDIST_STORAGE_PATH")  # sent to the job only where set here
+# Sent to the job only where set here. VAEDIST_VERBOSE: `vaedist -v submit` shows Ray's and MLflow's INFO
+# lines in the job's logs too (the job's own `vaedist run` reads it as if given -v).
+PASS_THROUGH_ENV = ("VAEDIST_DATA_DIR", "VAEDIST_STORAGE_PATH", "VAEDIST_VERBOSE")
 
 
 def _stderr(message: str) -> None:

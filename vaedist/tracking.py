@@ -275,7 +275,7 @@ class RunLogger:
 
 
 class NullLogger:
-    """Ranks other than 0 log nothing (the rank-0 switch lives in vaedist.train.is_rank_zero)."""
+    """Ranks other than 0 log nothing (the rank-0 switch is the place's rank, vaedist.worker)."""
 
     def start_system_metrics(self) -> None:
         pass

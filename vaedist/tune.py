@@ -1,8 +1,11 @@
 """Ray Tune over Ray Train: search architecture size, latent size, epochs (and more) per dataset.
 
-The Ray 2.60 way (docs/ARCHITECTURE.md, "Facts of the stack"): each trial is a Tune function that builds and fits a TorchTrainer with
-``RunConfig(name=<search>-<trial id>, callbacks=[TuneReportCallback()])``; ASHA stops weak trials early
-on validation -ELBO. MLflow gets one parent run per search and one child run per trial, so the UI's
+A trial of one worker runs the training loop in the trial's own process through Tune's function API
+(``worker.run_worker`` at a ``places.TunePlace``: ``ray.tune.report`` with checkpoints,
+``ray.tune.get_checkpoint`` to resume), with no Train controller, placement group or worker process of
+its own. A trial of several workers is a Tune function that builds and fits a TorchTrainer with
+``RunConfig(name=<search>-<trial id>, callbacks=[TuneReportCallback()])`` (the Ray 2.60 way,
+docs/ARCHITECTURE.md "Facts of the stack"). ASHA stops weak trials early on validation -ELBO. MLflow gets one parent run per search and one child run per trial, so the UI's
 compare / parallel-coordinates views show the search; the best trial's model is registered and becomes
 ``champion`` only if it beats the current one.
 """
@@ -15,6 +18,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -40,7 +44,14 @@ from vaedist.cluster import (
 )
 from vaedist.config import ExperimentConfig, TuneConfig, from_flat
 from vaedist.errors import VaedistError
-from vaedist.train import WHERE_IT_RAN, build_trainer, experiment_params, log_training_data, put_data
+from vaedist.train import (
+    WHERE_IT_RAN,
+    build_trainer,
+    experiment_params,
+    log_training_data,
+    put_data,
+    worker_config,
+)
 
 TRIAL_ID_TAG = "vaedist.trial_id"
 
@@ -99,8 +110,13 @@ def run_trial(
     storage: str,
     plan: WorkerPlan,
     data_refs: list,
+    tracking_uri: str,
 ) -> None:
     """One trial (runs in a Tune actor): merge the sampled values into the base config and fit."""
+    # The driver's store, whatever this process's environment says: a Ray started before the driver set
+    # $MLFLOW_TRACKING_URI (by the user, a notebook, a test) gave its workers another one.
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    started = time.time()
     trial_id = ray.tune.get_context().get_trial_id()
     flat = {**base_flat, **config}
     trial_name = f"{name}-{trial_id}"
@@ -112,6 +128,12 @@ def run_trial(
     tracking.set_run_tags(run_id, {TRIAL_ID_TAG: trial_id})
     cfg = from_flat(flat)  # a ConfigError here fails this trial only; the search goes on
     log_training_data(run_id, cfg)
+    if plan.workers == 1:
+        from vaedist.places import TunePlace
+        from vaedist.worker import run_worker
+
+        run_worker(worker_config(cfg, run_id, plan, data_refs, started=started), TunePlace())
+        return
     trainer = build_trainer(
         cfg, trial_name, storage, run_id, plan, data_refs, callbacks=[TuneReportCallback()]
     )
@@ -165,9 +187,9 @@ def run_tune(
 
     trainable = ray.tune.with_parameters(
         run_trial, base_flat=base.flatten(), name=name, parent_run_id=parent_run_id,
-        storage=storage, plan=plan, data_refs=data_refs,
+        storage=storage, plan=plan, data_refs=data_refs, tracking_uri=uri,
     )  # fmt: skip
-    tuner = _tuner(trainable, base, tune_cfg, name, storage, concurrency, echo)
+    tuner = _tuner(trainable, base, tune_cfg, name, storage, concurrency, plan, echo)
     seconds = {"prepare": time.perf_counter() - started}
     mode = console.progress_mode(console.stderr_isatty(), console.is_verbose())
     with _showing(console.TrialDisplay(base.train.epochs, tune_cfg.metric, echo, mode)):
@@ -191,12 +213,19 @@ def run_tune(
     return TuneResult(name, parent_run_id, table, best_row["trial"], model_uri, version, moved, seconds)
 
 
+def trial_resources(plan: WorkerPlan) -> dict[str, float]:
+    """What a trial's own process reserves. One worker: the worker's CPUs / GPUs, since the loop runs in
+    the trial. Several: the trial only waits on its TorchTrainer, whose workers hold the CPUs / GPUs; a
+    CPU-less bundle (Tune refuses an empty one) keeps it from taking a core a worker needs."""
+    if plan.workers == 1:
+        return {"cpu": plan.cpus_per_worker, "gpu": plan.gpus_per_worker}
+    return {"cpu": 0, "memory": 64 * 2**20}
+
+
 def _tuner(trainable, base: ExperimentConfig, tune_cfg: TuneConfig, name: str, storage: str, concurrency: int,
-           echo) -> ray.tune.Tuner:  # fmt: skip
+           plan: WorkerPlan, echo) -> ray.tune.Tuner:  # fmt: skip
     """A new search, or the one of the same name resumed (its finished trials are not repeated)."""
-    # The trial function only waits on its TorchTrainer, whose workers hold the CPUs/GPUs; a CPU-less
-    # bundle (Tune refuses an empty one) keeps it from taking a core a worker needs.
-    trainable = ray.tune.with_resources(trainable, {"cpu": 0, "memory": 64 * 2**20})
+    trainable = ray.tune.with_resources(trainable, trial_resources(plan))
     experiment_path = f"{storage.rstrip('/')}/{name}"
     if ray.tune.Tuner.can_restore(experiment_path):
         echo(f"resuming search {name} from {experiment_path} (finished trials are not repeated)")
@@ -220,6 +249,13 @@ def _tuner(trainable, base: ExperimentConfig, tune_cfg: TuneConfig, name: str, s
         run_config=ray.tune.RunConfig(
             name=name, storage_path=storage, verbose=console.tune_verbosity(console.is_verbose()),
             callbacks=[TrialProgress()],
+            # For one-worker trials, whose checkpoints Tune keeps and whose crashes Tune retries from the
+            # last one; a multi-worker trial's TorchTrainer does both itself (build_trainer).
+            checkpoint_config=ray.tune.CheckpointConfig(
+                num_to_keep=base.train.checkpoints_to_keep, checkpoint_score_attribute="val_neg_elbo",
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.tune.FailureConfig(max_failures=base.train.max_failures if plan.workers == 1 else 0),
         ),  # fmt: skip
     )
 
@@ -295,7 +331,7 @@ def results_table(grid, tune_cfg: TuneConfig, base: ExperimentConfig) -> list[di
                 df[tune_cfg.metric].idxmin() if tune_cfg.mode == "min" else df[tune_cfg.metric].idxmax()
             )
             row[tune_cfg.metric] = float(df.loc[best_idx, tune_cfg.metric])
-            row["checkpoint"] = df.loc[best_idx, "checkpoint_path"] if "checkpoint_path" in df else None
+            row["checkpoint"] = _best_checkpoint(result, df, best_idx, tune_cfg)
             epochs_run = int(df["epoch"].max())
             wanted = int(result.config.get("train.epochs", base.train.epochs))
             row["epochs_run"] = epochs_run
@@ -304,6 +340,17 @@ def results_table(grid, tune_cfg: TuneConfig, base: ExperimentConfig) -> list[di
             row.update({tune_cfg.metric: None, "checkpoint": None, "epochs_run": 0, "stopped_early": False})
         rows.append(row)
     return sorted(rows, key=lambda r: (r[tune_cfg.metric] is None, r[tune_cfg.metric] or 0))
+
+
+def _best_checkpoint(result, df, best_idx, tune_cfg: TuneConfig) -> str | None:
+    """A multi-worker trial's checkpoints are its TorchTrainer's (their paths reported as metrics by
+    TuneReportCallback); a one-worker trial's are Tune's own (kept by the Tuner's CheckpointConfig)."""
+    if "checkpoint_path" in df and isinstance(df.loc[best_idx, "checkpoint_path"], str):
+        return df.loc[best_idx, "checkpoint_path"]
+    if not result.best_checkpoints:
+        return None
+    best = result.get_best_checkpoint(tune_cfg.metric, tune_cfg.mode)
+    return best.path if best is not None else None
 
 
 def _trial_id_from_path(path: str) -> str:

@@ -28,7 +28,7 @@ CARVE_SEED = 0  # the carved test split is a fixed function of (rows, test_size)
 FORMATS = ("image-folder", "parquet")
 
 
-def _kind_and_listing(location: str) -> tuple[str, Listing]:
+def kind_and_listing(location: str) -> tuple[str, Listing]:
     from vaedist.data.tables import is_table, list_table
 
     if is_table(location):
@@ -114,7 +114,7 @@ def _spec(dataset: str, meta: dict[str, Any]) -> DatasetSpec:
 def spec_for(dataset: str) -> DatasetSpec:
     """The spec of a dataset string naming a path: listed, fingerprinted, decoded once into the cache."""
     location, opts = parse(dataset)
-    kind, listing = _kind_and_listing(location)
+    kind, listing = kind_and_listing(location)
     key = fingerprint(kind, listing, opts)
     meta = cache.load_meta(key)
     if meta is None or cache.load_arrays(key) is None:

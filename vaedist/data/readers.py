@@ -196,6 +196,12 @@ def val_indices(n_train: int, val_size: int = DEFAULT_VAL_SIZE) -> tuple[np.ndar
     return np.sort(perm[:cut]), np.sort(perm[cut:])
 
 
+def path_val_size(val_size: int, n_train: int) -> int:
+    """The validation size of the user's images: the default becomes a tenth of train, at most the default
+    (an explicit size is kept). Shared by the in-memory path and the stream (:mod:`vaedist.data.listed`)."""
+    return min(val_size, max(1, n_train // 10)) if val_size == DEFAULT_VAL_SIZE else val_size
+
+
 @functools.lru_cache(maxsize=8)
 def _split(spec: DatasetSpec, folder: str, split: str, val_size: int) -> tuple[np.ndarray, np.ndarray]:
     train_x, train_y, test_x, test_y = _load_arrays(spec, folder)
@@ -234,8 +240,8 @@ def load_split(
     key = spec.source or str(folder.resolve())
     if split in ("train", "val"):
         n_train = len(_load_arrays(spec, key)[1])
-        if spec.from_path and val_size == DEFAULT_VAL_SIZE:  # the user's images: a tenth, at most the default
-            val_size = min(val_size, max(1, n_train // 10))
+        if spec.from_path:
+            val_size = path_val_size(val_size, n_train)
         # Checked against the rows actually read (a patched spec need not state train_size right).
         _check_val_size(val_size, n_train, spec.name)
         val_size = int(val_size)

@@ -74,16 +74,30 @@ def _class_label_names(schema: pa.Schema, column: str) -> tuple[str, ...] | None
     return None
 
 
+def _check_columns(schema: pa.Schema, rel: str, opts: SourceOptions) -> None:
+    missing = [c for c in (opts.image_column, opts.label_column) if c not in schema.names]
+    if missing:
+        flag = "--image-column" if missing[0] == opts.image_column else "--label-column"
+        raise UsageError(f"{rel} has no {missing[0]!r} column (it has: {', '.join(schema.names)}); pass {flag}")
+
+
 def _read_file(fs, path: str, rel: str, opts: SourceOptions) -> tuple[pa.Table, pa.Schema]:
     try:
         schema = pq.read_schema(path, filesystem=fs)
     except (OSError, pa.ArrowException) as exc:
         raise UsageError(f"{rel} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-    missing = [c for c in (opts.image_column, opts.label_column) if c not in schema.names]
-    if missing:
-        flag = "--image-column" if missing[0] == opts.image_column else "--label-column"
-        raise UsageError(f"{rel} has no {missing[0]!r} column (it has: {', '.join(schema.names)}); pass {flag}")
+    _check_columns(schema, rel, opts)
     return pq.read_table(path, columns=[opts.image_column, opts.label_column], filesystem=fs), schema
+
+
+def _open_file(fs, path: str, rel: str, opts: SourceOptions) -> pq.ParquetFile:
+    """A Parquet file by its footer alone (row groups, schema): nothing of its images is read yet."""
+    try:
+        pf = pq.ParquetFile(path, filesystem=fs)
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{rel} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    _check_columns(pf.schema_arrow, rel, opts)
+    return pf
 
 
 def _by_path(fs, folder: str, path: str | None, rel: str) -> bytes:
@@ -141,39 +155,87 @@ class TableRows:
     names: list[str]  # a row's file and position, for messages
 
 
+def _resolve_labels(location: str, split: str, raw_labels: list, declared, classes) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Labels as class indices, and the classes. String labels share ``classes`` when given (train's)."""
+    if classes and raw_labels and isinstance(raw_labels[0], str):
+        unknown = sorted(set(raw_labels) - set(classes))
+        if unknown:
+            raise UsageError(f"{location}: {split} label {unknown[0]!r} is not a class of the training split")
+        index = {n: i for i, n in enumerate(classes)}
+        return np.array([index[v] for v in raw_labels], np.int64), tuple(classes)
+    return _labels(raw_labels, declared or (tuple(classes) if classes else None), location)
+
+
+def _file_path(root: str, rel: str, single: bool) -> str:
+    return root if single else f"{root}/{rel}"
+
+
 def read_rows(location: str, listing: Listing, split: str, opts: SourceOptions, classes=None) -> TableRows:
     """The encoded images and labels of a split. String labels share ``classes`` when given (train's)."""
     fs, root = open_location(location)
     single = fs.get_file_info(root).type == pafs.FileType.File
     sources, raw_labels, names, declared = [], [], [], None
     for rel, _, _ in listing.files.get(split, []):
-        table, schema = _read_file(fs, root if single else f"{root}/{rel}", rel, opts)
+        path = _file_path(root, rel, single)
+        table, schema = _read_file(fs, path, rel, opts)
         declared = declared or _class_label_names(schema, opts.label_column)
-        path = root if single else f"{root}/{rel}"
         sources.append(_sources(table.column(opts.image_column), rel, fs, path.rsplit("/", 1)[0]))
         raw_labels += table.column(opts.label_column).to_pylist()
         names += [f"{rel} row {i}" for i in range(table.num_rows)]
-    if classes and raw_labels and isinstance(raw_labels[0], str):
-        unknown = sorted(set(raw_labels) - set(classes))
-        if unknown:
-            raise UsageError(f"{location}: {split} label {unknown[0]!r} is not a class of the training split")
-        index = {n: i for i, n in enumerate(classes)}
-        return TableRows(sources, np.array([index[v] for v in raw_labels], np.int64), tuple(classes), names)
-    labels, class_names = _labels(raw_labels, declared or (tuple(classes) if classes else None), location)
+    labels, class_names = _resolve_labels(location, split, raw_labels, declared, classes)
     return TableRows(sources, labels, class_names, names)
+
+
+@dataclass
+class TableLabels:
+    """A split's labels and layout without its images: what a stream needs to plan its blocks."""
+
+    labels: np.ndarray  # int64 (N,), rows in the order of read_rows
+    class_names: tuple[str, ...]
+    files: list[tuple[str, list[int]]]  # per file (listing order): (relative path, rows of each row group)
+
+
+def read_labels(location: str, listing: Listing, split: str, opts: SourceOptions, classes=None) -> TableLabels:
+    """The labels of a split as :func:`read_rows` resolves them, reading only the label column and the
+    files' footers (row groups), never the images."""
+    fs, root = open_location(location)
+    single = fs.get_file_info(root).type == pafs.FileType.File
+    raw_labels, files, declared = [], [], None
+    for rel, _, _ in listing.files.get(split, []):
+        pf = _open_file(fs, _file_path(root, rel, single), rel, opts)
+        declared = declared or _class_label_names(pf.schema_arrow, opts.label_column)
+        raw_labels += pf.read(columns=[opts.label_column]).column(0).to_pylist()
+        files.append((rel, [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]))
+    labels, class_names = _resolve_labels(location, split, raw_labels, declared, classes)
+    return TableLabels(labels, class_names, files)
+
+
+def read_group_rows(fs, root: str, rel: str, single: bool, group: int, rows: np.ndarray,
+                    opts: SourceOptions) -> list[bytes] | np.ndarray:  # fmt: skip
+    """The encoded images (or uint8 tensors) of a file's ``rows`` (row numbers in the file), all in row
+    group ``group``: one row group read, the unit a stream's block is made of."""
+    path = _file_path(root, rel, single)
+    pf = _open_file(fs, path, rel, opts)
+    first = sum(pf.metadata.row_group(g).num_rows for g in range(group))
+    column = pf.read_row_group(group, columns=[opts.image_column]).column(0)
+    return _sources(column.take(pa.array(np.asarray(rows) - first, pa.int64())), rel, fs, path.rsplit("/", 1)[0])
+
+
+def fit_array(arr: np.ndarray, opts: SourceOptions, channels: int | None) -> np.ndarray:
+    """A stored uint8 (H, W, C) tensor through the shape rule, as an encoded image would go."""
+    from PIL import Image
+
+    return img.fit(Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr), opts.image_size, channels)
 
 
 def decode_rows(rows: TableRows, opts: SourceOptions) -> tuple[img.Decoded, list]:
     """Decode every row's image by the shape rule, in row order: encoded images of all files in one
     (pooled) pass, tensors (raw folders) through the same rule; files of both kinds may mix."""
-    from PIL import Image
-
     encoded, encoded_rows, tensors, row = [], [], img.Decoded(), 0
     for part in rows.sources:
         if isinstance(part, np.ndarray):  # uint8 (n, H, W, C): no bytes to decode
             for arr in part:
-                pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-                tensors.images.append(img.fit(pil, opts.image_size, opts.channels))
+                tensors.images.append(fit_array(arr, opts, opts.channels))
                 tensors.kept.append(row)
                 row += 1
         else:

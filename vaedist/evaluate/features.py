@@ -149,7 +149,7 @@ def extractor_loop_per_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from vaedist.train import is_rank_zero
+    from vaedist.worker import is_rank_zero
 
     if ray.train.get_checkpoint() is not None:
         return  # finished before under this name: Ray Train hands back the reported result

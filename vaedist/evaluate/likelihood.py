@@ -96,9 +96,8 @@ def score_images(
             else None
         )
         g = torch.Generator(device=device).manual_seed(loop.derive_seed(seed, b0))
-        mu, logvar = model.encode(x, y)  # (B, L) each
-        z = model.reparameterize(mu, logvar, generator=g)  # (B, L)
-        out = model.loss_from_forward(x, {"params": model.decode(z, y), "mu": mu, "logvar": logvar, "z": z})
+        # forward draws z layer by layer where the model is hierarchical (q(z_2) depends on z_1)
+        out = model.loss_from_forward(x, model(x, y, generator=g))
         iw = model.iw_nll(x, y, k=k, chunk=k_batch, generator=g)  # (B,)
         for key, value in (("neg_elbo", out.neg_elbo), ("recon", out.recon), ("kl", out.kl), ("iw_nll", iw)):
             parts[key].append(value.double().cpu().numpy())

@@ -8,12 +8,18 @@ float in [0, 1]; labels ``y`` ``(B,)`` int64; latents ``(B, L)``; decoder output
 The objective is the ELBO of Kingma & Welling (2014),
 ``log p(x) >= E_q[log p(x|z)] - KL(q(z|x) || p(z)) = -(recon + kl)``, with
 ``q(z|x) = N(mu, diag(exp(logvar)))`` and ``p(z) = N(0, I)``; a CVAE conditions q, p(x|z) on y
-(Sohn et al. 2015) and keeps the prior ``N(0, I)``.
+(Sohn et al. 2015) and keeps the prior ``N(0, I)``. The hierarchical variants (``models/ladder.py``) keep
+this interface by working in the prior's noise space (see there).
+
+Mixed precision: the networks may run under ``torch.autocast`` (bf16); the likelihood and the KL, and so
+every sum over pixels and latent dims, are computed in float32 with autocast off (``_float32_terms``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -32,12 +38,22 @@ class LossOutput(NamedTuple):
     neg_elbo: Tensor  # (B,) recon + kl: the true negative ELBO (beta = 1, no free bits)
     recon: Tensor  # (B,) -log p(x|z), one z ~ q(z|x) per example
     kl: Tensor  # (B,) KL(q(z|x) || N(0, I)), closed form
+    # (B, S) the KL of each stochastic layer, top first (sums to kl); S = 1 for the one-layer models
+    kl_layers: Tensor | None = None
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     """Per-dimension ``KL(N(mu, exp(logvar)) || N(0, 1))`` ``(B, L)``, Kingma & Welling (2014),
     App. B: ``-KL = 1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)``."""
     return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)
+
+
+@contextmanager
+def _float32_terms(device: torch.device) -> Iterator[None]:
+    """Autocast off: the ELBO's sums over thousands of pixels and latent dims stay float32 even when the
+    networks ran in bf16 (8 mantissa bits would lose whole nats in a sum of ~3000 terms)."""
+    with torch.autocast(device.type, enabled=False):
+        yield
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -60,6 +76,7 @@ class BaseVAE(nn.Module):
     variant: ClassVar[str] = ""
     conditional: ClassVar[bool] = False
     stochastic: ClassVar[bool] = True  # q(z|x) has a learned variance (False: a plain autoencoder)
+    stochastic_layers: int = 1  # latent layers (> 1: the hierarchical models of models/ladder.py)
 
     def __init__(
         self,
@@ -75,18 +92,22 @@ class BaseVAE(nn.Module):
         activation: str = "relu",
         conditioning: str = "onehot",
         embedding_dim: int = 16,
+        blocks_per_level: int = 2,
+        mixtures: int = 10,
     ) -> None:
         super().__init__()
         h, w, c = (int(s) for s in image_shape)
         self.image_shape = (h, w, c)
         self.num_classes = int(num_classes)
-        self.latent_dim = int(latent_dim)
-        self.likelihood = build_likelihood(likelihood)
+        self.latent_dim = int(latent_dim)  # the size of z that decode / generate take
+        self.top_latent_dim = self.latent_dim  # the size of the top (flat) latent: the latent scatter's
+        self.likelihood = build_likelihood(likelihood, mixtures=mixtures)
         self.label_code = (
             LabelCode(self.num_classes, conditioning, embedding_dim) if self.conditional else None
         )
         cond_dim = self.label_code.dim if self.label_code is not None else 0
-        sizes = {"width": width, "base_channels": base_channels, "depth": depth, "activation": activation}
+        sizes = {"width": width, "base_channels": base_channels, "depth": depth, "activation": activation,
+                 "blocks_per_level": blocks_per_level}  # fmt: skip
         out_dim = 2 * latent_dim if self.stochastic else latent_dim  # (mu, logvar) or mu
         self.encoder = build_encoder(arch, self.image_shape, out_dim, cond_dim=cond_dim, **sizes)
         self.decoder = build_decoder(
@@ -109,6 +130,12 @@ class BaseVAE(nn.Module):
         if self.conditional:
             self.hparams["conditioning"] = conditioning
             self.hparams["embedding_dim"] = int(embedding_dim)
+        # Knobs only some models have are recorded only there, so older checkpoints' hparams (which lack
+        # them) and the hparams of models without them stay the same; a missing one takes its default.
+        if arch == "resnet":
+            self.hparams["blocks_per_level"] = int(blocks_per_level)
+        if likelihood == "mol":
+            self.hparams["mixtures"] = int(mixtures)
 
     # ----------------------------------------------------------------- checks
     @property
@@ -160,10 +187,12 @@ class BaseVAE(nn.Module):
         h = z if code is None else torch.cat([z, code], dim=1)  # (B, L + k)
         return self.decoder(h)
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> dict[str, Tensor]:
-        """Encode, sample one z, decode: ``{"params", "mu", "logvar", "z"}``."""
+    def forward(
+        self, x: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """Encode, sample one z (from ``generator`` if given), decode: ``{"params", "mu", "logvar", "z"}``."""
         mu, logvar = self.encode(x, y)
-        z = self.reparameterize(mu, logvar)
+        z = self.reparameterize(mu, logvar, generator=generator)
         return {"params": self.decode(z, y), "mu": mu, "logvar": logvar, "z": z}
 
     def loss(
@@ -185,12 +214,18 @@ class BaseVAE(nn.Module):
         ``free_bits`` nats. ``beta`` weighs the KL (Higgins et al. 2017; annealed by the trainer).
         ``neg_elbo = recon + kl`` is always the true bound (beta = 1, no free bits).
         """
-        recon = -self.likelihood.log_prob(out["params"], x)  # (B,)
-        kl_dims = gaussian_kl(out["mu"], out["logvar"])  # (B, L)
+        recon, kl_dims = self._recon_and_kl_dims(x, out)  # (B,), (B, L) float32
         kl = kl_dims.sum(dim=1)  # (B,)
         kl_penalty = kl_dims.mean(dim=0).clamp(min=free_bits).sum()  # ()
         loss = recon.mean() + beta * kl_penalty
-        return LossOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl)
+        return LossOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl, kl_layers=kl[:, None])
+
+    def _recon_and_kl_dims(self, x: Tensor, out: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``-log p(x|z)`` (B,) and the per-dim ``KL(q || N(0, I))`` (B, L), both in float32."""
+        with _float32_terms(x.device):
+            recon = -self.likelihood.log_prob(out["params"].float(), x.float())  # (B,)
+            kl_dims = gaussian_kl(out["mu"].float(), out["logvar"].float())  # (B, L)
+        return recon, kl_dims
 
     # --------------------------------------------------------------- inference
     @torch.no_grad()

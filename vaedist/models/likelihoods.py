@@ -68,6 +68,19 @@ def _log1mexp_neg(log_d: Tensor) -> Tensor:
     return torch.where(log_d < -10.0, log_d, torch.log(-torch.expm1(-d)))
 
 
+def _logistic_bin_log_prob(k: Tensor, lower: Tensor, upper: Tensor, mu: Tensor, log_scale: Tensor) -> Tensor:
+    """Elementwise ``log P(bin k)`` under a logistic(mu, s), edge bins to +-inf (see
+    :class:`DiscretizedLogistic` for the identity used). All arguments broadcast; ``log_scale`` floored."""
+    inv_scale = torch.exp(-log_scale)
+    plus = inv_scale * (upper - mu)  # standardised upper bin edge
+    minus = inv_scale * (lower - mu)  # standardised lower bin edge
+    log_cdf_plus = F.logsigmoid(plus)  # log P(X <= upper edge): the whole mass of bin 0
+    log_sf_minus = F.logsigmoid(-minus)  # log P(X > lower edge): the whole mass of bin 255
+    log_width = math.log(2.0 / 255.0) - log_scale  # log(plus - minus)
+    log_mid = log_cdf_plus + log_sf_minus + _log1mexp_neg(log_width)
+    return torch.where(k == 0, log_cdf_plus, torch.where(k == 255, log_sf_minus, log_mid))
+
+
 class Likelihood(nn.Module):
     """A decoder output ``params`` ``(B, P, H, W)`` -> a distribution over images ``(B, C, H, W)``."""
 
@@ -135,16 +148,7 @@ class DiscretizedLogistic(Likelihood):
 
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         mu, log_scale = self._split(params)
-        k, lower, upper = _bins(x)
-        inv_scale = torch.exp(-log_scale)
-        plus = inv_scale * (upper - mu)  # standardised upper bin edge
-        minus = inv_scale * (lower - mu)  # standardised lower bin edge
-        log_cdf_plus = F.logsigmoid(plus)  # log P(X <= upper edge): the whole mass of bin 0
-        log_sf_minus = F.logsigmoid(-minus)  # log P(X > lower edge): the whole mass of bin 255
-        log_width = math.log(2.0 / 255.0) - log_scale  # log(plus - minus)
-        log_mid = log_cdf_plus + log_sf_minus + _log1mexp_neg(log_width)
-        log_p = torch.where(k == 0, log_cdf_plus, torch.where(k == 255, log_sf_minus, log_mid))
-        return _sum_pixels(log_p)
+        return _sum_pixels(_logistic_bin_log_prob(*_bins(x), mu, log_scale))
 
     def mean(self, params: Tensor) -> Tensor:
         mu, _ = self._split(params)
@@ -208,13 +212,98 @@ class DiscretizedGaussian(Likelihood):
         return (params.clamp(-1.0, 1.0) + 1.0) / 2.0
 
 
+def _pair(c: int, j: int) -> int:
+    """Index of the coefficient of channel ``j`` in channel ``c``'s mean (j < c): (1,0), (2,0), (2,1), ..."""
+    return c * (c - 1) // 2 + j
+
+
+class DiscretizedMixtureLogistic(Likelihood):
+    """Discretized mixture of ``mixtures`` logistics per pixel (Salimans et al. 2017, PixelCNN++, sec. 2.1-2.2).
+
+    Per pixel the ``C`` channels are modelled jointly: a component ``i`` is drawn with probability
+    ``pi_i = softmax(logits)_i``, then channel ``c`` is a discretized logistic (eq. 2, the edge bins to
+    +-inf) with log-scale ``log s_ic`` and a mean that depends linearly on the channels before it (sec. 2.2:
+    the green mean shifts with red, the blue with red and green):
+
+        m_ic = mu_ic + sum_{j<c} a_icj x_j,   a = tanh(coefficient outputs)
+        P(x) = sum_i pi_i prod_c P_logistic(x_c | m_ic, s_ic)
+
+    so ``sum_x P(x) = 1`` over all ``256^C`` values of a pixel (a mixture of products of conditionals,
+    each normalised over 256 bins). Decoder output: ``mixtures * (1 + 2C + C(C-1)/2)`` channels
+    (logits; means (mixtures, C); log-scales (mixtures, C); coefficients (mixtures, C(C-1)/2)): 3 per
+    component for grey levels, 10 for colour as in PixelCNN++. ``log_prob`` takes the log-sum-exp over
+    components in float32 (the caller casts; see ``BaseVAE.loss_from_forward``).
+    """
+
+    name = "mol"
+
+    def __init__(self, mixtures: int = 10) -> None:
+        super().__init__()
+        if int(mixtures) < 1:
+            raise ValueError(f"the mixture of logistics needs mixtures >= 1, got {mixtures}")
+        self.mixtures = int(mixtures)
+
+    def param_channels(self, channels: int) -> int:
+        return self.mixtures * (1 + 2 * channels + channels * (channels - 1) // 2)
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``params`` (B, P, H, W) -> logits (B, M, H, W), means and log-scales (B, M, C, H, W), tanh'd
+        coefficients (B, M, C(C-1)/2, H, W). ``C`` solves ``P/M = 1 + 2C + C(C-1)/2``."""
+        b, p, h, w = params.shape
+        m = self.mixtures
+        c = round((math.sqrt(1 + 8 * (p // m)) - 3) / 2)
+        if p != self.param_channels(c):
+            raise ValueError(
+                f"mixture of {m} logistics: {p} parameter channels fit no number of image channels"
+            )
+        logits = params[:, :m]
+        means = params[:, m : m + m * c].view(b, m, c, h, w)
+        log_scales = params[:, m + m * c : m + 2 * m * c].view(b, m, c, h, w).clamp(min=_LOG_SCALE_MIN)
+        coeffs = torch.tanh(params[:, m + 2 * m * c :].view(b, m, c * (c - 1) // 2, h, w))
+        return logits, means, log_scales, coeffs
+
+    @staticmethod
+    def _coupled_means(means: Tensor, coeffs: Tensor, values: Tensor) -> Tensor:
+        """``m_ic = mu_ic + sum_{j<c} a_icj values_j`` (B, M, C, H, W); ``values`` broadcasts to it."""
+        channels = [means[:, :, 0]]
+        for c in range(1, means.shape[2]):
+            shift = sum(coeffs[:, :, _pair(c, j)] * values[:, :, j] for j in range(c))
+            channels.append(means[:, :, c] + shift)
+        return torch.stack(channels, dim=2)
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        logits, means, log_scales, coeffs = self._split(params)
+        k, lower, upper = (t[:, None] for t in _bins(x))  # (B, 1, C, H, W): one copy for all components
+        centre = (lower + upper) / 2  # the pixel's value on [-1, 1], what the means are conditioned on
+        mean = self._coupled_means(means, coeffs, centre)  # (B, M, C, H, W)
+        log_pc = _logistic_bin_log_prob(k, lower, upper, mean, log_scales)  # (B, M, C, H, W)
+        log_joint = F.log_softmax(logits, dim=1) + log_pc.sum(dim=2)  # (B, M, H, W): log pi_i P_i(x)
+        return _sum_pixels(torch.logsumexp(log_joint, dim=1))
+
+    def mean(self, params: Tensor) -> Tensor:
+        """The most probable component's centre per pixel, its channels coupled to the values chosen
+        before them: a sharp image (the mixture's average would blend its modes). Not ``E[x]``."""
+        logits, means, _, coeffs = self._split(params)
+        idx = logits.argmax(dim=1, keepdim=True)[:, :, None]  # (B, 1, 1, H, W)
+        mu = means.gather(1, idx.expand(-1, -1, means.shape[2], -1, -1))[:, 0]  # (B, C, H, W)
+        a = coeffs.gather(1, idx.expand(-1, -1, coeffs.shape[2], -1, -1))[:, 0]  # (B, C(C-1)/2, H, W)
+        values: list[Tensor] = []
+        for c in range(mu.shape[1]):
+            shift = sum(a[:, _pair(c, j)] * values[j] for j in range(c))
+            values.append((mu[:, c] + shift).clamp(-1.0, 1.0))
+        return (torch.stack(values, dim=1) + 1.0) / 2.0
+
+
 LIKELIHOOD_CLASSES: dict[str, type[Likelihood]] = {
-    cls.name: cls for cls in (Bernoulli, DiscretizedGaussian, DiscretizedLogistic)
+    cls.name: cls for cls in (Bernoulli, DiscretizedGaussian, DiscretizedLogistic, DiscretizedMixtureLogistic)
 }
 LIKELIHOODS: tuple[str, ...] = tuple(LIKELIHOOD_CLASSES)  # = config.LIKELIHOODS (a test keeps them equal)
 
 
-def build_likelihood(name: str) -> Likelihood:
+def build_likelihood(name: str, *, mixtures: int = 10) -> Likelihood:
+    """The likelihood called ``name``; ``mixtures`` is the mixture of logistics' component count."""
     if name not in LIKELIHOOD_CLASSES:
         raise ValueError(f"unknown likelihood {name!r} (allowed: {', '.join(LIKELIHOODS)})")
+    if name == DiscretizedMixtureLogistic.name:
+        return DiscretizedMixtureLogistic(mixtures)
     return LIKELIHOOD_CLASSES[name]()

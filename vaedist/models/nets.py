@@ -1,4 +1,5 @@
-"""Encoders and decoders with size knobs: dense (MLP) and conv (strided conv / transposed conv).
+"""Encoders and decoders with size knobs: dense (MLP), conv (strided conv / transposed conv) and resnet
+(residual blocks per resolution, ``models/blocks.py``).
 
 An encoder maps an image ``x`` ``(B, C, H, W)`` (and, for a conditional model, a label code
 ``cond`` ``(B, k)``: one-hot or a learned embedding) to a flat vector ``(B, out_dim)``; the model
@@ -7,9 +8,17 @@ with the label code appended for a conditional model) to likelihood parameters `
 
 No normalisation layers and no dropout: train and eval mode compute the same function, and DDP
 needs no buffer sync.
+
+Levels, for the hierarchical models (``models/ladder.py``): level ``l = 1..depth`` is the ``l``-th
+resolution below the image (``H / 2^l``; for dense, the ``l``-th hidden layer counted from the image, a
+``(width, 1, 1)`` map). Encoders give their features per level (``pyramid``); decoders call
+``inject(level, features)`` at each level on the way down, top first, so latents can enter there. Both
+publish ``level_shapes``: ``{l: (channels, h, w)}``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +28,8 @@ from vaedist.config import ARCHS, CONDITIONINGS  # the vocabulary, defined once 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU}
 MAX_CHANNEL_MULT = 8  # conv: channels double per block up to base_channels * 8
+# (level, features (B, c, h, w)) -> features of the same shape: where a decoder lets latents in
+Inject = Callable[[int, Tensor], Tensor]
 
 
 def _activation(name: str) -> nn.Module:
@@ -50,6 +61,29 @@ class LabelCode(nn.Module):
         return F.one_hot(y, self.num_classes).to(dtype)  # (B, num_classes)
 
 
+def _through(layers: nn.Sequential, h: Tensor, levels: Iterator[int], hook: Inject) -> Tensor:
+    """Run ``layers`` on ``h``; after each activation (where one level ends) call ``hook(next level, h)``.
+    A flat ``(B, width)`` state is shown to the hook as a ``(B, width, 1, 1)`` map."""
+    acts = tuple(ACTIVATIONS.values())
+    for layer in layers:
+        h = layer(h)
+        if isinstance(layer, acts):
+            h = _at_level(hook, next(levels), h)
+    return h
+
+
+def _at_level(hook: Inject, level: int, h: Tensor) -> Tensor:
+    return hook(level, h[:, :, None, None]).flatten(1) if h.dim() == 2 else hook(level, h)
+
+
+def _recorder(feats: dict[int, Tensor]) -> Inject:
+    def record(level: int, h: Tensor) -> Tensor:
+        feats[level] = h
+        return h
+
+    return record
+
+
 def _mlp(in_dim: int, width: int, depth: int, out_dim: int, activation: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(depth):
@@ -75,12 +109,18 @@ class DenseEncoder(nn.Module):
         h, w, c = image_shape
         self.cond_dim = cond_dim
         self.net = _mlp(c * h * w + cond_dim, width, depth, out_dim, activation)
+        self.level_shapes = {level: (width, 1, 1) for level in range(1, depth + 1)}
 
-    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+    def pyramid(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+        """``(out (B, out_dim), {level: hidden layer (B, width, 1, 1)})``."""
         h = x.flatten(1)  # (B, C*H*W)
         if self.cond_dim:
             h = torch.cat([h, cond], dim=1)  # (B, C*H*W + k)
-        return self.net(h)  # (B, out_dim)
+        feats: dict[int, Tensor] = {}
+        return _through(self.net, h, iter(range(1, len(self.level_shapes) + 1)), _recorder(feats)), feats
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.pyramid(x, cond)[0]  # (B, out_dim)
 
 
 class DenseDecoder(nn.Module):
@@ -100,14 +140,24 @@ class DenseDecoder(nn.Module):
         h, w, _ = image_shape
         self.out_shape = (out_channels, h, w)
         self.net = _mlp(in_dim, width, depth, out_channels * h * w, activation)
+        self.level_shapes = {level: (width, 1, 1) for level in range(1, depth + 1)}
 
-    def forward(self, h: Tensor) -> Tensor:
-        return self.net(h).unflatten(1, self.out_shape)  # (B, P, H, W)
+    def forward(self, h: Tensor, inject: Inject | None = None) -> Tensor:
+        if inject is None:
+            return self.net(h).unflatten(1, self.out_shape)  # (B, P, H, W)
+        levels = iter(range(len(self.level_shapes), 0, -1))  # the first hidden layer is the top level
+        return _through(self.net, h, levels, inject).unflatten(1, self.out_shape)
 
 
 def conv_channels(base_channels: int, depth: int) -> list[int]:
     """Channels of the ``depth`` stride-2 blocks: base, 2*base, 4*base, ... capped at 8*base."""
     return [base_channels * min(2**i, MAX_CHANNEL_MULT) for i in range(depth)]
+
+
+def conv_level_shapes(image_shape: tuple[int, int, int], chans: list[int]) -> dict[int, tuple[int, int, int]]:
+    """``{l: (chans[l-1], H/2^l, W/2^l)}`` for the levels ``1..len(chans)``."""
+    h, w, _ = image_shape
+    return {level: (c, h >> level, w >> level) for level, c in enumerate(chans, start=1)}
 
 
 def _check_side(image_shape: tuple[int, int, int], depth: int) -> tuple[int, int]:
@@ -154,6 +204,7 @@ class ConvEncoder(nn.Module):
             layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), _activation(activation)]
         self.blocks = nn.Sequential(*layers)
         self.head = nn.Linear(chans[-1] * h_out * w_out, out_dim)
+        self.level_shapes = conv_level_shapes(image_shape, chans)
 
     def first_conv(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """``self.first(cat([x, label maps]))`` without materialising the label maps."""
@@ -166,6 +217,13 @@ class ConvEncoder(nn.Module):
             response = F.conv2d(unit_maps, weight[:, c:], stride=2, padding=1)  # (k, c0, H/2, W/2)
             out = out + (cond.to(x.dtype) @ response.flatten(1)).view_as(out)
         return out
+
+    def pyramid(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+        """``(out (B, out_dim), {level l: features after the l-th block (B, c_l, H/2^l, W/2^l)})``."""
+        feats: dict[int, Tensor] = {}
+        levels = iter(range(1, len(self.level_shapes) + 1))
+        h = _through(self.blocks, self.first_conv(x, cond), levels, _recorder(feats))  # (B, c_last, ...)
+        return self.head(h.flatten(1)), feats
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         h = self.blocks(self.first_conv(x, cond))  # (B, c_last, H/2^depth, W/2^depth)
@@ -199,10 +257,14 @@ class ConvDecoder(nn.Module):
             if i < depth - 1:
                 layers.append(_activation(activation))
         self.blocks = nn.Sequential(*layers)
+        self.level_shapes = conv_level_shapes(image_shape, chans)
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, inject: Inject | None = None) -> Tensor:
         h = self.fc(h).unflatten(1, self.start_shape)  # (B, c_last, H/2^depth, W/2^depth)
-        return self.blocks(h)  # (B, P, H, W)
+        if inject is None:
+            return self.blocks(h)  # (B, P, H, W)
+        depth = len(self.level_shapes)
+        return _through(self.blocks, inject(depth, h), iter(range(depth - 1, 0, -1)), inject)
 
 
 def build_encoder(
@@ -215,20 +277,19 @@ def build_encoder(
     depth: int,
     cond_dim: int = 0,
     activation: str = "relu",
+    blocks_per_level: int = 2,
 ) -> nn.Module:
     if arch == "dense":
         return DenseEncoder(
             image_shape, out_dim, width=width, depth=depth, cond_dim=cond_dim, activation=activation
         )
+    sizes = {"base_channels": base_channels, "depth": depth, "cond_dim": cond_dim, "activation": activation}
     if arch == "conv":
-        return ConvEncoder(
-            image_shape,
-            out_dim,
-            base_channels=base_channels,
-            depth=depth,
-            cond_dim=cond_dim,
-            activation=activation,
-        )
+        return ConvEncoder(image_shape, out_dim, **sizes)
+    if arch == "resnet":
+        from vaedist.models.blocks import ResNetEncoder  # here: blocks.py builds on this module
+
+        return ResNetEncoder(image_shape, out_dim, blocks_per_level=blocks_per_level, **sizes)
     raise ValueError(f"unknown arch {arch!r} (allowed: {', '.join(ARCHS)})")
 
 
@@ -242,18 +303,17 @@ def build_decoder(
     base_channels: int,
     depth: int,
     activation: str = "relu",
+    blocks_per_level: int = 2,
 ) -> nn.Module:
     if arch == "dense":
         return DenseDecoder(
             image_shape, out_channels, in_dim, width=width, depth=depth, activation=activation
         )
+    sizes = {"base_channels": base_channels, "depth": depth, "activation": activation}
     if arch == "conv":
-        return ConvDecoder(
-            image_shape,
-            out_channels,
-            in_dim,
-            base_channels=base_channels,
-            depth=depth,
-            activation=activation,
-        )
+        return ConvDecoder(image_shape, out_channels, in_dim, **sizes)
+    if arch == "resnet":
+        from vaedist.models.blocks import ResNetDecoder  # here: blocks.py builds on this module
+
+        return ResNetDecoder(image_shape, out_channels, in_dim, blocks_per_level=blocks_per_level, **sizes)
     raise ValueError(f"unknown arch {arch!r} (allowed: {', '.join(ARCHS)})")

@@ -1,5 +1,8 @@
 """The variants (AE, VAE, CVAE), their registry and the builders.
 
+``stochastic_layers > 1`` makes a VAE or CVAE hierarchical (``models/ladder.py``): the variant names the
+family (conditional or not), the knob the depth of the latent hierarchy.
+
 ``build_model(cfg.model, image_shape, num_classes, likelihood)`` is how training builds a model;
 ``build_model_from_hparams(ckpt["hparams"])`` is how everything else rebuilds it from a checkpoint
 (``{"hparams": model.hparams, "state_dict": model.state_dict()}``, loaded with
@@ -14,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from vaedist.models.base import BaseVAE, LossOutput
+from vaedist.models.base import BaseVAE, LossOutput, _float32_terms
+from vaedist.models.ladder import LadderCVAE, LadderVAE
 
 if TYPE_CHECKING:
     from vaedist.config import ModelConfig
@@ -70,8 +74,10 @@ class AutoEncoder(BaseVAE):
         self, x: Tensor, out: dict[str, Tensor], beta: float = 1.0, free_bits: float = 0.0
     ) -> LossOutput:
         """Reconstruction only; ``beta`` and ``free_bits`` are accepted and ignored."""
-        recon = -self.likelihood.log_prob(out["params"], x)  # (B,)
-        return LossOutput(loss=recon.mean(), neg_elbo=recon, recon=recon, kl=torch.zeros_like(recon))
+        with _float32_terms(x.device):
+            recon = -self.likelihood.log_prob(out["params"].float(), x.float())  # (B,)
+        kl = torch.zeros_like(recon)
+        return LossOutput(loss=recon.mean(), neg_elbo=recon, recon=recon, kl=kl, kl_layers=kl[:, None])
 
     def iw_nll(
         self,
@@ -87,12 +93,20 @@ class AutoEncoder(BaseVAE):
 
 
 MODELS: dict[str, type[BaseVAE]] = {cls.variant: cls for cls in (AutoEncoder, VAE, CVAE)}  # = config.VARIANTS
+HIERARCHICAL: dict[str, type[BaseVAE]] = {cls.variant: cls for cls in (LadderVAE, LadderCVAE)}
 
 
-def _model_class(variant: str) -> type[BaseVAE]:
+def _model_class(variant: str, hierarchical: bool = False) -> type[BaseVAE]:
     if variant not in MODELS:
         raise ValueError(f"unknown model variant {variant!r} (allowed: {', '.join(MODELS)})")
-    return MODELS[variant]
+    if not hierarchical:
+        return MODELS[variant]
+    if variant not in HIERARCHICAL:
+        raise ValueError(
+            f"stochastic_layers > 1 needs variant {' or '.join(HIERARCHICAL)}: "
+            f"a {variant!r} has no posterior to stack"
+        )
+    return HIERARCHICAL[variant]
 
 
 def build_model(
@@ -103,7 +117,7 @@ def build_model(
     ``image_shape`` is (H, W, C); ``likelihood`` is the resolved one (``ExperimentConfig.likelihood``),
     which wins over ``cfg.likelihood`` (None there means the dataset default).
     """
-    cls = _model_class(cfg.variant)
+    cls = _model_class(cfg.variant, hierarchical=cfg.stochastic_layers > 1)
     kwargs: dict[str, Any] = {
         "image_shape": tuple(image_shape),
         "num_classes": num_classes,
@@ -113,18 +127,28 @@ def build_model(
         "width": cfg.width,
         "base_channels": cfg.base_channels,
         "depth": cfg.depth,
+        "activation": cfg.activation,
+        "blocks_per_level": cfg.blocks_per_level,
+        "mixtures": cfg.mixtures,
     }
     if cls is AutoEncoder:
         kwargs["latent_noise"] = cfg.latent_noise
     if cls.conditional:
         kwargs["conditioning"] = cfg.conditioning
+    if issubclass(cls, LadderVAE):
+        kwargs["stochastic_layers"] = cfg.stochastic_layers
+        kwargs["latent_channels"] = cfg.latent_channels
     return cls(**kwargs)
 
 
 def build_model_from_hparams(hparams: dict[str, Any]) -> BaseVAE:
-    """Rebuild the architecture recorded in ``model.hparams`` (weights not included)."""
+    """Rebuild the architecture recorded in ``model.hparams`` (weights not included).
+
+    A knob the hparams do not record (a checkpoint older than it) takes its default, which is what such a
+    model was built with; ``stochastic_layers`` present means a hierarchical model (``models/ladder.py``).
+    """
     hp = dict(hparams)
-    cls = _model_class(hp.pop("variant", None))
+    cls = _model_class(hp.pop("variant", None), hierarchical="stochastic_layers" in hp)
     shape_keys = ("image_height", "image_width", "image_channels")
     accepted = {
         name
