@@ -70,6 +70,27 @@ def test_the_estimate_is_the_decoded_train_split_and_built_in_datasets_never_str
         assert not streaming.streams(name, "1B", 10**12)  # official files, tens of MB: always in memory
 
 
+def test_a_dataset_is_decoded_whole_only_where_it_fits_and_decoding_keeps_a_cpu_where_it_can():
+    from vaedist.data.registry import decode_whole
+    from vaedist.train import decode_cpus
+
+    assert decode_whole(4 * 10**9, 16 * 10**9) and not decode_whole(4 * 10**9 + 1, 16 * 10**9)
+    assert decode_whole(10**12, 0)  # memory unknown: as before, decoded
+    assert decode_cpus(2, 1) == 1.0 and decode_cpus(2, 2) == 0.0 and decode_cpus(16, 14.5) == 1.0
+
+
+def test_a_folder_too_large_for_memory_gets_its_spec_from_the_listing(tmp_path, monkeypatch):
+    """get_spec of a dataset over a quarter of this machine's memory decodes one image, not the folder."""
+    from vaedist.data import registry
+
+    _folder(tmp_path / "big", per_class=5)
+    monkeypatch.setattr(registry, "memory_bytes", lambda: 4)  # a machine with 4 bytes of memory
+    spec = get_spec(str(tmp_path / "big"))
+    assert spec.image_shape == (8, 8, 1) and spec.train_size > 0 and spec.class_names == ("ant", "bee", "cat")
+    cache = tmp_path / "decoded"
+    assert not cache.exists() or not any(cache.iterdir())  # nothing decoded into the cache
+
+
 def test_blocks_and_steps():
     assert streaming.block_rows((32, 32, 3), 45000) == 704  # 64 blocks of 32x32 RGB
     assert streaming.block_rows((32, 32, 3), 10**7) == 1024 and streaming.block_rows((256, 256, 3), 10**7) == 42
@@ -261,3 +282,44 @@ def test_ranks_get_equal_shards_and_ray_train_hands_them_out(quiet_ray, pets, tm
     )  # fmt: skip
     trainer.fit()
     assert out.read_text().split("\n")[:2] == [f"0 {rows // 64 * 64}", f"1 {rows // 64 * 64}"]
+
+
+@pytest.mark.slow
+def test_training_streams_a_folder_beyond_a_tiny_budget(quiet_ray, pets, mlflow_store, tmp_path):
+    """`vaedist train --memory-budget 1KB` on real JPEGs: the train split is never put in the object store
+    whole, each epoch reads the whole stream, and the model is trained, logged and registered."""
+    from vaedist.config import experiment_from_dict
+    from vaedist.train import run_training
+
+    cfg = experiment_from_dict({
+        "data": {"dataset": str(pets), "memory_budget": "1KB", "val_size": 60},
+        "model": {"variant": "cvae", "arch": "conv", "base_channels": 8, "latent_dim": 8, "likelihood": "logistic"},
+        "train": {"epochs": 2, "batch_size": 64}, "resources": {"workers": 1, "cpus_per_worker": 1},
+    })  # fmt: skip
+    said: list[str] = []
+    result = run_training(cfg, name="streamed", storage=str(tmp_path / "runs"), echo=said.append)
+    rows = streaming.train_rows(str(pets), 60)
+    assert any("streams through Ray Data" in line and f"({rows} images)" in line for line in said)
+    assert result.model_uri.startswith("models:/vaedist-pets/")
+    history = mlflow_store.get_metric_history(result.run_id, "val_neg_elbo")
+    assert [m.step for m in history] == [1, 2] and history[1].value < history[0].value  # it learned
+    assert mlflow_store.get_metric_history(result.run_id, "train_images_per_s")[0].value > 0
+    # 600 images - 60 carved for test - 60 for validation = 480 streamed rows: 7 full batches of 64 an epoch
+    assert rows == 480 and streaming.steps_per_epoch(rows, 1, 64) == 7
+
+
+@pytest.mark.slow
+def test_a_one_worker_tune_trial_streams_in_its_own_process(quiet_ray, pets, mlflow_store, tmp_path, monkeypatch):
+    from vaedist.config import TuneConfig, experiment_from_dict
+    from vaedist.tune import run_tune
+
+    monkeypatch.setenv("VAEDIST_STORAGE_PATH", str(tmp_path / "runs"))
+    base = experiment_from_dict({
+        "data": {"dataset": str(pets), "memory_budget": "1KB", "val_size": 60},
+        "model": {"variant": "vae", "arch": "dense", "width": 32, "latent_dim": 4, "likelihood": "logistic"},
+        "train": {"epochs": 1, "batch_size": 64}, "resources": {"workers": 1, "cpus_per_worker": 1},
+    })  # fmt: skip
+    result = run_tune(base, TuneConfig(search_space={"model.latent_dim": {"grid": [4]}}, num_samples=1),
+                      job_name="stream-tune", echo=lambda *_: None)  # fmt: skip
+    [row] = result.table
+    assert row["status"] == "OK" and row["epochs_run"] == 1 and row["val_neg_elbo"] > 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -34,6 +34,8 @@ class Place(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, epoch: int) -> None: ...
 
     def wait_for_checkpoints(self) -> None: ...
+
+    def train_stream(self, dataset: str, val_size: int, seed: int, decode_cpus: float) -> Any: ...
 
 
 class TrainPlace:
@@ -75,6 +77,13 @@ class TrainPlace:
 
         ray.train.get_all_reported_checkpoints(timeout_s=60)
 
+    def train_stream(self, dataset: str, val_size: int, seed: int, decode_cpus: float) -> Any:
+        """This rank's share of the streamed train split (the trainer's ``datasets["train"]``, split
+        equally among the ranks by ``streaming.dataset_config``)."""
+        import ray.train
+
+        return ray.train.get_dataset_shard("train")
+
 
 class TunePlace:
     """A single-worker Tune trial, run in the trial's process (Tune's function API; no DDP)."""
@@ -112,4 +121,13 @@ class TunePlace:
 
     def wait_for_checkpoints(self) -> None:
         pass  # ray.tune.report persists the checkpoint before it returns
+
+    def train_stream(self, dataset: str, val_size: int, seed: int, decode_cpus: float) -> Any:
+        """The whole streamed train split (one worker: no split), read by this trial."""
+        import ray.data
+
+        from vaedist import streaming
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        return streaming.train_dataset(dataset, val_size, seed, num_cpus=decode_cpus).iterator()
 

@@ -50,15 +50,51 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 # The driver
 
 
-def put_data(cfg: ExperimentConfig, plan: WorkerPlan) -> list:
-    """Train and validation arrays into the object store once; every worker maps them zero-copy."""
-    train = load_split(cfg.data.dataset, "train", root=cfg.data.data_dir, val_size=cfg.data.val_size)
-    val = load_split(cfg.data.dataset, "val", root=cfg.data.data_dir, val_size=cfg.data.val_size)
-    if plan.workers * max(1, cfg.train.batch_size // plan.workers) > len(train[0]):
+@dataclass
+class TrainingData:
+    """What the workers read: object refs of [train_x, train_y, val_x, val_y] (the train ones None when the
+    train split streams) and, for a streamed split, its rows and the CPUs of each decoding task."""
+
+    refs: list
+    stream_rows: int = 0
+    decode_cpus: float = 1.0
+
+    @property
+    def streams(self) -> bool:
+        return self.stream_rows > 0
+
+
+def decode_cpus(cluster_cpus: float, training_cpus: float) -> float:
+    """CPUs per decoding task of a stream: one where the training workers leave one free; else none
+    reserved, sharing the workers' cores (as a DataLoader's worker processes do), since a task that waits
+    for a CPU the workers hold would stall the stream forever."""
+    return 1.0 if cluster_cpus - training_cpus >= 1.0 else 0.0
+
+
+def put_data(cfg: ExperimentConfig, plan: WorkerPlan, concurrent: int = 1) -> TrainingData:
+    """Train and validation arrays into the object store once; every worker maps them zero-copy. A path
+    dataset larger than the memory budget (``data.memory_budget``) streams its train split instead
+    (``vaedist.streaming``): only the validation split is decoded here. ``concurrent``: runs at once (Tune
+    trials), for the CPUs they leave to decoding."""
+    from vaedist import streaming
+
+    dataset, val_size = cfg.data.dataset, cfg.data.val_size
+    per_rank = max(1, cfg.train.batch_size // plan.workers)
+    if streaming.streams(dataset, cfg.data.memory_budget, streaming.object_store_bytes()):
+        rows = streaming.train_rows(dataset, val_size)
+        if streaming.steps_per_epoch(rows, plan.workers, per_rank) == 0:
+            raise UsageError(f"train.batch_size {cfg.train.batch_size} is larger than the {rows} training images")
+        val = load_split(dataset, "val", root=cfg.data.data_dir, val_size=val_size)  # decoded alone
+        training = concurrent * plan.workers * plan.cpus_per_worker
+        cpus = decode_cpus(ray.cluster_resources().get("CPU", 0.0), training)
+        return TrainingData([None, None, *(ray.put(np.ascontiguousarray(a)) for a in val)], rows, cpus)
+    train = load_split(dataset, "train", root=cfg.data.data_dir, val_size=val_size)
+    val = load_split(dataset, "val", root=cfg.data.data_dir, val_size=val_size)
+    if plan.workers * per_rank > len(train[0]):
         raise UsageError(
             f"train.batch_size {cfg.train.batch_size} is larger than the {len(train[0])} training images"
         )
-    return [ray.put(np.ascontiguousarray(a)) for a in (*train, *val)]
+    return TrainingData([ray.put(np.ascontiguousarray(a)) for a in (*train, *val)])
 
 
 # Config keys that say where a job ran, not what it is: never MLflow params (an address may hold a secret).
@@ -85,12 +121,13 @@ def log_training_data(run_id: str, cfg: ExperimentConfig) -> None:
         tracking.log_dataset(run_id, f"{spec.name}-{split}", digest, source, split)
 
 
-def worker_config(cfg: ExperimentConfig, run_id: str, plan: WorkerPlan, data_refs: list, progress=None,
+def worker_config(cfg: ExperimentConfig, run_id: str, plan: WorkerPlan, data: TrainingData, progress=None,
                   started: float | None = None) -> dict:  # fmt: skip
     """What ``worker.run_worker`` reads: the flat config, its MLflow run, threads, data, progress queue, and
     when the work started (wall clock; the worker reports ``startup_s``, that to its first step)."""
     return {"experiment": cfg.flatten(), "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
-            "torch_threads": plan.torch_threads, "data_refs": data_refs, "progress": progress,
+            "torch_threads": plan.torch_threads, "data_refs": data.refs, "stream_rows": data.stream_rows,
+            "decode_cpus": data.decode_cpus, "progress": progress,
             "started_unix_s": time.time() if started is None else started}  # fmt: skip
 
 
@@ -100,7 +137,7 @@ def build_trainer(
     storage: str,
     run_id: str,
     plan: WorkerPlan,
-    data_refs: list,
+    data: TrainingData,
     callbacks: list | None = None,
     progress=None,
 ) -> ray.train.torch.TorchTrainer:
@@ -109,9 +146,17 @@ def build_trainer(
     ``progress``: a Ray queue that rank 0 puts its progress on for this driver's display, or None.
     """
     claim_run_folder(storage, name, run_id)
+    streamed = {}
+    if data.streams:
+        from vaedist import streaming
+
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch display is vaedist's own
+        train = streaming.train_dataset(cfg.data.dataset, cfg.data.val_size, cfg.train.seed, num_cpus=data.decode_cpus)
+        streamed = {"datasets": {"train": train}, "dataset_config": streaming.dataset_config()}
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_config(cfg, run_id, plan, data_refs, progress),
+        train_loop_config=worker_config(cfg, run_id, plan, data, progress),
+        **streamed,
         scaling_config=plan.scaling_config(),
         run_config=ray.train.RunConfig(
             name=name,
@@ -215,15 +260,18 @@ def run_training(
         echo(f"{name} already trained (MLflow run {done.run_id}); reusing it - pass a new --name to retrain")
         return done
 
-    data_refs = put_data(cfg, plan)
+    data = put_data(cfg, plan)
     params = experiment_params(cfg)
     run_id = tracking.find_or_create_run(cfg.data.dataset, name, params, kind="train", parent_run_id=parent_run_id)
     log_training_data(run_id, cfg)
+    if data.streams:
+        echo(f"the train split ({data.stream_rows} images) is larger than the memory budget: it streams through "
+             "Ray Data, decoded as training goes (--memory-budget sets the budget)")  # fmt: skip
     echo(f"training {name}: {plan.workers} worker(s) x {plan.cpus_per_worker:g} CPU"
          f"{f' x {plan.gpus_per_worker:g} GPU' if plan.use_gpu else ''}; MLflow run {run_id} in {tracking.shown_uri(uri)}")  # fmt: skip
     with _progress_display(cfg, echo) as progress:
         try:
-            trainer = build_trainer(cfg, name, storage, run_id, plan, data_refs, progress=progress)
+            trainer = build_trainer(cfg, name, storage, run_id, plan, data, progress=progress)
         except UsageError:
             tracking.end_run(run_id, "FAILED")
             raise

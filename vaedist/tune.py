@@ -46,6 +46,7 @@ from vaedist.config import ExperimentConfig, TuneConfig, from_flat
 from vaedist.errors import VaedistError
 from vaedist.train import (
     WHERE_IT_RAN,
+    TrainingData,
     build_trainer,
     experiment_params,
     log_training_data,
@@ -109,7 +110,7 @@ def run_trial(
     parent_run_id: str,
     storage: str,
     plan: WorkerPlan,
-    data_refs: list,
+    data: TrainingData,
     tracking_uri: str,
 ) -> None:
     """One trial (runs in a Tune actor): merge the sampled values into the base config and fit."""
@@ -132,10 +133,10 @@ def run_trial(
         from vaedist.places import TunePlace
         from vaedist.worker import run_worker
 
-        run_worker(worker_config(cfg, run_id, plan, data_refs, started=started), TunePlace())
+        run_worker(worker_config(cfg, run_id, plan, data, started=started), TunePlace())
         return
     trainer = build_trainer(
-        cfg, trial_name, storage, run_id, plan, data_refs, callbacks=[TuneReportCallback()]
+        cfg, trial_name, storage, run_id, plan, data, callbacks=[TuneReportCallback()]
     )
     trainer.fit()
 
@@ -180,14 +181,14 @@ def run_tune(
     parent_params = {**experiment_params(base), "tune.search_space": json.dumps(tune_cfg.search_space),
                      "tune.num_samples": tune_cfg.num_samples, "tune.metric": tune_cfg.metric}  # fmt: skip
     parent_run_id = tracking.find_or_create_run(dataset, name, parent_params, kind="tune")
-    data_refs = put_data(base, plan)
     concurrency = concurrent_trials(plan, tune_cfg)
+    data = put_data(base, plan, concurrency)
     echo(f"search {name}: {tune_cfg.num_samples} trial(s), {concurrency} at a time, each {plan.workers} worker(s) "
          f"x {plan.cpus_per_worker:g} CPU; MLflow parent run {parent_run_id} in {tracking.shown_uri(uri)}")  # fmt: skip
 
     trainable = ray.tune.with_parameters(
         run_trial, base_flat=base.flatten(), name=name, parent_run_id=parent_run_id,
-        storage=storage, plan=plan, data_refs=data_refs, tracking_uri=uri,
+        storage=storage, plan=plan, data=data, tracking_uri=uri,
     )  # fmt: skip
     tuner = _tuner(trainable, base, tune_cfg, name, storage, concurrency, plan, echo)
     seconds = {"prepare": time.perf_counter() - started}

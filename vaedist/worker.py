@@ -119,9 +119,11 @@ class Worker:
     core: BaseVAE  # the plain model (rank 0 checkpoints and pictures it)
     objective: torch.nn.Module  # ElboObjective(core), DDP-wrapped on a multi-worker run: what the optimizer steps
     optimizer: torch.optim.Optimizer
-    data: tuple[torch.Tensor, ...]  # train_x (N, H, W, C) uint8, train_y (N,), val_x, val_y
+    data: tuple[torch.Tensor | None, ...]  # train_x (N, H, W, C) uint8, train_y (N,), val_x, val_y; train None if streamed
     start_epoch: int
     autocast_dtype: torch.dtype | None = None  # train.precision on this device (loop.autocast_dtype)
+    stream: Any = None  # a streamed train split: this rank's ray.data.DataIterator
+    stream_rows: int = 0  # rows of the whole streamed train split
 
     @property
     def rank(self) -> int:
@@ -147,7 +149,9 @@ def _set_up_worker(config: dict[str, Any], place: Place) -> Worker:
     cfg = from_flat(config["experiment"])
     torch.set_num_threads(config["torch_threads"])
     spec = get_spec(cfg.data.dataset)
-    data = tuple(torch.from_numpy(np.array(ray.get(r))) for r in config["data_refs"])
+    data = tuple(None if r is None else torch.from_numpy(np.array(ray.get(r))) for r in config["data_refs"])
+    rows = config.get("stream_rows", 0)
+    stream = place.train_stream(cfg.data.dataset, cfg.data.val_size, cfg.train.seed, config["decode_cpus"]) if rows else None
 
     loop.seed_everything(cfg.train.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     core = build_model(cfg.model, spec.image_shape, spec.num_classes, cfg.likelihood)
@@ -165,7 +169,7 @@ def _set_up_worker(config: dict[str, Any], place: Place) -> Worker:
         dtype = loop.autocast_dtype(cfg.train.precision, place.device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return Worker(cfg, place, core, objective, optimizer, data, start_epoch, dtype)
+    return Worker(cfg, place, core, objective, optimizer, data, start_epoch, dtype, stream, rows)
 
 
 def _node_ids(world: int) -> list[str]:
@@ -199,8 +203,15 @@ def _run_epoch(w: Worker, epoch: int, on_step) -> dict[str, float]:
     cfg, (train_x, train_y, val_x, val_y) = w.cfg, w.data
     per_rank_batch = max(1, cfg.train.batch_size // w.world)
     t0 = time.perf_counter()
-    indices = loop.epoch_indices(len(train_x), epoch, cfg.train.seed, w.rank, w.world)
-    steps = len(indices) // per_rank_batch
+    if w.stream is not None:  # decoded as it streams (vaedist.streaming); every rank gets rows // world
+        from vaedist import streaming
+
+        steps = streaming.steps_per_epoch(w.stream_rows, w.world, per_rank_batch)
+        batches = streaming.shard_batches(w.stream, per_rank_batch, epoch, cfg.train.seed, w.rank)
+    else:
+        indices = loop.epoch_indices(len(train_x), epoch, cfg.train.seed, w.rank, w.world)
+        steps = len(indices) // per_rank_batch
+        batches = loop.index_batches(train_x, train_y, indices, per_rank_batch)
     generator = torch.Generator().manual_seed(loop.derive_seed(cfg.train.seed, epoch, w.rank))
     # The global RNG draws the reparameterization noise (and the AE's latent noise): seeded per
     # (epoch, rank) so DDP ranks draw different eps, and a resumed epoch draws what it drew before.
@@ -209,7 +220,6 @@ def _run_epoch(w: Worker, epoch: int, on_step) -> dict[str, float]:
     def beta_at(step: int) -> float:
         return loop.kl_weight(epoch, step, steps, cfg.train.beta, cfg.train.kl_warmup_epochs)
 
-    batches = loop.index_batches(train_x, train_y, indices, per_rank_batch)
     train_sums = loop.train_epoch(
         w.objective, w.core, w.optimizer, batches, steps, beta_at, cfg.train.free_bits, generator, w.device, on_step,
         autocast_dtype=w.autocast_dtype,

@@ -8,6 +8,8 @@ it as `spec=` to `fetch`, `verify`, `load_split` and `dataset_info`.
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 from dataclasses import dataclass
 
 from vaedist.errors import UsageError
@@ -161,15 +163,38 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+def memory_bytes() -> int:
+    """This machine's physical memory (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def decode_whole(train_bytes: int, memory: int) -> bool:
+    """Decode a path dataset whole (into the cache) when its decoded train split takes at most a quarter
+    of this machine's memory: decoding holds it in memory once, and training holds it again."""
+    return memory <= 0 or train_bytes <= memory // 4
+
+
 def get_spec(name: str) -> DatasetSpec:
-    """The registered spec for `name`, or the spec of a path dataset (listed, and decoded into the cache
-    the first time: :func:`vaedist.data.custom.spec_for`); UsageError (exit 2) naming the choices if unknown."""
+    """The registered spec for `name`, or the spec of a path dataset; UsageError (exit 2) naming the choices
+    if unknown.
+
+    A path dataset that fits in this machine's memory is decoded into the cache the first time
+    (:func:`vaedist.data.custom.spec_for`), so its facts are exactly what training sees and a bad file,
+    mixed sizes or mixed channels show at once. One that does not fit is never decoded whole: its spec
+    comes from the listing and the first image (:func:`vaedist.data.listed.listed_spec`), and training
+    streams it (``vaedist.streaming``, issue 12)."""
     from vaedist.data.sources import is_path
 
     if isinstance(name, str) and is_path(name):
-        from vaedist.data.custom import spec_for
+        from vaedist.data import custom, listed
 
-        return spec_for(name)
+        spec = listed.listed_spec(name)  # the cache's record once decoded; else listing + first image
+        if decode_whole(spec.train_size * math.prod(spec.image_shape), memory_bytes()):
+            return custom.spec_for(name)
+        return spec
     try:
         return DATASETS[name]
     except (KeyError, TypeError):
