@@ -62,6 +62,10 @@ def quiet_env(verbose: bool) -> dict[str, str]:
         # "Configuration for experiment" box and "View detailed results here" even at verbose=0; the
         # classic one, at verbose=0 (tune_verbosity), prints nothing (air/config.py's RunConfig docs).
         "RAY_AIR_NEW_OUTPUT": "0",
+        # ray/tune/execution/experiment_state.py: one-worker trials checkpoint every epoch and Tune snapshots
+        # its state at each (num_to_keep forces it), then warns that snapshots "may become a bottleneck" (each
+        # is a few ms here); 0 turns the warning off.
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     }
 
 
@@ -179,6 +183,16 @@ def quiet_worker_console() -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(level)
+
+
+def quiet_trial_console() -> None:
+    """In a Tune trial that trains in its own process (``places.TunePlace``): also Ray Train's and Tune's
+    own loggers at ``worker_console_level``; the trial reports a checkpoint every epoch and each report
+    logs "Checkpoint successfully created at: ..." at INFO on the "ray" logger's console handler."""
+    quiet_worker_console()
+    level = worker_console_level(is_verbose())
+    for name in ("ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(level)
 
 
 class StepReporter:

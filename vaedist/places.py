@@ -92,6 +92,9 @@ class TunePlace:
         import ray
         import ray.tune
 
+        from vaedist import console
+
+        console.quiet_trial_console()
         self.rank, self.world = 0, 1
         self.run_name = ray.tune.get_context().get_trial_name()
         gpus = ray.get_gpu_ids()  # what Tune gave this trial; CUDA_VISIBLE_DEVICES is set to them

@@ -121,10 +121,11 @@ def log_training_data(run_id: str, cfg: ExperimentConfig) -> None:
         tracking.log_dataset(run_id, f"{spec.name}-{split}", digest, source, split)
 
 
-def worker_config(cfg: ExperimentConfig, run_id: str, plan: WorkerPlan, data: TrainingData, progress=None,
+def worker_config(cfg: ExperimentConfig, run_id, plan: WorkerPlan, data: TrainingData, progress=None,
                   started: float | None = None) -> dict:  # fmt: skip
-    """What ``worker.run_worker`` reads: the flat config, its MLflow run, threads, data, progress queue, and
-    when the work started (wall clock; the worker reports ``startup_s``, that to its first step)."""
+    """What ``worker.run_worker`` reads: the flat config, its MLflow run (an id, or in a Tune trial's own
+    process a Future of one), threads, data, progress queue, and when the work started (wall clock; the
+    worker reports ``startup_s``, that to its first step)."""
     return {"experiment": cfg.flatten(), "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
             "torch_threads": plan.torch_threads, "data_refs": data.refs, "stream_rows": data.stream_rows,
             "decode_cpus": data.decode_cpus, "progress": progress,

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,24 +122,35 @@ def run_trial(
     trial_id = ray.tune.get_context().get_trial_id()
     flat = {**base_flat, **config}
     trial_name = f"{name}-{trial_id}"
-    # The child run exists before the config is checked, so a trial that fails shows up in MLflow as FAILED.
     params = {k: v for k, v in flat.items() if k not in WHERE_IT_RAN}
-    run_id = tracking.find_or_create_run(
-        flat["data.dataset"], trial_name, params, kind="trial", parent_run_id=parent_run_id
-    )
-    tracking.set_run_tags(run_id, {TRIAL_ID_TAG: trial_id})
-    cfg = from_flat(flat)  # a ConfigError here fails this trial only; the search goes on
-    log_training_data(run_id, cfg)
-    if plan.workers == 1:
-        from vaedist.places import TunePlace
-        from vaedist.worker import run_worker
 
-        run_worker(worker_config(cfg, run_id, plan, data, started=started), TunePlace())
+    def open_run(cfg: ExperimentConfig | None = None) -> str:
+        run_id = tracking.find_or_create_run(
+            flat["data.dataset"], trial_name, params, kind="trial", parent_run_id=parent_run_id
+        )
+        tracking.set_run_tags(run_id, {TRIAL_ID_TAG: trial_id})
+        if cfg is not None:
+            log_training_data(run_id, cfg)
+        return run_id
+
+    try:
+        cfg = from_flat(flat)  # a ConfigError here fails this trial only; the search goes on
+    except Exception:
+        open_run()  # the child run exists even so: the trial shows up in MLflow as FAILED
+        raise
+    if plan.workers > 1:
+        trainer = build_trainer(cfg, trial_name, storage, open_run(cfg), plan, data, callbacks=[TuneReportCallback()])
+        trainer.fit()
         return
-    trainer = build_trainer(
-        cfg, trial_name, storage, run_id, plan, data, callbacks=[TuneReportCallback()]
-    )
-    trainer.fit()
+    from vaedist.places import TunePlace
+    from vaedist.worker import run_worker
+
+    # The MLflow child run is made on a side thread while the loop sets up and takes its first steps (~1 s
+    # of a trial's start-up here): the worker needs its id only when it first logs, after the first epoch.
+    side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaedist-trial-run")
+    run_id = side.submit(open_run, cfg)
+    side.shutdown(wait=False)
+    run_worker(worker_config(cfg, run_id, plan, data, started=started), TunePlace())
 
 
 @dataclass
@@ -246,6 +258,9 @@ def _tuner(trainable, base: ExperimentConfig, tune_cfg: TuneConfig, name: str, s
         tune_config=ray.tune.TuneConfig(
             metric=tune_cfg.metric, mode=tune_cfg.mode, num_samples=tune_cfg.num_samples,
             scheduler=scheduler, search_alg=search,
+            # One-worker trials train in the trial actor: the next trial reuses its process (no process start,
+            # torch and vaedist already imported). A multi-worker trial's actor only waits on its trainer.
+            reuse_actors=plan.workers == 1,
         ),  # fmt: skip
         run_config=ray.tune.RunConfig(
             name=name, storage_path=storage, verbose=console.tune_verbosity(console.is_verbose()),

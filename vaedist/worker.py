@@ -189,7 +189,10 @@ def _open_logging(config: dict[str, Any], w: Worker, nodes: list[str]):
     from vaedist.pictures import EpochPictures
 
     # The tracking URI comes explicitly from the driver: a worker's own cwd/env may differ.
-    logger = tracking.RunLogger(config["run_id"], config["tracking_uri"])
+    run_id = config["run_id"]
+    if not isinstance(run_id, str):  # a Future: a Tune trial makes its MLflow run while the loop starts
+        run_id = run_id.result()
+    logger = tracking.RunLogger(run_id, config["tracking_uri"])
     logger.set_tags({"vaedist.nodes": ",".join(n[:12] for n in nodes), "vaedist.num_nodes": len(set(nodes))})
     logger.start_system_metrics()
     _, _, val_x, val_y = w.data
