@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import os
 import tempfile
 import threading
@@ -250,16 +251,55 @@ def _run_epoch(w: Worker, epoch: int, on_step) -> dict[str, float]:
     }
 
 
-def _log_epoch(w: Worker, metrics: dict[str, float], logger, pictures) -> None:
-    """Rank 0's metrics and (every ``image_every`` epochs and at the end) pictures."""
-    if w.rank != 0:
-        return
-    epoch = int(metrics["epoch"])
-    once = ("epoch", "first_step_unix_s", "startup_s")  # not per-epoch figures (startup_s is logged at step 0)
-    logger.log_metrics({k: v for k, v in metrics.items() if k not in once}, step=epoch)
-    if pictures is not None and (epoch % w.cfg.train.image_every == 0 or epoch == w.cfg.train.epochs):
-        for key, image in pictures.render().items():
-            logger.log_image(key, image, step=epoch)
+class EpochLog:
+    """Rank 0's MLflow logging, off the training thread: the run logger and picture inputs are opened on a
+    side thread while the first steps run (~2 s of imports and connecting), and each epoch's metrics and
+    pictures are logged there while the next epoch trains. A slow store (sqlite shared by several trials,
+    a remote server) then costs the training loop nothing. Pictures are rendered from a copy of the model
+    as it was at the epoch's end; ``close`` waits for everything to be logged."""
+
+    def __init__(self, config: dict[str, Any], w: Worker, nodes: list[str]):
+        self.w = w
+        self.side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaedist-mlflow")
+        self.opening = self.side.submit(_open_logging, config, w, nodes)
+        self.logger: tracking.RunLogger | tracking.NullLogger = tracking.NullLogger()
+        self.startup_logged = False
+        self.pending: list = []  # futures of epochs being logged
+
+    def epoch(self, metrics: dict[str, float]) -> None:
+        epoch = int(metrics["epoch"])
+        due = epoch % self.w.cfg.train.image_every == 0 or epoch == self.w.cfg.train.epochs
+        snapshot = copy.deepcopy(self.w.core) if due else None  # the model now; training goes on meanwhile
+        # At most one epoch in flight: the previous one (logged while this one trained) must be done, so a
+        # crash loses at most the last epoch's logs and snapshots never pile up. Its failure fails the run,
+        # as a log on this thread would.
+        for future in self.pending:
+            future.result()
+        self.pending = [self.side.submit(self._log, dict(metrics), snapshot)]
+
+    def _log(self, metrics: dict[str, float], snapshot: BaseVAE | None) -> None:
+        self.logger, pictures = self.opening.result()
+        epoch = int(metrics["epoch"])
+        if not self.startup_logged:
+            self.logger.log_metrics({"startup_s": metrics["startup_s"]}, step=0)
+            self.startup_logged = True
+        once = ("epoch", "first_step_unix_s", "startup_s")  # not per-epoch figures (startup_s is at step 0)
+        self.logger.log_metrics({k: v for k, v in metrics.items() if k not in once}, step=epoch)
+        if snapshot is not None:
+            pictures.model = snapshot
+            for key, image in pictures.render().items():
+                self.logger.log_image(key, image, step=epoch)
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for every epoch's logs, then end the logger (system metrics); a failed log is raised unless
+        the loop is already failing (its error is the one to see)."""
+        self.side.shutdown(wait=True)
+        with contextlib.suppress(Exception):
+            self.logger, _ = self.opening.result()
+        self.logger.close()
+        if raise_errors:
+            for future in self.pending:
+                future.result()
 
 
 def _report_epoch(w: Worker, metrics: dict[str, float], cfg_flat: dict[str, Any]) -> None:
@@ -286,15 +326,7 @@ def run_worker(config: dict[str, Any], place: Place) -> None:
     nodes = _node_ids(w.world)
     queue = config.get("progress") if w.rank == 0 else None
     progress = console.StepReporter(queue.put_nowait if queue is not None else None)
-    # Rank 0's MLflow client and picture inputs are opened on a side thread while the first steps run:
-    # nothing is logged before the first epoch ends, and the ~2 s of imports and connecting would
-    # otherwise hold back the first step (on a GPU worker the device would sit idle meanwhile).
-    logger: tracking.RunLogger | tracking.NullLogger = tracking.NullLogger()
-    pictures, opening = None, None
-    if w.rank == 0:
-        side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaedist-mlflow")
-        opening = side.submit(_open_logging, config, w, nodes)
-        side.shutdown(wait=False)
+    log = EpochLog(config, w, nodes) if w.rank == 0 else None  # MLflow, off the training thread
     first_step_at: list[float] = []  # wall clock of this worker's first step (start-up cost)
     with StopAtExit() as stop_at_exit:
         try:
@@ -312,14 +344,12 @@ def run_worker(config: dict[str, Any], place: Place) -> None:
                 # Start-up: from the driver's fit() (or the Tune trial's start) to this process's first step.
                 metrics["startup_s"] = max(0.0, metrics["first_step_unix_s"] - config["started_unix_s"])
                 progress.epoch(metrics)
-                if opening is not None:
-                    logger, pictures = opening.result()
-                    opening = None
-                    logger.log_metrics({"startup_s": metrics["startup_s"]}, step=0)
-                _log_epoch(w, metrics, logger, pictures)
+                if log is not None:
+                    log.epoch(metrics)
                 _report_epoch(w, metrics, config["experiment"])
-        finally:
-            if opening is not None:  # the loop ended before its first epoch did: close what was opened
-                with contextlib.suppress(Exception):
-                    logger, _ = opening.result()
-            logger.close()
+        except BaseException:
+            if log is not None:
+                log.close(raise_errors=False)
+            raise
+        if log is not None:
+            log.close()
