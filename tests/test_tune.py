@@ -126,3 +126,26 @@ def test_a_trial_of_two_workers_fits_a_torch_trainer(local_ray, mlflow_store, tm
     best = Path(row["checkpoint"])  # the TorchTrainer's run folder <search>-<trial id>, not Tune's trial folder
     assert best.parent.name == f"{result.name}-{row['trial']}" and best.name == "epoch-0001"
     assert result.model_uri.startswith("models:/vaedist-mnist/")
+
+
+@pytest.mark.slow
+def test_asha_stops_weak_trials_whose_actor_the_next_trial_reuses(local_ray, mlflow_store, tmp_path):
+    """One trial at a time, so each reuses the last one's actor (reuse_actors): a learning trial sets the bar
+    at epoch 1, the two that barely learn (lr 1e-7) fall below it and ASHA stops them; the search goes on."""
+    from vaedist.jobs import load_spec, run_spec
+
+    spec = load_spec("tune-mnist", preset="smoke", overrides={
+        "data": {"val_size": 500},
+        "tune": {"num_samples": 1, "max_concurrent_trials": 1, "grace_period": 1, "reduction_factor": 2,
+                 "search_space": {"model.arch": {"choice": ["dense"]}, "model.width": {"choice": [32]},
+                                  "train.epochs": {"choice": [3]}, "train.lr": {"grid": [0.003, 1e-7, 2e-7]}}}})  # fmt: skip
+    os.environ["VAEDIST_STORAGE_PATH"] = str(tmp_path / "runs")
+    try:
+        result = run_spec(spec, echo=lambda *_: None)
+    finally:
+        del os.environ["VAEDIST_STORAGE_PATH"]
+    rows = {row["train.lr"]: row for row in result.table}
+    assert [r["status"] for r in result.table] == ["OK"] * 3
+    assert rows[0.003]["epochs_run"] == 3 and not rows[0.003]["stopped_early"]
+    assert rows[1e-7]["stopped_early"] and rows[2e-7]["stopped_early"]  # stopped after epoch 1 (or 2)
+    assert result.best_trial == rows[0.003]["trial"]
