@@ -50,6 +50,17 @@ def data_dir() -> Path:
     return path
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny models: threads cost more than they give on 2 cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """Ray in this process for one test module: a 2-CPU node like this machine (the actor and worker sizing

@@ -35,12 +35,7 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: small models run faster on one
 
 
 def ladder(variant: str = "vae", arch: str = "conv", likelihood: str = "bernoulli", shape=(8, 8, 1), layers: int = 3,

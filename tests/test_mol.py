@@ -14,12 +14,7 @@ from vaedist.models.likelihoods import DiscretizedLogistic, DiscretizedMixtureLo
 VALUES = torch.arange(256, dtype=torch.float64) / 255  # every 8-bit value, as the model sees it
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: small models run faster on one
 
 
 def random_params(

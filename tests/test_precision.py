@@ -14,12 +14,7 @@ from vaedist.models import build_model, to_model_input
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: small models run faster on one
 
 
 @pytest.mark.parametrize("native", [True, False])

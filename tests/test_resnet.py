@@ -14,12 +14,7 @@ from vaedist.models.blocks import ResBlock, ResNetDecoder, ResNetEncoder
 SMALL = {"latent_dim": 4, "base_channels": 4, "depth": 2, "blocks_per_level": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: small models run faster on one
 
 
 def resnet_model(variant: str, likelihood: str = "logistic", shape=(16, 16, 3), **overrides):

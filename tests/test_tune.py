@@ -108,9 +108,19 @@ def test_tune_smoke_parent_children_champion_and_resume(tuned_store, monkeypatch
 
 
 @pytest.mark.slow
-def test_a_trial_of_two_workers_fits_a_torch_trainer(local_ray, mlflow_store, tmp_path):
-    """Several workers per trial keep a TorchTrainer inside the trial (DDP), its checkpoints its own."""
+def test_a_trial_of_two_workers_fits_a_torch_trainer(mlflow_store, tmp_path):
+    """Several workers per trial keep a TorchTrainer inside the trial (DDP), its checkpoints its own.
+
+    On a Ray of its own, with the dashboard: when the trial's actor ends, Ray Train's PlacementGroupCleaner
+    removes the trainer's placement group once the State API (served by the dashboard) says the controller
+    is gone; without it the group's 2 CPUs stay reserved and the next search in that Ray never starts."""
+    import ray
+
     from vaedist.jobs import load_spec, run_spec
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2)
 
     spec = load_spec("tune-mnist", preset="smoke", overrides={
         "data": {"val_size": 500}, "resources": {"workers": 2, "cpus_per_worker": 1},
@@ -121,6 +131,7 @@ def test_a_trial_of_two_workers_fits_a_torch_trainer(local_ray, mlflow_store, tm
         result = run_spec(spec, echo=lambda *_: None)
     finally:
         del os.environ["VAEDIST_STORAGE_PATH"]
+        ray.shutdown()
     [row] = result.table
     assert row["status"] == "OK" and row["epochs_run"] == 1
     best = Path(row["checkpoint"])  # the TorchTrainer's run folder <search>-<trial id>, not Tune's trial folder

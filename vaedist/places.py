@@ -38,6 +38,16 @@ class Place(Protocol):
     def train_stream(self, dataset: str, val_size: int, seed: int, decode_cpus: float) -> Any: ...
 
 
+@contextlib.contextmanager
+def _folder_of(checkpoint) -> Iterator[Path | None]:
+    """A Ray checkpoint as a local folder for the ``with`` block (None: nothing to resume from)."""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as d:
+        yield Path(d)
+
+
 class TrainPlace:
     """A rank of a Ray Train worker group (DDP over gloo / NCCL)."""
 
@@ -55,16 +65,10 @@ class TrainPlace:
 
         return ray.train.torch.prepare_model(module)  # to the device, DDP when world > 1
 
-    @contextlib.contextmanager
-    def resume_from(self) -> Iterator[Path | None]:
+    def resume_from(self) -> contextlib.AbstractContextManager[Path | None]:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as d:
-            yield Path(d)
+        return _folder_of(ray.train.get_checkpoint())
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, epoch: int) -> None:
         import ray.train
@@ -105,16 +109,10 @@ class TunePlace:
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return module.to(self.device)
 
-    @contextlib.contextmanager
-    def resume_from(self) -> Iterator[Path | None]:
+    def resume_from(self) -> contextlib.AbstractContextManager[Path | None]:
         import ray.tune
 
-        checkpoint = ray.tune.get_checkpoint()  # set when Tune restores the trial (a resumed search, a retry)
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as d:
-            yield Path(d)
+        return _folder_of(ray.tune.get_checkpoint())  # set when Tune restores the trial (resumed search, retry)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, epoch: int) -> None:
         import ray.tune
