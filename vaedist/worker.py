@@ -254,9 +254,9 @@ def _run_epoch(w: Worker, epoch: int, on_step) -> dict[str, float]:
 class EpochLog:
     """Rank 0's MLflow logging, off the training thread: the run logger and picture inputs are opened on a
     side thread while the first steps run (~2 s of imports and connecting), and each epoch's metrics and
-    pictures are logged there while the next epoch trains. A slow store (sqlite shared by several trials,
-    a remote server) then costs the training loop nothing. Pictures are rendered from a copy of the model
-    as it was at the epoch's end; ``close`` waits for everything to be logged."""
+    pictures (rendered from a copy of the model as it was at the epoch's end) are logged there while the
+    checkpoint is written. ``wait`` before the epoch's report: Tune may end a trial's process right after a
+    report (ASHA's stop, the search's end), and an epoch it has seen must be whole in MLflow."""
 
     def __init__(self, config: dict[str, Any], w: Worker, nodes: list[str]):
         self.w = w
@@ -269,13 +269,14 @@ class EpochLog:
     def epoch(self, metrics: dict[str, float]) -> None:
         epoch = int(metrics["epoch"])
         due = epoch % self.w.cfg.train.image_every == 0 or epoch == self.w.cfg.train.epochs
-        snapshot = copy.deepcopy(self.w.core) if due else None  # the model now; training goes on meanwhile
-        # At most one epoch in flight: the previous one (logged while this one trained) must be done, so a
-        # crash loses at most the last epoch's logs and snapshots never pile up. Its failure fails the run,
-        # as a log on this thread would.
-        for future in self.pending:
+        snapshot = copy.deepcopy(self.w.core) if due else None  # the model as it is at the epoch's end
+        self.pending.append(self.side.submit(self._log, dict(metrics), snapshot))
+
+    def wait(self) -> None:
+        """Until every submitted epoch is logged; a failed log fails the run, as one on this thread would."""
+        pending, self.pending = self.pending, []
+        for future in pending:
             future.result()
-        self.pending = [self.side.submit(self._log, dict(metrics), snapshot)]
 
     def _log(self, metrics: dict[str, float], snapshot: BaseVAE | None) -> None:
         self.logger, pictures = self.opening.result()
@@ -302,14 +303,17 @@ class EpochLog:
                 future.result()
 
 
-def _report_epoch(w: Worker, metrics: dict[str, float], cfg_flat: dict[str, Any]) -> None:
-    """Every rank reports (``ray.train.report`` is a barrier); rank 0 attaches the checkpoint."""
+def _report_epoch(w: Worker, metrics: dict[str, float], cfg_flat: dict[str, Any], log: EpochLog | None) -> None:
+    """Every rank reports (``ray.train.report`` is a barrier); rank 0 attaches the checkpoint, written while
+    its epoch is being logged, and reports once the epoch is in MLflow."""
     epoch = int(metrics["epoch"])
     with tempfile.TemporaryDirectory() as d:
         folder = None
         if w.rank == 0:
             save_checkpoint(Path(d) / CHECKPOINT_FILE, w.core, w.optimizer, epoch, cfg_flat, metrics)
             folder = Path(d)
+        if log is not None:
+            log.wait()
         w.place.report(metrics, folder, epoch)
 
 
@@ -346,7 +350,7 @@ def run_worker(config: dict[str, Any], place: Place) -> None:
                 progress.epoch(metrics)
                 if log is not None:
                     log.epoch(metrics)
-                _report_epoch(w, metrics, config["experiment"])
+                _report_epoch(w, metrics, config["experiment"], log)
         except BaseException:
             if log is not None:
                 log.close(raise_errors=False)
