@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vaedist import __version__, tracking
+from vaedist import tracking
 from vaedist.config import EvaluateConfig, ResourcesConfig
 from vaedist.data import get_spec, load_split
 from vaedist.evaluate import audit, features, spread
@@ -37,8 +37,8 @@ from vaedist.evaluate.audit import (
     prdc,
 )
 from vaedist.evaluate.features import Extractor, extract_on_ray
-from vaedist.evaluate.sets import read_set
-from vaedist.generate.format import UNCONDITIONAL_LABEL, dataset_name
+from vaedist.evaluate.sets import open_evaluation_run, read_set
+from vaedist.generate.format import UNCONDITIONAL_LABEL
 from vaedist.generate.reader import GeneratedSet
 
 # --------------------------------------------------------------------------------------------------
@@ -229,23 +229,12 @@ def logged_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def _open_run(s: AuditSetup, extractor: features.Extractor, uri: str) -> tuple[str, Any, str | None]:
     """(the audit's MLflow run, its logger, the generating model's run or None), the run tagged like CAS's."""
-    gen = s.gen
-    model_run = gen.model_run_id or (tracking.model_run_id(gen.model_uri) if gen.model_uri else None)
     params = {
         "evaluate.generated": s.where, "evaluate.dataset": s.dataset, "evaluate.seed": s.seed,
         "evaluate.audit_k": s.k, "audit.features": extractor.description, "audit.features_digest": extractor.digest,
-        "audit.generated_images": len(gen.labels), "audit.version": audit.AUDIT_VERSION,
-        "generated.model_uri": gen.model_uri or "", "generated.model_version": gen.model_version or "",
+        "audit.generated_images": len(s.gen.labels), "audit.version": audit.AUDIT_VERSION,
     }  # fmt: skip
-    run_id = tracking.find_or_create_run(s.dataset, s.name, params, kind="evaluate")
-    logger = tracking.RunLogger(run_id, uri)
-    logger.set_tags({
-        "vaedist.model_uri": gen.model_uri or "", "vaedist.model_version": gen.model_version or "",
-        "vaedist.model_run_id": model_run or "", "vaedist.generated": s.where,
-        "vaedist.evaluate": "audit", "vaedist.version": __version__,
-    })  # fmt: skip
-    tracking.log_dataset(run_id, dataset_name(s.where), gen.manifest_sha1, s.where, "evaluation")
-    return run_id, logger, model_run
+    return open_evaluation_run(s.dataset, s.name, s.where, s.gen, params, "audit", uri)
 
 
 def _pictures(s: AuditSetup, result: dict[str, Any], logger) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from vaedist import __version__, tracking
+from vaedist import tracking
 from vaedist.config import EvaluateConfig, ResourcesConfig
 from vaedist.errors import UsageError
 from vaedist.evaluate import audit_run, cas, likelihood, spread
+from vaedist.evaluate.sets import open_evaluation_run
 from vaedist.generate.card import record_evaluation
-from vaedist.generate.format import CARD, MANIFEST_FORMAT, dataset_name
+from vaedist.generate.format import CARD, MANIFEST_FORMAT
 
 WHATS = ("likelihood", "cas", "all", "audit")  # all = likelihood and CAS (and the audit with cfg.audit)
 
@@ -118,7 +119,6 @@ def evaluate_likelihood(
 def _open_cas_run(s: cas.CasSetup, cfg: EvaluateConfig, uri: str) -> tuple[str, Any]:
     """The evaluation's MLflow run (found by name on a rerun) and its logger, tagged with the model."""
     gen = s.gen
-    model_run = gen.model_run_id or (tracking.model_run_id(gen.model_uri) if gen.model_uri else None)
     params = {
         "evaluate.generated": s.where,
         "evaluate.dataset": s.dataset,
@@ -131,18 +131,8 @@ def _open_cas_run(s: cas.CasSetup, cfg: EvaluateConfig, uri: str) -> tuple[str, 
         "cas.real_train_images": s.n_real,
         "cas.test_images": len(s.test[1]),
         "cas.image_format": gen.image_format,
-        "generated.model_uri": gen.model_uri or "",
-        "generated.model_version": gen.model_version or "",
     }
-    run_id = tracking.find_or_create_run(s.dataset, s.name, params, kind="evaluate")
-    logger = tracking.RunLogger(run_id, uri)
-    logger.set_tags({
-        "vaedist.model_uri": gen.model_uri or "", "vaedist.model_version": gen.model_version or "",
-        "vaedist.model_run_id": model_run or "", "vaedist.generated": s.where,
-        "vaedist.evaluate": "cas", "vaedist.version": __version__,
-    })  # fmt: skip
-    # the generated set is this run's input (the generate run logged the same name and digest)
-    tracking.log_dataset(run_id, dataset_name(s.where), gen.manifest_sha1, s.where, "evaluation")
+    run_id, logger, _ = open_evaluation_run(s.dataset, s.name, s.where, gen, params, "cas", uri)
     return run_id, logger
 
 

@@ -74,3 +74,25 @@ def read_set(source: str) -> GeneratedSet:
         model_version=None, model_run_id=None, image_format=TABLE_FORMAT, manifest={},
         manifest_sha1=table.fingerprint, label_names=names,
     )  # fmt: skip
+
+
+def open_evaluation_run(dataset: str, name: str, where: str, gen: GeneratedSet, params: dict, measure: str,
+                        uri: str) -> tuple[str, object, str | None]:  # fmt: skip
+    """An evaluation's MLflow run (found by ``name`` on a rerun) -> (run id, its logger, the generating
+    model's run or None). CAS and the audit tag it alike: the model (URI, version, run), the set judged,
+    ``measure`` ("cas", "audit"); the set is the run's input under the name and digest its generate run
+    logged it with."""
+    from vaedist import __version__, tracking
+    from vaedist.generate.format import dataset_name
+
+    model_run = gen.model_run_id or (tracking.model_run_id(gen.model_uri) if gen.model_uri else None)
+    params = {**params, "generated.model_uri": gen.model_uri or "", "generated.model_version": gen.model_version or ""}
+    run_id = tracking.find_or_create_run(dataset, name, params, kind="evaluate")
+    logger = tracking.RunLogger(run_id, uri)
+    logger.set_tags({
+        "vaedist.model_uri": gen.model_uri or "", "vaedist.model_version": gen.model_version or "",
+        "vaedist.model_run_id": model_run or "", "vaedist.generated": where,
+        "vaedist.evaluate": measure, "vaedist.version": __version__,
+    })  # fmt: skip
+    tracking.log_dataset(run_id, dataset_name(where), gen.manifest_sha1, where, "evaluation")
+    return run_id, logger, model_run
