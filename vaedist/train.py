@@ -79,22 +79,18 @@ def put_data(cfg: ExperimentConfig, plan: WorkerPlan, concurrent: int = 1) -> Tr
     from vaedist import streaming
 
     dataset, val_size = cfg.data.dataset, cfg.data.val_size
-    per_rank = max(1, cfg.train.batch_size // plan.workers)
-    if streaming.streams(dataset, cfg.data.memory_budget, streaming.object_store_bytes()):
-        rows = streaming.train_rows(dataset, val_size)
-        if streaming.steps_per_epoch(rows, plan.workers, per_rank) == 0:
-            raise UsageError(f"train.batch_size {cfg.train.batch_size} is larger than the {rows} training images")
-        val = load_split(dataset, "val", root=cfg.data.data_dir, val_size=val_size)  # decoded alone
-        training = concurrent * plan.workers * plan.cpus_per_worker
-        cpus = decode_cpus(ray.cluster_resources().get("CPU", 0.0), training)
-        return TrainingData([None, None, *(ray.put(np.ascontiguousarray(a)) for a in val)], rows, cpus)
-    train = load_split(dataset, "train", root=cfg.data.data_dir, val_size=val_size)
-    val = load_split(dataset, "val", root=cfg.data.data_dir, val_size=val_size)
-    if plan.workers * per_rank > len(train[0]):
-        raise UsageError(
-            f"train.batch_size {cfg.train.batch_size} is larger than the {len(train[0])} training images"
-        )
-    return TrainingData([ray.put(np.ascontiguousarray(a)) for a in (*train, *val)])
+    streams = streaming.streams(dataset, cfg.data.memory_budget, streaming.object_store_bytes())
+    train = () if streams else load_split(dataset, "train", root=cfg.data.data_dir, val_size=val_size)
+    rows = streaming.train_rows(dataset, val_size) if streams else len(train[0])
+    if streaming.steps_per_epoch(rows, plan.workers, max(1, cfg.train.batch_size // plan.workers)) == 0:
+        raise UsageError(f"train.batch_size {cfg.train.batch_size} is larger than the {rows} training images")
+    val = load_split(dataset, "val", root=cfg.data.data_dir, val_size=val_size)  # streamed: decoded alone
+    refs = [None, None] if streams else []
+    refs += [ray.put(np.ascontiguousarray(a)) for a in (*train, *val)]
+    if not streams:
+        return TrainingData(refs)
+    training = concurrent * plan.workers * plan.cpus_per_worker
+    return TrainingData(refs, rows, decode_cpus(ray.cluster_resources().get("CPU", 0.0), training))
 
 
 # Config keys that say where a job ran, not what it is: never MLflow params (an address may hold a secret).

@@ -134,6 +134,11 @@ def spec_for(dataset: str) -> DatasetSpec:
 _MEMORY: dict[str, tuple[np.ndarray, ...]] = {}
 
 
+def is_decoded(digest: str) -> bool:
+    """Whether the dataset of this fingerprint is decoded (in the cache, or held by this process)."""
+    return cache.load_meta(digest) is not None or digest in _MEMORY
+
+
 def load_arrays(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train_x, train_y, test_x, test_y) of a path dataset, read-only, from the cache."""
     arrays = cache.load_arrays(spec.digest) or _MEMORY.get(spec.digest)

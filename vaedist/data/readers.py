@@ -171,13 +171,6 @@ def _load_arrays(spec: DatasetSpec, folder: str) -> tuple[np.ndarray, np.ndarray
     return tuple(_readonly(np.ascontiguousarray(p)) for p in parts)  # type: ignore[return-value]
 
 
-def _decoded(spec: DatasetSpec) -> bool:
-    """Whether a path dataset's arrays are decoded (in the cache, or held by this process)."""
-    from vaedist.data import cache, custom
-
-    return cache.load_meta(spec.digest) is not None or spec.digest in custom._MEMORY
-
-
 def _check_val_size(val_size: int, n_train: int, what: str) -> None:
     if (
         isinstance(val_size, bool)
@@ -245,11 +238,11 @@ def load_split(
     if not spec.from_path:
         ensure_files(spec.name, folder.parent, download=download, progress=progress, spec=spec)
     key = spec.source or str(folder.resolve())
-    if spec.from_path and split in ("val", "test") and not _decoded(spec):
-        # A path dataset not decoded whole (maybe never: it streams): decode these few rows alone.
-        from vaedist.data.listed import decode_split
+    if spec.from_path and split in ("val", "test"):
+        from vaedist.data import custom, listed
 
-        return decode_split(spec.source, split, val_size)
+        if not custom.is_decoded(spec.digest):  # not decoded whole (maybe never: it streams): these rows alone
+            return listed.decode_split(spec.source, split, val_size)
     if split in ("train", "val"):
         n_train = len(_load_arrays(spec, key)[1])
         if spec.from_path:
