@@ -74,6 +74,18 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory) -> Path:
+    """One sqlite MLflow store and one Ray storage folder for a test module (env read at call time); the
+    cwd moves there too, since a sqlite store keeps artifacts in ./mlruns."""
+    root = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("VAEDIST_STORAGE_PATH", str(root / "runs"))
+        mp.chdir(root)
+        yield root
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A throwaway sqlite MLflow store for one test, in its tmp folder (also the working directory)."""

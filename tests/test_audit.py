@@ -330,17 +330,6 @@ def test_cli_audit_bad_input_is_one_line(kind, message, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One sqlite MLflow store and Ray storage folder for the module; the cwd moves there too."""
-    root = tmp_path_factory.mktemp("audit")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("VAEDIST_STORAGE_PATH", str(root / "runs"))
-        mp.chdir(root)
-        yield root
-
-
-@pytest.fixture(scope="module")
 def tables(tmp_path_factory) -> dict[str, Path]:
     """5,000 real MNIST training images, 5,000 held-out test images (a seeded random choice: the test
     set's first half comes from other writers than its second), and uniform noise, each as a table."""
@@ -356,7 +345,7 @@ def tables(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def model_samples(store, tmp_path_factory) -> tuple[Path, dict]:
+def model_samples(module_store, tmp_path_factory) -> tuple[Path, dict]:
     """A dense CVAE trained 300 steps on real MNIST (plain torch, ~3 s), registered as vaedist-mnist v1,
     and 500 of its samples per digit as the folder vaedist generate writes."""
     import mlflow
@@ -403,7 +392,7 @@ def model_samples(store, tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def audit_of(store, local_ray, tables):
+def audit_of(module_store, local_ray, tables):
     """Audit a set once per module (1-epoch feature classifier, 2 workers); results by name."""
     from vaedist.evaluate import run_evaluate
 
@@ -438,7 +427,7 @@ def test_training_images_passed_off_as_generated_are_flagged(audit_of):
 
 
 @pytest.mark.slow
-def test_held_out_test_images_pass_as_fresh_and_json_has_the_keys(audit_of, tables, store):
+def test_held_out_test_images_pass_as_fresh_and_json_has_the_keys(audit_of, tables, module_store):
     from click.testing import CliRunner
 
     from vaedist.cli import main

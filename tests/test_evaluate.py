@@ -38,18 +38,6 @@ def _quiet(*_args) -> None:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One sqlite MLflow store and one Ray storage folder for the module (env read at call time); the cwd
-    moves there too, since a sqlite store keeps artifacts in ./mlruns."""
-    root = tmp_path_factory.mktemp("evaluate")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("VAEDIST_STORAGE_PATH", str(root / "runs"))
-        mp.chdir(root)
-        yield root
-
-
-@pytest.fixture(scope="module")
 def trained_cvae(tmp_path_factory) -> Path:
     """A dense CVAE trained 300 steps on dynamically binarized real MNIST with plain torch (~3 s)."""
     threads = torch.get_num_threads()
@@ -76,7 +64,7 @@ def trained_cvae(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def registered(store, trained_cvae) -> dict[str, str]:
+def registered(module_store, trained_cvae) -> dict[str, str]:
     """The trained CVAE as training leaves it: a run with the checkpoint, registered as vaedist-mnist v1."""
     import mlflow
 
@@ -234,7 +222,7 @@ def test_a_request_is_checked_before_anything_loads():
 
 
 @pytest.mark.slow
-def test_likelihood_on_ray_equals_the_unsplit_computation(local_ray, store, trained_cvae, registered):
+def test_likelihood_on_ray_equals_the_unsplit_computation(local_ray, module_store, trained_cvae, registered):
     n, k = 300, 50
     cfg = EvaluateConfig(model=registered["uri"], k=k, k_batch=25, batch_size=50, seed=0)
     lines: list[str] = []
@@ -326,7 +314,7 @@ def test_generated_folder_reads_the_same_in_both_image_formats(tmp_path):
 
 
 @pytest.mark.slow
-def test_cas_of_a_small_generated_set(local_ray, store, generated, registered):
+def test_cas_of_a_small_generated_set(local_ray, module_store, generated, registered):
     import mlflow
 
     cfg = EvaluateConfig(generated=str(generated), dataset="mnist", classifier_epochs=2,
