@@ -9,9 +9,10 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from vaedist import cli, config, jobs
+from vaedist import config, jobs
 from vaedist.cli import main
 from vaedist.config import ConfigError, EvaluateConfig
+from vaedist.dataset_flags import DATASET_OPTIONS
 
 
 def test_the_kind_table_is_the_one_list_of_kinds():
@@ -163,7 +164,7 @@ def test_train_flags_land_in_the_section_that_has_the_field():
         "name",
         "storage_path",
         "dry_run",
-        *cli._DATASET_OPTIONS,  # written into the dataset string, not config fields
+        *DATASET_OPTIONS,  # written into the dataset string, not config fields
     }
     assert flags <= set(names)
     assert _sections({"latent_dim": 8, "workers": 2, "dataset": "cifar10", "lr": None}) == {

@@ -31,6 +31,14 @@ from vaedist.config import (
     GenerateConfig,
     ResourcesConfig,
 )
+from vaedist.dataset_flags import (
+    DATASET_HELP,
+    DATASET_OPTIONS,
+    JOB_DATASET_HELP,
+    dataset_options,
+    dataset_override,
+    dataset_string,
+)
 from vaedist.errors import VaedistError
 
 
@@ -76,49 +84,6 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.with_resource(console.configured(verbose))
 
 
-_DATASET_HELP = (
-    f"A built-in dataset ({', '.join(DATASET_NAMES)}) or a path / URI (s3://, gs://) to an image folder "
-    "(ROOT/<class>/<images>) or a Parquet image table"
-)
-_DATASET_OPTIONS = ("image_size", "channels", "dataset_name", "image_column", "label_column", "test_size",
-                    "skip_bad_images")  # fmt: skip
-
-
-def _dataset_options(fn):
-    """The options of a dataset given as a path; they become part of the dataset string (sources.py)."""
-    options = [
-        click.option("--image-size", help="Path datasets: resize every image to N or HxW (cover, then crop the centre) [default: all images must share one size]."),
-        click.option("--channels", type=click.Choice(["1", "3"]), help="Path datasets: 1 (greyscale) or 3 (RGB) [default: 3 if any image is in colour, else 1]."),
-        click.option("--dataset-name", help="Path datasets: the name in the experiment vaedist/<name> and the model vaedist-<name> [default: the folder or file stem]."),
-        click.option("--image-column", help="Parquet datasets: the image column [default: image]."),
-        click.option("--label-column", help="Parquet datasets: the label column [default: label]."),
-        click.option("--test-size", type=int, help="Path datasets without a test split: images carved for test [default: a tenth, at most 10,000]."),
-        click.option("--skip-bad-images", is_flag=True, default=None, help="Path datasets: skip (and count) unreadable images instead of refusing the dataset."),
-    ]  # fmt: skip
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _dataset_string(dataset: str | None, flags: dict[str, Any]) -> str | None:
-    """``dataset`` with the path options given as flags (popped from ``flags``) written into it."""
-    from vaedist.data.sources import is_path, with_options
-    from vaedist.errors import UsageError
-
-    given = {key: flags.pop(key) for key in _DATASET_OPTIONS if key in flags}
-    given = {key: value for key, value in given.items() if value is not None}
-    if not given:
-        return dataset
-    flag = "--" + next(iter(given)).replace("_", "-")
-    if dataset is None or not is_path(dataset):
-        raise UsageError(f"{flag} applies to a dataset given as a path (--dataset ./my-images), not to {dataset or 'mnist'}")
-    if "dataset_name" in given:
-        given["name"] = given.pop("dataset_name")
-    if "channels" in given:
-        given["channels"] = int(given["channels"])
-    return with_options(dataset, **given)
-
-
 # ------------------------------------------------------------------------------------------- data
 
 
@@ -142,7 +107,7 @@ def data_fetch(name: str, data_dir: str | None) -> None:
 @click.argument("name", metavar="NAME|PATH")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Cache folder [default: $VAEDIST_DATA_DIR or ~/.cache/vaedist/data].")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@_dataset_options
+@dataset_options
 def data_info(name: str, data_dir: str | None, as_json: bool, **options: Any) -> None:
     """Where NAME's files are, whether they verify, and per split: count, image shape, rows per class.
 
@@ -152,7 +117,7 @@ def data_info(name: str, data_dir: str | None, as_json: bool, **options: Any) ->
     from vaedist.data import dataset_info
     from vaedist.data.sources import absolute, is_path
 
-    name = _dataset_string(name, options) or name
+    name = dataset_string(name, options) or name
     info = dataset_info(absolute(name) if is_path(name) else name, root=data_dir)
     if as_json:
         echo(json.dumps(info, indent=2, default=str))
@@ -195,8 +160,8 @@ def _sections(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A train job spec (jobs/train-*.yaml) to start from; flags override it.")
-@click.option("--dataset", metavar="NAME|PATH", help=_DATASET_HELP + " [default: mnist].")
-@_dataset_options
+@click.option("--dataset", metavar="NAME|PATH", help=DATASET_HELP + " [default: mnist].")
+@dataset_options
 @click.option("--memory-budget", help="Train splits decoded larger than this (512MB, 2GiB) stream through Ray Data instead of loading whole [default: half the object store].")
 @click.option("--variant", type=click.Choice(VARIANTS), help="ae = autoencoder + latent noise, vae, cvae = label-conditioned [default: cvae].")
 @click.option("--arch", type=click.Choice(ARCHS), help="Encoder/decoder family; resnet = residual blocks at every resolution [default: conv].")
@@ -233,9 +198,9 @@ def train(config_path: str | None, name: str | None, storage_path: str | None, d
     """
     from vaedist.jobs import load_spec, spec_from_dict, train_summary
 
-    if any(flags.get(key) is not None for key in _DATASET_OPTIONS) and flags.get("dataset") is None and config_path:
+    if any(flags.get(key) is not None for key in DATASET_OPTIONS) and flags.get("dataset") is None and config_path:
         flags["dataset"] = load_spec(config_path).sections.get("data", {}).get("dataset")  # the spec's, shaped
-    flags["dataset"] = _dataset_string(flags.get("dataset"), flags)
+    flags["dataset"] = dataset_string(flags.get("dataset"), flags)
     overrides = _sections(flags)
     if config_path:
         spec = load_spec(config_path, overrides=overrides)
@@ -263,27 +228,16 @@ def train(config_path: str | None, name: str | None, storage_path: str | None, d
 # -------------------------------------------------------------------------------------------- run
 
 
-_JOB_DATASET_HELP = "Train on this dataset instead of the spec's: a built-in name or a path (train, tune, pipeline jobs)."
-
-
-def _dataset_override(dataset: str | None) -> dict | None:
-    from vaedist.data.sources import absolute, is_path
-
-    if dataset is None:
-        return None
-    return {"data": {"dataset": absolute(dataset) if is_path(dataset) else dataset}}
-
-
 @main.command()
 @click.argument("job")
 @click.option("--preset", help="A preset of the spec, e.g. 'smoke' for a one-minute run.")
-@click.option("--dataset", metavar="NAME|PATH", help=_JOB_DATASET_HELP)
+@click.option("--dataset", metavar="NAME|PATH", help=JOB_DATASET_HELP)
 @click.option("--dry-run", is_flag=True, help="Validate the spec and print it, run nothing.")
 def run(job: str, preset: str | None, dataset: str | None, dry_run: bool) -> None:
     """Run a job spec here: JOB is jobs/NAME.yaml or just NAME (e.g. demo, tune-mnist)."""
     from vaedist.jobs import JOB_KINDS, load_spec, run_spec
 
-    spec = load_spec(job, preset=preset, overrides=_dataset_override(dataset))
+    spec = load_spec(job, preset=preset, overrides=dataset_override(dataset))
     if dry_run:
         import yaml
 
@@ -315,7 +269,7 @@ _ADDRESS_HELP = (
 @click.argument("job")
 @click.option("--address", help=_ADDRESS_HELP + " Without one, the job runs here on local Ray.")
 @click.option("--preset", help="A preset of the spec, e.g. 'smoke' for a one-minute run.")
-@click.option("--dataset", metavar="NAME|PATH", help=_JOB_DATASET_HELP + " The cluster must see the path (shared storage, s3://).")
+@click.option("--dataset", metavar="NAME|PATH", help=JOB_DATASET_HELP + " The cluster must see the path (shared storage, s3://).")
 @click.option("--no-wait", is_flag=True, help="Print the submission id and how to follow it, then return.")
 @click.option(
     "--resubmit",
@@ -351,14 +305,14 @@ def submit(
     if jobs_address(address) is None:
         if no_wait:
             raise UsageError("--no-wait needs a Ray cluster: pass --address or set RAY_ADDRESS")
-        load_spec(job, preset=preset, overrides=_dataset_override(dataset))  # a bad spec fails here, before Ray starts
+        load_spec(job, preset=preset, overrides=dataset_override(dataset))  # a bad spec fails here, before Ray starts
         _err(f"no --address and no RAY_ADDRESS: running {job} here, on local Ray in this process")
         ctx.invoke(run, job=job, preset=preset, dataset=dataset, dry_run=False)
         return
     ctx.exit(
         submit_spec(
             job, address, preset=preset, wait=not no_wait, resubmit=resubmit, echo=echo, warn=_err, out=_out,
-            dataset=(_dataset_override(dataset) or {}).get("data", {}).get("dataset"),
+            dataset=(dataset_override(dataset) or {}).get("data", {}).get("dataset"),
         )  # fmt: skip
     )
 
