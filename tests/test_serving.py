@@ -169,3 +169,19 @@ def test_experiments_open_as_model_training_and_runs_record_their_data(registere
     log_training_data(run_id, experiment_from_dict({**CVAE, "data": {"dataset": "mnist", "val_size": 2000}}))
     assert len(client.get_run(run_id).inputs.dataset_inputs) == 4
     assert len(get_spec("mnist").fingerprint) == 16 and get_spec("mnist").fingerprint != get_spec("fashion-mnist").fingerprint
+
+
+@pytest.mark.slow
+def test_registration_keeps_mlflow_prints_off_the_terminal(registered, capfd, monkeypatch):
+    """MLflow prints "Successfully registered model" / "Created version" on every registration; vaedist
+    says what it registered itself, so those lines are dropped unless verbose."""
+    from vaedist.champion import register_checkpoint
+
+    monkeypatch.delenv("VAEDIST_VERBOSE", raising=False)
+    _, _, folder = registered
+    run_id = tracking.find_or_create_run("mnist", "served again", {}, kind="train")
+    capfd.readouterr()
+    model_uri, version, _, _ = register_checkpoint(str(folder / "ckpt"), run_id, "mnist")
+    err = capfd.readouterr().err
+    assert version == "2" and model_uri == "models:/vaedist-mnist/2"  # it did register
+    assert "registered model" not in err.lower() and "Created version" not in err, err

@@ -297,6 +297,32 @@ class NullLogger:
         pass
 
 
+# What MLflow's registry prints (``eprint``, not logging) on every registration; vaedist says it itself.
+_REGISTRY_CHATTER = ("Successfully registered model", "Created version", "Registered model ")
+
+
+@contextlib.contextmanager
+def _registry_chatter_dropped():
+    """Keep MLflow's registration prints off the terminal unless verbose; any other line printed in the block
+    still reaches stderr. A filter on captured text because MLflow prints these with ``print(file=sys.stderr)``,
+    not through a logger a level could silence."""
+    import io
+    import sys
+
+    from vaedist.console import is_verbose
+
+    if is_verbose():
+        yield
+        return
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().splitlines(keepends=True) if not line.startswith(_REGISTRY_CHATTER)]
+        sys.stderr.write("".join(kept))
+
+
 def log_model(
     run_id: str,
     dataset: str,
@@ -322,7 +348,7 @@ def log_model(
     mlflow.set_tracking_uri(tracking_uri())
     conditional = len(example_inputs) == 2
     name = registered_model_name(dataset)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), _registry_chatter_dropped():
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=_pyfunc_model(),
