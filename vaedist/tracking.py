@@ -304,7 +304,7 @@ _REGISTRY_CHATTER = ("Successfully registered model", "Created version", "Regist
 @contextlib.contextmanager
 def _registry_chatter_dropped():
     """Keep MLflow's registration prints off the terminal unless verbose; any other line printed in the block
-    still reaches stderr. A filter on captured text because MLflow prints these with ``print(file=sys.stderr)``,
+    still reaches stderr, at the block's end. A filter on captured text because MLflow prints these with ``print(file=sys.stderr)``,
     not through a logger a level could silence."""
     import io
     import sys
@@ -348,17 +348,18 @@ def log_model(
     mlflow.set_tracking_uri(tracking_uri())
     conditional = len(example_inputs) == 2
     name = registered_model_name(dataset)
-    with mlflow.start_run(run_id=run_id), _registry_chatter_dropped():
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=_pyfunc_model(),
-            artifacts={"checkpoint": str(checkpoint_file)},
-            signature=_pyfunc_signature(conditional),
-            input_example=_pyfunc_example(conditional),
-            registered_model_name=name,
-            metadata={VAL_METRIC: val_metric},
-            pip_requirements=pinned("vaedist", "torch", "numpy", "pandas", "cloudpickle"),
-        )
+    with mlflow.start_run(run_id=run_id):
+        with _registry_chatter_dropped():  # only this call registers; the capture spans nothing else
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=_pyfunc_model(),
+                artifacts={"checkpoint": str(checkpoint_file)},
+                signature=_pyfunc_signature(conditional),
+                input_example=_pyfunc_example(conditional),
+                registered_model_name=name,
+                metadata={VAL_METRIC: val_metric},
+                pip_requirements=pinned("vaedist", "torch", "numpy", "pandas", "cloudpickle"),
+            )
         mlflow.pytorch.log_model(
             exportable,
             name="generator_graph",
