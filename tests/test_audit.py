@@ -523,3 +523,30 @@ def test_a_user_extractor_is_torch_export_or_torchscript(tmp_path):
         custom_extractor(str(tmp_path / "junk.pt2"))
     with pytest.raises(UsageError, match="does not exist"):
         custom_extractor(str(tmp_path / "missing.pt2"))
+
+
+@pytest.mark.slow
+def test_the_feature_extractor_on_one_worker_trains_in_a_task(local_ray, module_store):
+    """One worker: the extractor trains in one Ray task (no Ray Train run folder), and the weights it
+    returns are the classifier it measured."""
+    import io
+
+    from vaedist.cluster import plan_workers
+    from vaedist.evaluate import features
+    from vaedist.evaluate.cas import CASClassifier
+    from vaedist.models import to_model_input
+
+    cfg = EvaluateConfig(dataset="mnist", classifier_epochs=1, seed=3)
+    storage = module_store / "runs"
+    blob, accuracy = features.train_extractor("extractor-one", "mnist", cfg, plan_workers(ResourcesConfig(workers=1)),
+                                              str(storage))  # fmt: skip
+    assert accuracy > 0.95  # the CAS CNN after one epoch on the 60,000 MNIST training images
+    assert not (storage / "extractor-one").exists()
+
+    saved = torch.load(io.BytesIO(blob), weights_only=True)
+    net = CASClassifier(tuple(saved["image_shape"]), saved["num_classes"])
+    net.load_state_dict(saved["state_dict"])
+    x, y = load_split("mnist", "test")
+    with torch.no_grad():
+        pred = net.eval()(to_model_input(torch.from_numpy(np.array(x[:2000])))).argmax(1).numpy()
+    assert abs(float((pred == y[:2000]).mean()) - accuracy) < 0.02

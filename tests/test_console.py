@@ -9,6 +9,7 @@ import os
 import queue
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,8 @@ PREEMPTION_LINE = (
 # Lines of Ray's and MLflow's that a default run must not show (issue 15, item 3).
 INTERNALS = ("TrainingReport", "Checkpoint successfully created", "Setting up process group",
              "DistributedDataParallel", "PreemptionWatcher", "system metrics", "Moving model to device",
-             "Attempting to start training worker group", "Started a local Ray instance")  # fmt: skip
+             "Attempting to start training worker group", "Started a local Ray instance",
+             "Token authentication is enabled")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- decisions (fast)
@@ -62,6 +64,31 @@ def test_the_skip_pattern_drops_only_the_preemption_watcher_line():
     other = PREEMPTION_LINE.replace("PreemptionWatcher", "MyActor")
     assert not pattern.search(other)
     assert not pattern.search("(RayTrainWorker pid=1) RuntimeError: CUDA out of memory")
+
+
+def test_the_token_auth_notice_is_dropped_but_its_warning_about_no_auth_is_not(monkeypatch):
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger(console.TOKEN_AUTH_LOGGER)
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        console.drop_token_auth_notice()
+        console.drop_token_auth_notice()  # idempotent: one filter
+        assert sum(type(f).__name__ == "_DropTokenAuthNotice" for f in logger.filters) == 1
+        monkeypatch.setenv("VAEDIST_VERBOSE", "0")
+        logger.warning(console.TOKEN_AUTH_ON_NOTICE + ". Set RAY_AUTH_MODE=disabled to opt out.")
+        logger.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+        monkeypatch.setenv("VAEDIST_VERBOSE", "1")
+        logger.warning(console.TOKEN_AUTH_ON_NOTICE + " (verbose)")
+    finally:
+        logger.removeHandler(keep)
+    assert seen == ["Token authentication is disabled for this Ray cluster. Anyone with network access ...",
+                    console.TOKEN_AUTH_ON_NOTICE + " (verbose)"]  # fmt: skip
 
 
 def test_workers_get_the_drivers_policy_and_a_users_own_setting_wins():
@@ -270,6 +297,10 @@ def test_a_two_epoch_run_shows_vaedist_lines_not_ray_and_mlflow_internals(tmp_pa
     assert any(line.startswith("Ray: a new local instance") for line in lines), output  # what runs where
     assert any(line.startswith("training mnist-cvae-conv-") and "2 worker(s)" in line for line in lines)
     assert any(line.startswith("done: val -ELBO") for line in lines), output
+    # A local instance runs no preemption watcher (cluster.LOCAL_ONLY_ENV): no process of Ray's logs one.
+    logs = Path("/tmp/ray/session_latest/logs")
+    watchers = [p.name for p in logs.glob("python-core-worker-*.log") if "PreemptionWatcher" in p.read_text()]
+    assert not watchers, watchers
 
 
 @pytest.mark.slow
@@ -279,6 +310,6 @@ def test_verbose_shows_ray_and_mlflow_info_lines(tmp_path, no_ray_here):
     # Each knob, turned back: the driver's ray logger, ray.train's LoggingConfig, the workers' console
     # handler (TrainingReport), MLflow's level in the driver and in rank 0 (system metrics).
     for needle in ("Started a local Ray instance", "Setting up process group", "TrainingReport",
-                   "INFO mlflow.store.db.utils", "system metrics"):  # fmt: skip
+                   "INFO mlflow.store.db.utils", "system metrics", "Token authentication is enabled"):  # fmt: skip
         assert needle in output, f"{needle!r} missing from:\n{output}"
     assert "epoch 1/1: train -ELBO" in output

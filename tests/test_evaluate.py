@@ -358,6 +358,32 @@ def test_cas_of_a_small_generated_set(local_ray, module_store, generated, regist
     assert f"MLflow run `{out['run_id']}`" in card and f"| CAS / real | {out['ratio']:.3f} |" in card
 
 
+def test_cas_on_one_worker_runs_as_a_task_and_keeps_its_result(local_ray, module_store, generated, registered):
+    """One worker: each classifier is one Ray task (no Ray Train run: its folder holds only the kept
+    result); a rerun of the same budget reads the kept results back and trains nothing."""
+    cfg = EvaluateConfig(generated=str(generated), dataset="mnist", classifier_epochs=2,
+                         classifier_batch_size=64, seed=1)  # fmt: skip
+    lines: list[str] = []
+    out = ev.run_evaluate(cfg, ResourcesConfig(workers=1), "cas", echo=lines.append)["cas"]
+    assert out["cas"] > 0.5 and out["real_accuracy"] > 0.75, out
+    cm = np.array(out["confusion"])
+    assert cm.sum() == 10000 and np.trace(cm) / 10000 == pytest.approx(out["cas"])
+
+    runs = module_store / "runs"
+    folders = sorted(p for p in runs.iterdir() if p.name.startswith("cas-") and "-" in p.name)
+    kept = {}
+    for folder in folders:
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        if files == ["classifier/classifier.json"]:  # this test's runs (the 2-worker test's are Ray Train's)
+            kept[folder.name] = (folder / files[0]).stat().st_mtime_ns
+    assert len(kept) == 2, (folders, kept)  # on generated images, and the ceiling on real ones
+
+    again = ev.run_evaluate(cfg, ResourcesConfig(workers=1), "cas", echo=lines.append)["cas"]
+    assert again["cas"] == out["cas"] and again["real_accuracy"] == out["real_accuracy"]
+    for name, mtime in kept.items():  # reuse=False evaluates again, but trains nothing: results untouched
+        assert (runs / name / "classifier" / "classifier.json").stat().st_mtime_ns == mtime
+
+
 # ------------------------------------------------------------------------------------- bad input
 
 

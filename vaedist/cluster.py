@@ -41,6 +41,12 @@ def worker_env() -> dict[str, str]:
     }
 
 
+# A new local Ray instance lives and dies with this process: no node of it is ever drained or preempted,
+# so Ray Train's preemption watcher (one more process per fit(), ~1 s of start-up on 2 CPUs, and a
+# core_worker.cc "max_restarts > 0" error line on every run) watches for nothing. Clusters keep it.
+LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def connect_ray(address: str | None = None) -> str | None:
     """Join ``address`` (or $RAY_ADDRESS), else start Ray in-process; idempotent.
 
@@ -54,11 +60,13 @@ def connect_ray(address: str | None = None) -> str | None:
     job_env = (
         json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
     ).get("env_vars") or {}
-    runtime_env = {"env_vars": {k: v for k, v in worker_env().items() if k not in job_env}}
+    env = worker_env() | ({} if address else LOCAL_ONLY_ENV)
+    runtime_env = {"env_vars": {k: v for k, v in env.items() if k not in job_env}}
     # Workers' output still reaches this terminal (log_to_driver), for their warnings and errors; their
     # INFO lines are kept off it at the source (console.worker_env, RunConfig's LoggingConfig). The
     # logging_level is this driver's "ray" logger's ("Started a local Ray instance", Tune's INFO lines).
     level = console.ray_logging_level(console.is_verbose())
+    console.drop_token_auth_notice()
     try:
         # Without an address, "local": a new in-process Ray, never some other Ray that happens to run on
         # this machine. Its dashboard process also serves the State API that Ray Train's controller polls.

@@ -176,6 +176,25 @@ def configured(flag: bool) -> Iterator[bool]:
                 os.environ[key] = value
 
 
+# Ray's notice on starting a local instance with token auth on (its default since 2.5x): a WARNING on
+# every `ray.init()`, though nothing is wrong and nothing needs doing. Its opposite, "Token authentication
+# is disabled ... Anyone with network access ..." is a real warning and still reaches the terminal.
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_AUTH_ON_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return is_verbose() or not record.getMessage().startswith(TOKEN_AUTH_ON_NOTICE)
+
+
+def drop_token_auth_notice() -> None:
+    """Keep Ray's token-auth-on notice off the terminal unless verbose (idempotent)."""
+    logger = logging.getLogger(TOKEN_AUTH_LOGGER)
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in logger.filters):
+        logger.addFilter(_DropTokenAuthNotice())
+
+
 def quiet_worker_console() -> None:
     """In a Ray Train worker, once Ray Train has set up its logging: the console handlers of the root
     logger at ``worker_console_level`` (file handlers keep their level)."""

@@ -1,13 +1,13 @@
 """Classification Accuracy Score of generated data (``vaedist evaluate cas``), Ravuri & Vinyals 2019.
 
-One fixed classifier (:class:`CASClassifier`) is trained with Ray Train on the generated images only and
-tested on the real test set; its accuracy is the CAS. The same classifier with the same budget (epochs,
+One fixed classifier (:class:`CASClassifier`) is trained on the generated images only (in one Ray task on
+one worker, with Ray Train DDP on several) and tested on the real test set; its accuracy is the CAS. The same classifier with the same budget (epochs,
 batch size, lr, seed *and* number of training images: a seeded random subset of the real training split
 as large as the generated set, or all of it if the generated set is larger) trained on real images gives
 the ceiling. Reported: CAS, ceiling, CAS / ceiling, per-class accuracy (recall of each true class), and
 the confusion matrix, logged to an MLflow run of kind ``evaluate`` in ``vaedist/<dataset>`` tagged with
-the generating model (by :mod:`vaedist.evaluate.entry`). Why Ray Train here and Ray tasks for the
-likelihood: :mod:`vaedist.evaluate.spread`.
+the generating model (by :mod:`vaedist.evaluate.entry`). Why a task on one worker, Ray Train on several
+and Ray tasks for the likelihood: :mod:`vaedist.evaluate.spread`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from vaedist.models import to_model_input
 CLASSIFIER_VERSION = 1
 CAS_ARTIFACT = "evaluation/cas.json"
 TEST_BATCH = 1000  # test images per forward pass when counting the confusion matrix
+RESULT_FILE = "classifier.json"  # a finished classifier's report, under <storage>/<run name>/classifier/
 
 
 def matching_dataset(gen: GeneratedSet, dataset: str | None):
@@ -168,21 +169,18 @@ class WorkerFit:
     seconds: float
 
 
-def fit_on_worker(config: dict[str, Any]) -> WorkerFit:
-    """Inside a Ray Train worker: the CAS recipe (seeded init, DDP, :func:`_train_epochs`), then the test
-    confusion. ``config``: data refs (train images/labels, test images/labels), image_shape, num_classes,
-    epochs, batch_size (global), lr, seed, torch_threads. CAS and the audit's feature extractor both train here."""
+def fit_classifier(config: dict[str, Any], rank: int, world: int, device, wrap) -> WorkerFit:
+    """The CAS recipe on one rank of ``world``: seeded init, ``wrap`` (DDP, or moving to ``device``),
+    :func:`_train_epochs`, then the test confusion. ``config``: data refs (train images/labels, test
+    images/labels), image_shape, num_classes, epochs, batch_size (global), lr, seed, torch_threads. CAS
+    and the audit's feature extractor both train here."""
     import ray
-    import ray.train.torch
 
     console.quiet_worker_console()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["torch_threads"])
-    device = ray.train.torch.get_device()
     train_x, train_y, test_x, test_y = (torch.from_numpy(np.array(ray.get(r))) for r in config["data_refs"])
     loop.seed_everything(config["seed"])  # same init on every rank
-    net = ray.train.torch.prepare_model(CASClassifier(tuple(config["image_shape"]), config["num_classes"]))
+    net = wrap(CASClassifier(tuple(config["image_shape"]), config["num_classes"]))
     torch.manual_seed(loop.derive_seed(config["seed"], rank))  # dropout masks differ per rank
     t0 = time.perf_counter()
     steps = _train_epochs(net, train_x, train_y, config, rank, world, device)
@@ -190,36 +188,60 @@ def fit_on_worker(config: dict[str, Any]) -> WorkerFit:
     return WorkerFit(net, cm, steps, time.perf_counter() - t0)
 
 
-def classifier_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: train the CAS classifier (DDP), test it on the real test set.
+def fit_on_worker(config: dict[str, Any]) -> WorkerFit:
+    """:func:`fit_classifier` on a Ray Train worker: its rank, world, device, and DDP."""
+    import ray.train.torch
 
-    ``config``: data refs (train images/labels, test images/labels), image_shape, num_classes, epochs,
-    batch_size (global), lr, seed, torch_threads. Rank 0 reports accuracy and the confusion matrix
-    (all-reduced over the ranks' test shards) with a small checkpoint, so a rerun of the same name finds
-    the finished result and trains nothing.
-    """
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    return fit_classifier(config, rank, world, ray.train.torch.get_device(), ray.train.torch.prepare_model)
+
+
+def fit_in_task(config: dict[str, Any]) -> WorkerFit:
+    """:func:`fit_classifier` alone in a Ray task (one worker): the GPU where the task holds one."""
+    device = torch.device("cuda" if config.get("use_gpu") and torch.cuda.is_available() else "cpu")
+    return fit_classifier(config, 0, 1, device, lambda net: net.to(device))
+
+
+def _report(fit: WorkerFit, config: dict[str, Any]) -> dict[str, Any]:
+    """What a CAS classifier reports: test accuracy, confusion, its budget's facts."""
     import ray
-    import ray.train
 
-    from vaedist.worker import is_rank_zero
-
-    if ray.train.get_checkpoint() is not None:
-        return  # finished before under this name: Ray Train hands back the reported result
-    fit = fit_on_worker(config)
     cm = fit.confusion
-    metrics = {
+    return {
         "accuracy": float(cm.trace()) / max(1, int(cm.sum())),
         "confusion": cm.tolist(),
         "train_images": len(ray.get(config["data_refs"][1])),
         "steps_per_rank": fit.steps,
         "train_seconds": fit.seconds,
     }
+
+
+def classifier_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: train the CAS classifier (DDP), test it on the real test set.
+
+    ``config``: as :func:`fit_classifier`'s. Rank 0 reports accuracy and the confusion matrix
+    (all-reduced over the ranks' test shards) with a small checkpoint, so a rerun of the same name finds
+    the finished result and trains nothing.
+    """
+    import ray.train
+
+    from vaedist.worker import is_rank_zero
+
+    if ray.train.get_checkpoint() is not None:
+        return  # finished before under this name: Ray Train hands back the reported result
+    metrics = _report(fit_on_worker(config), config)
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if is_rank_zero():
-            (Path(d) / "classifier.json").write_text(json.dumps(metrics))
+            (Path(d) / RESULT_FILE).write_text(json.dumps(metrics))
             checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="classifier")
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=spread.RESULT_DIR)
+
+
+def classifier_task(config: dict[str, Any]) -> dict[str, Any]:
+    """The CAS classifier on one worker, as a Ray task (:func:`vaedist.evaluate.spread.on_one_worker`)."""
+    return _report(fit_in_task(config), config)
 
 
 @dataclass
@@ -246,22 +268,48 @@ def train_classifier(
     plan,
     storage: str,
 ) -> ClassifierResult:
-    """Fit :class:`CASClassifier` on ``train`` with a TorchTrainer (Ray Train DDP), test on ``test``."""
+    """Fit :class:`CASClassifier` on ``train``, test on ``test``: on one worker as a Ray task, on several
+    with a TorchTrainer (Ray Train DDP); a result kept under ``name`` is handed back (why:
+    :mod:`vaedist.evaluate.spread`)."""
+    t0 = time.perf_counter()
+    config = {
+        "data_refs": spread.share(*train, *test),
+        "image_shape": list(image_shape),
+        "num_classes": num_classes,
+        "epochs": cfg.classifier_epochs,
+        "batch_size": cfg.classifier_batch_size,
+        "lr": cfg.classifier_lr,
+        "seed": cfg.seed,
+        "torch_threads": plan.torch_threads,
+        "use_gpu": plan.use_gpu,
+    }
+    fit = _fit_one_worker if plan.workers == 1 else _fit_ray_train
+    metrics = fit(name, config, plan, storage)
+    return ClassifierResult(
+        accuracy=float(metrics["accuracy"]),
+        confusion=np.asarray(metrics["confusion"], dtype=np.int64),
+        train_images=int(metrics["train_images"]),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _fit_one_worker(name: str, config: dict[str, Any], plan, storage: str) -> dict[str, Any]:
+    """A kept result of ``name``, or the classifier fitted in one Ray task and its result kept."""
+    kept = spread.kept(storage, name, RESULT_FILE)
+    if kept is not None:
+        return json.loads(kept)
+    metrics = spread.on_one_worker(classifier_task, config, plan, f"CAS classifier {name} failed")
+    spread.keep(storage, name, RESULT_FILE, json.dumps(metrics).encode())
+    return metrics
+
+
+def _fit_ray_train(name: str, config: dict[str, Any], plan, storage: str) -> dict[str, Any]:
+    """The classifier fitted by a TorchTrainer over the plan's workers (DDP); Ray Train resumes ``name``."""
     import ray.train.torch
 
-    t0 = time.perf_counter()
     trainer = ray.train.torch.TorchTrainer(
         classifier_loop_per_worker,
-        train_loop_config={
-            "data_refs": spread.share(*train, *test),
-            "image_shape": list(image_shape),
-            "num_classes": num_classes,
-            "epochs": cfg.classifier_epochs,
-            "batch_size": cfg.classifier_batch_size,
-            "lr": cfg.classifier_lr,
-            "seed": cfg.seed,
-            "torch_threads": plan.torch_threads,
-        },
+        train_loop_config=config,
         scaling_config=plan.scaling_config(),
         run_config=ray.train.RunConfig(
             name=name,
@@ -278,12 +326,7 @@ def train_classifier(
     metrics = result.metrics or {}
     if "confusion" not in metrics:
         raise VaedistError(f"CAS classifier {name} reported no result (see {storage}/{name})")
-    return ClassifierResult(
-        accuracy=float(metrics["accuracy"]),
-        confusion=np.asarray(metrics["confusion"], dtype=np.int64),
-        train_images=int(metrics["train_images"]),
-        seconds=time.perf_counter() - t0,
-    )
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------------

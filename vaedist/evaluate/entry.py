@@ -189,7 +189,8 @@ def evaluate_cas(
              f"reusing it: CAS {prior['cas']:.4f} / real {prior['real_accuracy']:.4f}")  # fmt: skip
         return {**prior, "run_id": done.info.run_id}
     plan = spread.start(resources)
-    check_storage_shared(storage)  # rank 0's report carries a checkpoint, written where every node can see it
+    if plan.workers > 1:  # rank 0's report carries a checkpoint, written where every node can see it
+        check_storage_shared(storage)
     run_id, logger = _open_cas_run(s, cfg, uri)
     echo(f"CAS of {s.folder}: {len(gen.labels)} generated images ({gen.image_format}) from "
          f"{gen.model_uri or 'an unknown model'}, tested on {len(s.test[1])} real {dataset} test images")  # fmt: skip

@@ -39,7 +39,7 @@ from vaedist.config import EvaluateConfig
 from vaedist.data import get_spec, load_split
 from vaedist.errors import UsageError, VaedistError, first_line
 from vaedist.evaluate import spread
-from vaedist.evaluate.cas import CLASSIFIER_VERSION, CASClassifier, fit_on_worker
+from vaedist.evaluate.cas import CLASSIFIER_VERSION, CASClassifier, fit_in_task, fit_on_worker
 from vaedist.models import to_model_input
 
 FEATURES_VERSION = 1  # bump when the layer taken or the extractor's training changes: numbers move with it
@@ -140,13 +140,26 @@ def custom_extractor(path: str) -> Extractor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Training the classifier (Ray Train) and keeping it in MLflow
+# Training the classifier (one Ray task, or Ray Train on several workers) and keeping it in MLflow
+
+
+def _weights(net: nn.Module, config: dict[str, Any]) -> bytes:
+    """The trained extractor as ``torch.save`` bytes: state dict, image shape, classes."""
+    plain = getattr(net, "module", net)  # DDP wraps the model when world > 1
+    state = {k: v.cpu() for k, v in plain.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save({"state_dict": state, "image_shape": list(config["image_shape"]),
+                "num_classes": config["num_classes"]}, buf)  # fmt: skip
+    return buf.getvalue()
+
+
+def _accuracy(cm: torch.Tensor) -> float:
+    return float(cm.trace()) / max(1, int(cm.sum()))
 
 
 def extractor_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: the CAS classifier's training (its own epoch loop, DDP) on the real
     training split; rank 0 reports test accuracy and the weights (state dict) as the checkpoint."""
-    import ray
     import ray.train
 
     from vaedist.worker import is_rank_zero
@@ -154,33 +167,38 @@ def extractor_loop_per_worker(config: dict[str, Any]) -> None:
     if ray.train.get_checkpoint() is not None:
         return  # finished before under this name: Ray Train hands back the reported result
     fit = fit_on_worker(config)  # the CAS recipe, shared
-    net, cm = fit.net, fit.confusion
-    metrics = {"accuracy": float(cm.trace()) / max(1, int(cm.sum()))}
+    metrics = {"accuracy": _accuracy(fit.confusion)}
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if is_rank_zero():
-            plain = getattr(net, "module", net)  # DDP wraps the model when world > 1
-            state = {k: v.cpu() for k, v in plain.state_dict().items()}
-            torch.save({"state_dict": state, "image_shape": list(config["image_shape"]),
-                        "num_classes": config["num_classes"]}, Path(d) / "classifier.pt")  # fmt: skip
+            (Path(d) / "classifier.pt").write_bytes(_weights(fit.net, config))
             checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="classifier")
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=spread.RESULT_DIR)
+
+
+def extractor_task(config: dict[str, Any]) -> tuple[bytes, float]:
+    """The extractor trained on one worker, as a Ray task: (weights, test accuracy)."""
+    fit = fit_in_task(config)
+    return _weights(fit.net, config), _accuracy(fit.confusion)
 
 
 def train_extractor(name: str, dataset: str, cfg: EvaluateConfig, plan, storage: str) -> tuple[bytes, float]:
     """(classifier weights as torch.save bytes, its real test accuracy): CASClassifier trained on every
-    real training image of ``dataset`` with a TorchTrainer."""
+    real training image of ``dataset``, in one Ray task on one worker, by a TorchTrainer on several."""
+    spec = get_spec(dataset)
+    config = {
+        "data_refs": spread.share(*load_split(dataset, "train_full"), *load_split(dataset, "test")),
+        "image_shape": list(spec.image_shape), "num_classes": spec.num_classes,
+        "epochs": cfg.classifier_epochs, "batch_size": cfg.classifier_batch_size, "lr": cfg.classifier_lr,
+        "seed": cfg.seed, "torch_threads": plan.torch_threads, "use_gpu": plan.use_gpu,
+    }  # fmt: skip
+    if plan.workers == 1:  # the weights come back as the task's value; MLflow keeps them (no storage)
+        return spread.on_one_worker(extractor_task, config, plan, f"feature classifier {name} failed")
     import ray.train.torch
 
-    spec = get_spec(dataset)
     trainer = ray.train.torch.TorchTrainer(
         extractor_loop_per_worker,
-        train_loop_config={
-            "data_refs": spread.share(*load_split(dataset, "train_full"), *load_split(dataset, "test")),
-            "image_shape": list(spec.image_shape), "num_classes": spec.num_classes,
-            "epochs": cfg.classifier_epochs, "batch_size": cfg.classifier_batch_size, "lr": cfg.classifier_lr,
-            "seed": cfg.seed, "torch_threads": plan.torch_threads,
-        },
+        train_loop_config=config,
         scaling_config=plan.scaling_config(),
         run_config=ray.train.RunConfig(name=name, storage_path=storage, logging_config=ray.train.LoggingConfig(
             log_level=console.train_log_level(console.is_verbose()))),
@@ -210,9 +228,10 @@ def classifier_extractor(dataset: str, cfg: EvaluateConfig, plan, storage: str, 
             f"  feature extractor: {name} from MLflow run {done.info.run_id} (test accuracy {kept['accuracy']:.4f})"
         )
         return Extractor(**{**extractor.__dict__, "blob": base64.b64decode(kept["weights"])})
-    from vaedist.cluster import check_storage_shared
+    if plan.workers > 1:
+        from vaedist.cluster import check_storage_shared
 
-    check_storage_shared(storage)  # rank 0's report carries the weights, written where every node can see it
+        check_storage_shared(storage)  # rank 0's report carries the weights, written where every node sees it
     echo(f"  feature extractor: training {name} on every real {dataset} training image (once per recipe)")
     t0 = time.perf_counter()
     params = {f"features.{k}": v for k, v in recipe(cfg).items()} | {
