@@ -284,7 +284,8 @@ class EpochLog:
         if not self.startup_logged:
             self.logger.log_metrics({"startup_s": metrics["startup_s"]}, step=0)
             self.startup_logged = True
-        once = ("epoch", "first_step_unix_s", "startup_s")  # not per-epoch figures (startup_s is at step 0)
+        # not per-epoch figures (startup_s is at step 0)
+        once = ("epoch", "first_step_unix_s", "loop_entered_unix_s", "startup_s")
         self.logger.log_metrics({k: v for k, v in metrics.items() if k not in once}, step=epoch)
         if snapshot is not None:
             pictures.model = snapshot
@@ -325,6 +326,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def run_worker(config: dict[str, Any], place: Place) -> None:
     """The loop at ``place``. ``config``: flat ExperimentConfig + data refs + run id + tracking URI + the
     driver's progress queue (None: no display, e.g. a Tune trial, whose progress Tune itself reports)."""
+    entered = time.time()  # Ray's part of the start-up ends here, vaedist's (data, model, DDP) begins
     console.quiet_worker_console()
     w = _set_up_worker(config, place)
     nodes = _node_ids(w.world)
@@ -345,6 +347,7 @@ def run_worker(config: dict[str, Any], place: Place) -> None:
 
                 metrics = _run_epoch(w, epoch, on_step)
                 metrics["first_step_unix_s"] = first_step_at[0] if first_step_at else 0.0
+                metrics["loop_entered_unix_s"] = entered
                 # Start-up: from the driver's fit() (or the Tune trial's start) to this process's first step.
                 metrics["startup_s"] = max(0.0, metrics["first_step_unix_s"] - config["started_unix_s"])
                 progress.epoch(metrics)
