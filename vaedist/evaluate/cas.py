@@ -272,7 +272,23 @@ def train_classifier(
     with a TorchTrainer (Ray Train DDP); a result kept under ``name`` is handed back (why:
     :mod:`vaedist.evaluate.spread`)."""
     t0 = time.perf_counter()
-    config = {
+    config = classifier_config(train, test, image_shape, num_classes, cfg, plan)
+    fit = fit_one_worker if plan.workers == 1 else fit_ray_train
+    metrics = fit(name, config, plan, storage)
+    return ClassifierResult(
+        accuracy=float(metrics["accuracy"]),
+        confusion=np.asarray(metrics["confusion"], dtype=np.int64),
+        train_images=int(metrics["train_images"]),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def classifier_config(
+    train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], image_shape: tuple[int, int, int],
+    num_classes: int, cfg: EvaluateConfig, plan,
+) -> dict[str, Any]:  # fmt: skip
+    """What a classifier fit reads (:func:`fit_classifier`): the arrays shared through the object store once."""
+    return {
         "data_refs": spread.share(*train, *test),
         "image_shape": list(image_shape),
         "num_classes": num_classes,
@@ -283,17 +299,9 @@ def train_classifier(
         "torch_threads": plan.torch_threads,
         "use_gpu": plan.use_gpu,
     }
-    fit = _fit_one_worker if plan.workers == 1 else _fit_ray_train
-    metrics = fit(name, config, plan, storage)
-    return ClassifierResult(
-        accuracy=float(metrics["accuracy"]),
-        confusion=np.asarray(metrics["confusion"], dtype=np.int64),
-        train_images=int(metrics["train_images"]),
-        seconds=time.perf_counter() - t0,
-    )
 
 
-def _fit_one_worker(name: str, config: dict[str, Any], plan, storage: str) -> dict[str, Any]:
+def fit_one_worker(name: str, config: dict[str, Any], plan, storage: str) -> dict[str, Any]:
     """A kept result of ``name``, or the classifier fitted in one Ray task and its result kept."""
     kept = spread.kept(storage, name, RESULT_FILE)
     if kept is not None:
@@ -303,7 +311,7 @@ def _fit_one_worker(name: str, config: dict[str, Any], plan, storage: str) -> di
     return metrics
 
 
-def _fit_ray_train(name: str, config: dict[str, Any], plan, storage: str) -> dict[str, Any]:
+def fit_ray_train(name: str, config: dict[str, Any], plan, storage: str) -> dict[str, Any]:
     """The classifier fitted by a TorchTrainer over the plan's workers (DDP); Ray Train resumes ``name``."""
     import ray.train.torch
 
