@@ -358,6 +358,7 @@ def test_cas_of_a_small_generated_set(local_ray, module_store, generated, regist
     assert f"MLflow run `{out['run_id']}`" in card and f"| CAS / real | {out['ratio']:.3f} |" in card
 
 
+@pytest.mark.slow
 def test_cas_on_one_worker_runs_as_a_task_and_keeps_its_result(local_ray, module_store, generated, registered):
     """One worker: each classifier is one Ray task (no Ray Train run: its folder holds only the kept
     result); a rerun of the same budget reads the kept results back and trains nothing."""
