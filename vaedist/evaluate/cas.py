@@ -1,10 +1,10 @@
 """Classification Accuracy Score of generated data (``vaedist evaluate cas``), Ravuri & Vinyals 2019.
 
-One fixed classifier (:class:`CASClassifier`) is trained on the generated images only (in one Ray task on
-one worker, with Ray Train DDP on several) and tested on the real test set; its accuracy is the CAS. The same classifier with the same budget (epochs,
-batch size, lr, seed *and* number of training images: a seeded random subset of the real training split
-as large as the generated set, or all of it if the generated set is larger) trained on real images gives
-the ceiling. Reported: CAS, ceiling, CAS / ceiling, per-class accuracy (recall of each true class), and
+One fixed classifier (:class:`CASClassifier`) is trained on the generated images only (in one Ray task
+on one worker, with Ray Train DDP on several) and tested on the real test set; its accuracy is the CAS.
+The same classifier with the same budget (epochs, batch size, lr, seed *and* number of training images:
+a seeded random subset of the real training split as large as the generated set, or all of it if the
+generated set is larger) trained on real images gives the ceiling. Reported: CAS, ceiling, CAS / ceiling, per-class accuracy (recall of each true class), and
 the confusion matrix, logged to an MLflow run of kind ``evaluate`` in ``vaedist/<dataset>`` tagged with
 the generating model (by :mod:`vaedist.evaluate.entry`). Why a task on one worker, Ray Train on several
 and Ray tasks for the likelihood: :mod:`vaedist.evaluate.spread`.
@@ -203,13 +203,18 @@ def fit_in_task(config: dict[str, Any]) -> WorkerFit:
     return fit_classifier(config, 0, 1, device, lambda net: net.to(device))
 
 
+def accuracy_of(cm: torch.Tensor) -> float:
+    """Test accuracy from a (K, K) confusion matrix."""
+    return float(cm.trace()) / max(1, int(cm.sum()))
+
+
 def _report(fit: WorkerFit, config: dict[str, Any]) -> dict[str, Any]:
     """What a CAS classifier reports: test accuracy, confusion, its budget's facts."""
     import ray
 
     cm = fit.confusion
     return {
-        "accuracy": float(cm.trace()) / max(1, int(cm.sum())),
+        "accuracy": accuracy_of(cm),
         "confusion": cm.tolist(),
         "train_images": len(ray.get(config["data_refs"][1])),
         "steps_per_rank": fit.steps,

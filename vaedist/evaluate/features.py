@@ -39,7 +39,14 @@ from vaedist.config import EvaluateConfig
 from vaedist.data import get_spec, load_split
 from vaedist.errors import UsageError, VaedistError, first_line
 from vaedist.evaluate import spread
-from vaedist.evaluate.cas import CLASSIFIER_VERSION, CASClassifier, fit_in_task, fit_on_worker
+from vaedist.evaluate.cas import (
+    CLASSIFIER_VERSION,
+    CASClassifier,
+    accuracy_of,
+    classifier_config,
+    fit_in_task,
+    fit_on_worker,
+)
 from vaedist.models import to_model_input
 
 FEATURES_VERSION = 1  # bump when the layer taken or the extractor's training changes: numbers move with it
@@ -153,10 +160,6 @@ def _weights(net: nn.Module, config: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _accuracy(cm: torch.Tensor) -> float:
-    return float(cm.trace()) / max(1, int(cm.sum()))
-
-
 def extractor_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: the CAS classifier's training (its own epoch loop, DDP) on the real
     training split; rank 0 reports test accuracy and the weights (state dict) as the checkpoint."""
@@ -167,7 +170,7 @@ def extractor_loop_per_worker(config: dict[str, Any]) -> None:
     if ray.train.get_checkpoint() is not None:
         return  # finished before under this name: Ray Train hands back the reported result
     fit = fit_on_worker(config)  # the CAS recipe, shared
-    metrics = {"accuracy": _accuracy(fit.confusion)}
+    metrics = {"accuracy": accuracy_of(fit.confusion)}
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if is_rank_zero():
@@ -179,19 +182,15 @@ def extractor_loop_per_worker(config: dict[str, Any]) -> None:
 def extractor_task(config: dict[str, Any]) -> tuple[bytes, float]:
     """The extractor trained on one worker, as a Ray task: (weights, test accuracy)."""
     fit = fit_in_task(config)
-    return _weights(fit.net, config), _accuracy(fit.confusion)
+    return _weights(fit.net, config), accuracy_of(fit.confusion)
 
 
 def train_extractor(name: str, dataset: str, cfg: EvaluateConfig, plan, storage: str) -> tuple[bytes, float]:
     """(classifier weights as torch.save bytes, its real test accuracy): CASClassifier trained on every
     real training image of ``dataset``, in one Ray task on one worker, by a TorchTrainer on several."""
     spec = get_spec(dataset)
-    config = {
-        "data_refs": spread.share(*load_split(dataset, "train_full"), *load_split(dataset, "test")),
-        "image_shape": list(spec.image_shape), "num_classes": spec.num_classes,
-        "epochs": cfg.classifier_epochs, "batch_size": cfg.classifier_batch_size, "lr": cfg.classifier_lr,
-        "seed": cfg.seed, "torch_threads": plan.torch_threads, "use_gpu": plan.use_gpu,
-    }  # fmt: skip
+    config = classifier_config(load_split(dataset, "train_full"), load_split(dataset, "test"), spec.image_shape,
+                               spec.num_classes, cfg, plan)  # fmt: skip
     if plan.workers == 1:  # the weights come back as the task's value; MLflow keeps them (no storage)
         return spread.on_one_worker(extractor_task, config, plan, f"feature classifier {name} failed")
     import ray.train.torch
