@@ -18,6 +18,7 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -28,8 +29,6 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="vaedist-bench-")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
-    from pathlib import Path
-
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"
     if "VAEDIST_DATA_DIR" not in os.environ and (shared / "mnist").is_dir():
         os.environ["VAEDIST_DATA_DIR"] = str(shared)
