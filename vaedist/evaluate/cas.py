@@ -277,9 +277,13 @@ def train_classifier(
     with a TorchTrainer (Ray Train DDP); a result kept under ``name`` is handed back (why:
     :mod:`vaedist.evaluate.spread`)."""
     t0 = time.perf_counter()
-    config = classifier_config(train, test, image_shape, num_classes, cfg, plan)
-    fit = fit_one_worker if plan.workers == 1 else fit_ray_train
-    metrics = fit(name, config, plan, storage)
+    kept = spread.kept(storage, name, RESULT_FILE)  # written by either path when a fit of ``name`` finished
+    if kept is not None:
+        metrics = json.loads(kept)
+    else:
+        config = classifier_config(train, test, image_shape, num_classes, cfg, plan)
+        fit = fit_one_worker if plan.workers == 1 else fit_ray_train
+        metrics = fit(name, config, plan, storage)
     return ClassifierResult(
         accuracy=float(metrics["accuracy"]),
         confusion=np.asarray(metrics["confusion"], dtype=np.int64),
@@ -307,10 +311,7 @@ def classifier_config(
 
 
 def fit_one_worker(name: str, config: dict[str, Any], plan, storage: str) -> dict[str, Any]:
-    """A kept result of ``name``, or the classifier fitted in one Ray task and its result kept."""
-    kept = spread.kept(storage, name, RESULT_FILE)
-    if kept is not None:
-        return json.loads(kept)
+    """The classifier fitted in one Ray task; its result kept where Ray Train's checkpoint of ``name`` is."""
     metrics = spread.on_one_worker(classifier_task, config, plan, f"CAS classifier {name} failed")
     spread.keep(storage, name, RESULT_FILE, json.dumps(metrics).encode())
     return metrics

@@ -11,10 +11,11 @@
 - One Ray task (the same classifier on one worker, the default): with nothing to all-reduce, Ray
   Train's start-up buys nothing. Its ``fit()`` starts a controller, a placement group and its cleaner,
   a worker group, a preemption watcher and a dataset manager, each a fresh process: about 10 s before
-  the loop runs on 2 CPUs, against ~2 s for a task on a pooled worker (issue 15;
-  ``benchmarks/train_throughput.py`` measures Ray Train's floor). :func:`on_one_worker` runs the fit as a
-  task holding the same bundle; :func:`kept` / :func:`keep` put its result file where Ray Train's
-  checkpoint of the same run name holds it, so either path finds the other's result.
+  the loop runs on 2 CPUs (``benchmarks/train_throughput.py`` measures that floor), against ~3 s for a
+  first task on a pooled worker (torch's import) and next to nothing for the next (issue 15).
+  :func:`on_one_worker` runs the fit as a task holding the same bundle; :func:`keep` puts its result file
+  where Ray Train's checkpoint of the same run name holds it, and :func:`kept` reads that file before
+  either path fits, so neither trains again what the other finished.
 
 All start the same way (:func:`start`: join Ray, plan one bundle per worker against what the nodes hold)
 and hand the workers their arrays through the object store once (:func:`share`); inside a worker, torch
@@ -87,7 +88,9 @@ def kept(storage: str, name: str, file: str) -> bytes | None:
     import pyarrow.fs as pafs
 
     fs, folder = _result_folder(storage, name)
-    path = f"{folder}/{file}"
+    from vaedist.generate.format import join
+
+    path = join(folder, file)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
