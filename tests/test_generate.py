@@ -492,6 +492,8 @@ def test_mlflow_run_links_the_model_and_has_metrics_and_picture(generated, store
     assert m["rows"] == 2000 and all(m[f"rows_label_{k}"] == N_PER_LABEL for k in range(10))
     manifest = json.loads((folder / "_manifest.json").read_text())
     assert m["images_per_s"] > 0 and m["bytes_per_image"] == pytest.approx(manifest["bytes"] / 2000)
+    # start-up (until the first shard's work began, on the actor's clock) is part of the run, not all of it
+    assert 0 < result.startup_seconds < result.seconds and m["startup_s"] == pytest.approx(result.startup_seconds)
     artifacts = [a.path for a in store.list_artifacts(result.run_id, "images")]
     assert any(p.startswith("images/generated_samples+step+0") for p in artifacts), artifacts
     assert generated["b"][1].run_id != result.run_id  # another folder: another run

@@ -84,7 +84,8 @@ def decode_images(
 def write_shard(
     model, plan: Plan, shard: int, fs, root: str, batch_size: int, device="cpu", threads=1
 ) -> dict:
-    """Render shard ``shard`` and write its file; returns its summary (rows, bytes, sha256)."""
+    """Render shard ``shard`` and write its file; returns its summary (rows, bytes, sha256, timing)."""
+    started = time.time()  # wall clock: the driver tells start-up from work by it (driver._write_shards)
     t0 = time.perf_counter()
     start, rows = plan.shard_range(shard)
     z = latents(plan.seed, start, rows, plan.latent_dim, plan.temperature)  # (rows, L)
@@ -99,6 +100,7 @@ def write_shard(
         "sha256": written["sha256"],
         "seconds": time.perf_counter() - t0,
         "decode_seconds": decode_seconds,
+        "started_unix_s": started,
     }
 
 
