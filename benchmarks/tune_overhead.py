@@ -6,9 +6,10 @@ trials' pure training time (plain PyTorch loop, one thread each, also run 2 at a
 overhead = search wall time / (sum of pure training times / 2 concurrent) - 1. The search wall time is
 ``run_tune`` from start to the champion registered, Ray already running (a search joins a running
 cluster) and the MLflow store already created; it adds Tune's trial actors, each trial's start-up,
-checkpoints, MLflow (parent and child runs, metrics, pictures) and the final registration. A trial of one worker trains in the trial's own
-process (Tune's function API): no TorchTrainer controller, placement group or worker process of its
-own; each trial's start-up (trial function entered -> first optimizer step) is printed. Pure training is
+checkpoints, MLflow (parent and child runs, metrics, pictures) and the final registration. A trial of
+one worker trains in the trial's own process (Tune's function API): no TorchTrainer controller, placement
+group or worker process of its own; each trial's start-up (trial function entered -> first optimizer
+step) is printed. Pure training is
 every epoch's training steps and validation pass, timed inside two processes that each run 2 of the
 trials one after the other, so both sides share the 2 cores alike. The default size makes each trial
 about 30 s of training on a 2-core machine.
