@@ -9,10 +9,9 @@ cluster) and the MLflow store already created; it adds Tune's trial actors, each
 checkpoints, MLflow (parent and child runs, metrics, pictures) and the final registration. A trial of
 one worker trains in the trial's own process (Tune's function API): no TorchTrainer controller, placement
 group or worker process of its own; each trial's start-up (trial function entered -> first optimizer
-step) is printed. Pure training is
-every epoch's training steps and validation pass, timed inside two processes that each run 2 of the
-trials one after the other, so both sides share the 2 cores alike. The default size makes each trial
-about 30 s of training on a 2-core machine.
+step) is printed. Pure training is every epoch's training steps and validation pass, timed inside two
+processes that each run 2 of the trials one after the other, so both sides share the 2 cores alike. The
+default size makes each trial about 30 s of training on a 2-core machine.
 Ends with one line per figure: ``<figure>: <value> (goal <op> <target>)``.
 """
 

@@ -273,11 +273,8 @@ def _write_shards(p: Prepared, actors, echo: Callable[[str], None]) -> _Written:
                 done.shards[int(row["shard"])] = row
                 done.rows += int(row["rows"])
                 done.decoding += float(row["decode_seconds"])
-                now = time.perf_counter()
-                # Start-up: until the first shard's work began, on the actors' clocks. Not "arrival minus
-                # work": Ray Data hands a finished row over up to ~1 s later (measured on 2 CPUs).
                 first_work = min(first_work, float(row["started_unix_s"]))
-                done.startup = max(0.0, first_work - t0_unix)
+                now = time.perf_counter()
                 if now - last_echo >= 1.0 or done.rows == total:
                     last_echo = now
                     echo(f"  {done.rows:,}/{total:,} rows ({100 * done.rows / total:.0f}%), "
@@ -287,6 +284,10 @@ def _write_shards(p: Prepared, actors, echo: Callable[[str], None]) -> _Written:
                 f"generation into {p.uri} failed: {first_line(exc)} (rerun to resume)"
             ) from None
     done.seconds = time.perf_counter() - t0
+    if first_work < math.inf:
+        # Start-up: until the first shard's work began, on the actors' clocks. Not "arrival minus work":
+        # Ray Data hands a finished row over up to ~1 s later (measured on 2 CPUs).
+        done.startup = max(0.0, first_work - t0_unix)
     missing = [i for i in range(p.plan.num_shards) if i not in done.shards]
     if missing:
         raise VaedistError(f"generation into {p.uri} lost shard(s) {missing[:5]} (rerun to resume)")
@@ -302,7 +303,7 @@ def _metrics(p: Prepared, done: _Written, manifest: dict[str, Any], workers: int
         "shards_written": len(p.todo),
         "seconds": seconds,
         "images_per_s": done.rows / seconds if seconds > 0 else 0.0,
-        "startup_s": done.startup,  # Ray Data and actor start, model load: ~3 s on 2 CPUs, once per run
+        "startup_s": done.startup,  # Ray Data and actor start, model load: 3-4 s on 2 CPUs, once per run
         # Share of the wall time the decoders were busy: the end-to-end / decoder-only ratio measured
         # within the run itself, so other load on the machine cancels out.
         "decoder_busy_fraction": done.decoding / (seconds * workers) if seconds > 0 else 0.0,
