@@ -71,3 +71,12 @@ def test_gpus_where_present_is_one_rule_for_workers_and_actors():
     assert gpus_where_present(2, [{"CPU": 4.0, "GPU": 0.5}] * 4) == 0.0
     with pytest.raises(UsageError, match=r"2 worker\(s\) x 1 GPU .* \(0\.5 \+ 0\.5 \+ 0\.5 \+ 0\.5 on 4 nodes\)"):
         plan_actors(ResourcesConfig(workers=2, gpus_per_worker=1), [{"CPU": 4.0, "GPU": 0.5}] * 4)
+
+
+def test_local_means_no_address_given_nor_in_the_environment(monkeypatch):
+    from vaedist.cluster import is_local
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert is_local(None) and not is_local("ray://head:10001")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # inside a Ray job, or the user's cluster
+    assert not is_local(None)

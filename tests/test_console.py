@@ -155,6 +155,25 @@ def test_worker_console_quieted_but_its_log_file_keeps_info(monkeypatch, tmp_pat
         file.close()
 
 
+def test_ray_data_console_quieted_but_its_log_file_handler_kept(monkeypatch):
+    import ray.data  # noqa: F401  (configures the "ray.data" logger: a session file handler, a console)
+
+    handlers = logging.getLogger("ray.data").handlers
+    levels = {h: h.level for h in handlers}
+    consoles = [h for h in handlers if isinstance(h, logging.StreamHandler)]
+    assert consoles and len(consoles) < len(handlers)  # Ray Data's default config, as in the driver
+    try:
+        monkeypatch.setenv("VAEDIST_VERBOSE", "0")
+        console.quiet_ray_data_console()
+        assert {h: h.level for h in handlers} == {**levels, **{h: logging.WARNING for h in consoles}}
+        monkeypatch.setenv("VAEDIST_VERBOSE", "1")
+        console.quiet_ray_data_console()
+        assert all(h.level == logging.INFO for h in consoles)
+    finally:
+        for handler, level in levels.items():
+            handler.setLevel(level)
+
+
 def test_step_reporter_throttles_steps_sends_every_epoch_and_survives_a_closed_channel():
     now = [0.0]
     sent: list[dict] = []

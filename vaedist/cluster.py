@@ -47,6 +47,11 @@ def worker_env() -> dict[str, str]:
 LOCAL_ONLY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+def is_local(address: str | None) -> bool:
+    """Whether work runs on a new in-process Ray instance (no ``--address``, no ``$RAY_ADDRESS``)."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
 def connect_ray(address: str | None = None) -> str | None:
     """Join ``address`` (or $RAY_ADDRESS), else start Ray in-process; idempotent.
 

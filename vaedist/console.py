@@ -195,13 +195,24 @@ def drop_token_auth_notice() -> None:
         logger.addFilter(_DropTokenAuthNotice())
 
 
-def quiet_worker_console() -> None:
-    """In a Ray Train worker, once Ray Train has set up its logging: the console handlers of the root
-    logger at ``worker_console_level`` (file handlers keep their level)."""
+def _quiet_console_handlers(logger: logging.Logger) -> None:
+    """The console handlers of ``logger`` at ``worker_console_level`` (file handlers keep their level)."""
     level = worker_console_level(is_verbose())
-    for handler in logging.getLogger().handlers:
+    for handler in logger.handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(level)
+
+
+def quiet_worker_console() -> None:
+    """In a Ray Train worker, once Ray Train has set up its logging: the root logger's console handlers."""
+    _quiet_console_handlers(logging.getLogger())
+
+
+def quiet_ray_data_console() -> None:
+    """In the process that runs a Ray Data pipeline (the driver of ``vaedist generate``), once ``ray.data``
+    is imported: its console handler, which prints every pipeline's "Dataset ... execution finished in
+    N seconds" at INFO (ray/data/_internal/logging.py); Ray's ray-data.log keeps every level."""
+    _quiet_console_handlers(logging.getLogger("ray.data"))
 
 
 def quiet_trial_console() -> None:

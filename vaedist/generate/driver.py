@@ -262,14 +262,16 @@ class _Written:
     decoding: float = 0.0  # decoder seconds, summed over the actors
 
 
-def _write_shards(p: Prepared, actors, echo: Callable[[str], None]) -> _Written:
+def _write_shards(p: Prepared, actors, restart_actors: bool, echo: Callable[[str], None]) -> _Written:
     """Run the actor pool over the shards still to write, printing progress at most once a second."""
     done = _Written(writer.kept_summaries(p.fs, p.root, p.plan, p.kept))
     total, last_echo = p.rows_todo, 0.0
     t0, t0_unix, first_work = time.perf_counter(), time.time(), math.inf
     if p.todo:
         try:
-            for row in writer.run_shards(p.plan, p.todo, p.uri, p.model_bytes, actors, p.cfg.batch_size):
+            rows = writer.run_shards(p.plan, p.todo, p.uri, p.model_bytes, actors, p.cfg.batch_size,
+                                     restart_actors)  # fmt: skip
+            for row in rows:
                 done.shards[int(row["shard"])] = row
                 done.rows += int(row["rows"])
                 done.decoding += float(row["decode_seconds"])
@@ -353,6 +355,7 @@ def run_generate(
     crash is finished by the same call; a complete one with the same plan is left alone.
     """
     from vaedist import tracking
+    from vaedist.cluster import is_local
 
     p = prepare(cfg)
     plan = p.plan
@@ -364,10 +367,11 @@ def run_generate(
         return result
     if p.action is FolderAction.COMPLETE:
         return _already_complete(p, result, echo)
-    actors, run_id, logger = _start(p, resources or ResourcesConfig(), echo)
+    resources = resources or ResourcesConfig()
+    actors, run_id, logger = _start(p, resources, echo)
     try:
         writer.prepare_folder(p.fs, p.root, plan, p.state, p.action)
-        done = _write_shards(p, actors, echo)
+        done = _write_shards(p, actors, not is_local(resources.address), echo)
         manifest = build_manifest(plan, done.shards, p.model_info, _request(p.cfg))
         finish_folder(p.fs, p.root, manifest)
         # the folder as the run's dataset (context "generated"); evaluations log it again as their input

@@ -20,6 +20,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,35 +140,47 @@ class ShardWriter:
 
 
 def run_shards(
-    plan: Plan, todo: list[int], out: str, model_bytes: bytes, actors, batch_size: int
+    plan: Plan, todo: list[int], out: str, model_bytes: bytes, actors, batch_size: int, restart_actors: bool
 ) -> Iterator[dict[str, Any]]:
     """The Ray Data pipeline: shard indices -> ShardWriter actors -> one summary row per finished shard.
 
     ``actors``: a :class:`vaedist.cluster.ActorPlan` (workers, CPUs and GPUs each, torch threads).
+    ``restart_actors``: Ray Data's default, a lost actor is restarted and its shard retried (a preempted
+    node on a cluster). Off on a local instance, where nothing is preempted: a crash (an OOM kill) fails
+    the run at once, and a rerun resumes; and the driver's core worker no longer logs its error line
+    about restartable actors with arguments in the object store (ray-project/ray#53727) on every run.
     """
     import ray
+
+    from vaedist import console
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # vaedist prints its own progress line per finished shard
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    console.quiet_ray_data_console()
     ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(
-        ShardWriter,
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actors.workers),
-        fn_constructor_kwargs={
-            "model": [ray.put(model_bytes)],
-            "plan": plan.to_dict(),
-            "out": out,
-            "threads": actors.threads,
-            "use_gpu": actors.use_gpu,
-            "batch_size": batch_size,
-        },
-        num_cpus=actors.num_cpus,
-        num_gpus=actors.num_gpus or None,
-        udf_modifying_row_count=False,
-    )
+    # Ray Data 2.60 takes max_restarts only through its **ray_remote_args, deprecated (to be removed in
+    # Ray 2.64, which constraints.txt keeps out) with no named replacement yet: its warning is held back.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            ShardWriter,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=actors.workers),
+            fn_constructor_kwargs={
+                "model": [ray.put(model_bytes)],
+                "plan": plan.to_dict(),
+                "out": out,
+                "threads": actors.threads,
+                "use_gpu": actors.use_gpu,
+                "batch_size": batch_size,
+            },
+            num_cpus=actors.num_cpus,
+            num_gpus=actors.num_gpus or None,
+            udf_modifying_row_count=False,
+            **({} if restart_actors else {"max_restarts": 0}),
+        )
     for row in ds.iter_rows():
         yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
 
