@@ -3,7 +3,8 @@ trials' pure training time (plain PyTorch loop, one thread each, also run 2 at a
 
     python benchmarks/tune_overhead.py [--epochs 6]
 
-overhead = search wall time / (sum of pure training times / 2 concurrent) - 1. The search wall time is
+overhead = search wall time / (sum of pure training times / 2 concurrent) - 1, the pure times being the mean
+of a run before and one after the search (the machine's speed drifts). The search wall time is
 ``run_tune`` from start to the champion registered, Ray already running (a search joins a running
 cluster) and the MLflow store already created; it adds Tune's trial actors, each trial's start-up,
 checkpoints, MLflow (parent and child runs, metrics, pictures) and the final registration. A trial of
@@ -104,9 +105,15 @@ def main() -> None:
 
     # Pure side: two processes, each running two trials in turn, so two trainings share the machine the
     # whole time, as in the search; Tune's grid order also runs the two width-256 trials first, together.
+    # Run before and after the search: this shared machine's speed drifts by tens of per cent within
+    # minutes, and the mean of the two sides it is measured between is the fair ideal.
     halves = [[(4, 256), (4, 512)], [(8, 256), (8, 512)]]
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        pure = [t for half in pool.starmap(pure_trials, [(args.epochs, h) for h in halves]) for t in half]
+
+    def pure_side() -> list[float]:
+        with multiprocessing.get_context("spawn").Pool(2) as pool:
+            return [t for half in pool.starmap(pure_trials, [(args.epochs, h) for h in halves]) for t in half]
+
+    pure_before = pure_side()
 
     tune_cfg = TuneConfig(
         search_space=SPACE, num_samples=1, max_concurrent_trials=2, grace_period=args.epochs
@@ -125,8 +132,10 @@ def main() -> None:
     result = run_tune(base_config(args.epochs), tune_cfg, job_name="bench-tune", storage=f"{work}/runs",
                       echo=lambda *_: None)  # fmt: skip
     wall = time.perf_counter() - t0
-    ray.shutdown()
     startups = trial_startups(result.parent_run_id)
+    ray.shutdown()
+    pure_after = pure_side()
+    pure = [(a + b) / 2 for a, b in zip(pure_before, pure_after, strict=True)]
 
     ideal = sum(pure) / 2
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
@@ -134,7 +143,9 @@ def main() -> None:
         f"machine: {os.cpu_count()} CPUs; 4 trials x {args.epochs} epochs of MNIST, 2 at a time, 1 thread each"
     )
     print(
-        f"  pure training per trial (2 at a time): {', '.join(f'{p:.1f}' for p in pure)} s (ideal search {ideal:.1f} s)"
+        f"  pure training per trial (2 at a time), mean of before and after the search: "
+        f"{', '.join(f'{p:.1f}' for p in pure)} s (ideal search {ideal:.1f} s: "
+        f"{sum(pure_before) / 2:.1f} s before, {sum(pure_after) / 2:.1f} s after)"
     )
     print(
         f"  search wall time (run_tune to champion registered): {wall:.1f} s ({phases}); trials: {len(result.table)}"
