@@ -3,8 +3,9 @@
 One run, side by side, on this machine: a conv CVAE (the default MNIST model: base_channels 32,
 latent 16, depth 2) briefly trained on real MNIST so its digits are mostly black (a realistic zstd size),
 then
-  1. decoder-only: ``model.generate`` at the pipeline's batch size and thread count, on N latents,
-     measured before and after the end-to-end run (the mean is the limit, the spread the noise);
+  1. decoder-only: ``model.generate`` at the pipeline's batch size, decoding as the writer actor does
+     (one shard per core at a time, one torch thread each), on N latents, measured before and after the
+     end-to-end run (the mean is the limit, the spread the noise); one call on every core is printed too;
   2. end to end, raw: ``run_generate`` (Ray Data actor -> Parquet shards + card + manifest + MLflow) with
      ``--image-format raw`` (uint8 tensors + zstd), timed from the pipeline's start (actor start-up
      included) to the last shard;
@@ -53,8 +54,11 @@ def train_briefly(path: Path, steps: int, threads: int) -> None:
     save_checkpoint(path, model.eval(), None, 1, {"data.dataset": "mnist", "model.variant": "cvae"}, {})
 
 
-def decoder_only(ckpt: Path, n: int, batch_size: int, threads: int) -> float:
-    """Images/s of the decoder alone: the same z, labels, batch and uint8 conversion, no I/O."""
+def decoder_only(ckpt: Path, n: int, batch_size: int, threads: int, calls: int) -> float:
+    """Images/s of the decoder alone: the same z, labels, batch and uint8 conversion, no I/O, decoded as
+    the actor does: ``calls`` Python threads at once (N / calls images each), ``threads`` torch threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     import torch
 
@@ -65,9 +69,11 @@ def decoder_only(ckpt: Path, n: int, batch_size: int, threads: int) -> float:
     model, _ = load_model(ckpt)
     z = latents(0, 0, n, model.latent_dim)
     labels = np.arange(n, dtype=np.int64) % 10
-    decode_images(model, z[:batch_size], labels[:batch_size], batch_size)  # warm-up
-    t0 = time.perf_counter()
-    decode_images(model, z, labels, batch_size)
+    parts = np.array_split(np.arange(n), calls)
+    with ThreadPoolExecutor(calls) as pool:
+        list(pool.map(lambda i: decode_images(model, z[i[:batch_size]], labels[i[:batch_size]], batch_size), parts))
+        t0 = time.perf_counter()
+        list(pool.map(lambda i: decode_images(model, z[i], labels[i], batch_size), parts))
     return n / (time.perf_counter() - t0)
 
 
@@ -97,15 +103,19 @@ def main() -> None:
 
     connect_ray()
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    threads = plan_actors(ResourcesConfig(), node_resources()).threads
-    print(f"machine: {os.cpu_count()} CPU(s), Ray sees {cpus:g}; decoder threads {threads}; work in {work}")
+    actor = plan_actors(ResourcesConfig(), node_resources())
+    threads, calls = actor.threads, actor.calls
+    print(f"machine: {os.cpu_count()} CPU(s), Ray sees {cpus:g}; the actor decodes {calls} shard(s) at a time "
+          f"x {threads} torch thread(s); work in {work}")  # fmt: skip
 
     ckpt = work / "cvae-conv.pt"
     if not ckpt.exists():
-        train_briefly(ckpt, args.train_steps, threads)
+        train_briefly(ckpt, args.train_steps, threads * calls)
 
-    before = decoder_only(ckpt, args.n, args.batch_size, threads)
-    print(f"decoder-only: {before:,.0f} images/s")
+    before = decoder_only(ckpt, args.n, args.batch_size, threads, calls)
+    one_call = decoder_only(ckpt, args.n, args.batch_size, threads * calls, 1)
+    print(f"decoder-only: {before:,.0f} images/s ({calls} x {threads} thread(s)); one call of "
+          f"{threads * calls} thread(s): {one_call:,.0f} images/s")  # fmt: skip
 
     def generate(name: str, n: int, fmt: str):
         cfg = GenerateConfig(model=str(ckpt), out=str(work / name), total=n, shard_rows=args.shard_rows,
@@ -115,7 +125,7 @@ def main() -> None:
         return result, n / (time.perf_counter() - t0)
 
     raw, raw_command_rate = generate("raw", args.n, "raw")
-    after = decoder_only(ckpt, args.n, args.batch_size, threads)
+    after = decoder_only(ckpt, args.n, args.batch_size, threads, calls)
     print(f"decoder-only again: {after:,.0f} images/s")
     png, _ = generate("png", args.n, "png")
     sys.exit(report(args, before, after, raw, raw_command_rate, png))

@@ -46,13 +46,17 @@ def test_plan_workers_places_every_worker_on_one_node():
     assert auto.use_gpu and auto.gpus_per_worker == 1.0 and auto.scaling_config().use_gpu
     assert not plan_workers(ResourcesConfig(workers=2), {"CPU": 2.0, "GPU": 1.0}, [{"CPU": 2.0, "GPU": 1.0}]).use_gpu
     assert not plan_workers(ResourcesConfig(workers=2, gpus_per_worker=0), {"CPU": 16.0, "GPU": 4.0}, gpu_nodes).use_gpu
-    assert plan_actors(ResourcesConfig(workers=2), [{"CPU": 8.0, "GPU": 1.0}] * 2).use_gpu
+    gpu_actor = plan_actors(ResourcesConfig(workers=2), [{"CPU": 8.0, "GPU": 1.0}] * 2)
+    assert gpu_actor.use_gpu and (gpu_actor.calls, gpu_actor.threads) == (1, 8)  # one shard at a time
     assert not plan_actors(ResourcesConfig(workers=1), [{"CPU": 2.0}]).use_gpu
     # Tune: trials side by side = worker groups that fit; generate: one actor never asks for 15 CPUs.
     assert concurrent_trials(plan_workers(ResourcesConfig(workers=2, cpus_per_worker=3), total, two_nodes),
                              TuneConfig(search_space={"train.lr": {"choice": [0.001]}}), two_nodes) == 2  # fmt: skip
     actor = plan_actors(ResourcesConfig(workers=1), two_nodes)
-    assert actor.num_cpus <= 8.0 and actor.threads == 8
+    assert actor.num_cpus <= 8.0 and (actor.calls, actor.threads) == (8, 1)  # a shard per core, one thread each
+    # Fewer shards than calls: the idle calls' threads go to the shards there are.
+    assert [(a.calls, a.threads) for a in map(actor.for_shards, (20, 8, 3, 1))] == [(8, 1), (8, 1), (3, 2), (1, 8)]
+    assert gpu_actor.for_shards(1) == gpu_actor
     with pytest.raises(UsageError, match="largest Ray node has 8"):
         plan_actors(ResourcesConfig(workers=1, cpus_per_worker=12), two_nodes)
 

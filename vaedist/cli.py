@@ -383,7 +383,7 @@ def jobs_stop_cmd(job_id: str, address: str | None) -> None:
 @click.option("--batch-size", type=int, help="Images per decoder call [default: 1024].")
 @click.option("--workers", type=int, help="Decoder actors (each loads the model once) [default: 1].")
 @click.option("--gpus-per-worker", type=float, help="GPUs per actor; 0 decodes on CPUs [default: 1 where the cluster has a GPU for every actor, else 0].")
-@click.option("--cpus-per-worker", type=float, help="CPUs (torch threads) per actor [default: the cluster's CPUs / workers].")
+@click.option("--cpus-per-worker", type=float, help="CPUs per actor: on CPUs it renders one shard per CPU at a time, one torch thread each [default: the cluster's CPUs / workers].")
 @click.option("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local Ray in-process].")
 @click.option("--overwrite", is_flag=True, help="Replace a complete or unfinished run of another plan in --out.")
 @click.option("--dry-run", is_flag=True, help="Resolve the model, print the plan and what would be written; write nothing.")

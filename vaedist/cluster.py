@@ -291,11 +291,20 @@ class ActorPlan:
     workers: int
     num_cpus: float  # reserved per actor: leaves a CPU for Ray Data's own tasks
     num_gpus: float
-    threads: int  # torch threads per actor: the CPUs it stands for
+    threads: int  # torch threads of each shard an actor renders
+    calls: int = 1  # shards an actor renders at once (threads x calls: the CPUs it stands for)
 
     @property
     def use_gpu(self) -> bool:
         return self.num_gpus > 0
+
+    def for_shards(self, shards: int) -> ActorPlan:
+        """The plan for ``shards`` to render: where there are fewer than the actors' calls, each shard gets
+        the torch threads of the calls that would sit idle (a 1-shard job still uses every core)."""
+        if self.use_gpu or shards >= self.workers * self.calls:
+            return self
+        calls = max(1, -(-shards // self.workers))  # ceil
+        return dataclasses.replace(self, threads=self.threads * self.calls // calls, calls=calls)
 
 
 def plan_actors(res: ResourcesConfig, nodes: list[dict[str, float]]) -> ActorPlan:
@@ -329,10 +338,15 @@ def plan_actors(res: ResourcesConfig, nodes: list[dict[str, float]]) -> ActorPla
     # By default an actor takes its share of the cluster, at most one node's CPUs (a larger request could
     # never be placed, and Ray would wait for it forever).
     share = res.cpus_per_worker or min(cpus / w, node_cpus)
-    threads = max(1, int(share))
+    cores = max(1, int(share))
     headroom = 1.0 if cpus >= 2 else cpus / 2  # a CPU left for Ray Data's own tasks
     num_cpus = round(min(float(share), (cpus - headroom) / w), 3)
-    return ActorPlan(w, max(num_cpus, 0.001), g, threads)
+    # A CPU actor renders one shard per core it stands for, each on one torch thread: the small
+    # convolutions of these decoders parallelise poorly inside an op (on 2 cores, two one-thread decoders
+    # ran 1.3-1.6x the images/s of one two-thread decoder, benchmarks/generate_throughput.py), and one
+    # shard's encoding and Parquet write overlap another's decoding. A GPU actor renders one at a time.
+    threads, calls = (cores, 1) if g > 0 else (1, cores)
+    return ActorPlan(w, max(num_cpus, 0.001), g, threads, calls)
 
 
 def claim_run_folder(storage: str, name: str, run_id: str) -> None:

@@ -181,7 +181,7 @@ class GenerateResult:
     seconds: float = 0.0
     images_per_s: float = 0.0  # rows written / seconds from the pipeline's start to the last shard
     startup_seconds: float = 0.0  # of those seconds, before the first shard's work began (actor start)
-    decoder_busy_fraction: float = 0.0  # decoder seconds / (wall seconds x workers)
+    decoder_busy_fraction: float = 0.0  # decoder seconds / (wall seconds x shards rendered at once)
     run_id: str | None = None
     manifest: dict[str, Any] | None = None
 
@@ -296,7 +296,8 @@ def _write_shards(p: Prepared, actors, restart_actors: bool, echo: Callable[[str
     return done
 
 
-def _metrics(p: Prepared, done: _Written, manifest: dict[str, Any], workers: int) -> dict[str, float]:
+def _metrics(p: Prepared, done: _Written, manifest: dict[str, Any], slots: int) -> dict[str, float]:
+    """``slots``: shards rendered at once over all actors (workers x calls)."""
     plan, seconds = p.plan, done.seconds
     metrics = {
         "rows": plan.total,
@@ -308,7 +309,7 @@ def _metrics(p: Prepared, done: _Written, manifest: dict[str, Any], workers: int
         "startup_s": done.startup,  # Ray Data and actor start, model load: 3-4 s on 2 CPUs, once per run
         # Share of the wall time the decoders were busy: the end-to-end / decoder-only ratio measured
         # within the run itself, so other load on the machine cancels out.
-        "decoder_busy_fraction": done.decoding / (seconds * workers) if seconds > 0 else 0.0,
+        "decoder_busy_fraction": done.decoding / (seconds * slots) if seconds > 0 else 0.0,
         "bytes_per_image": manifest["bytes"] / plan.total,
         "bytes_per_pixel": manifest["bytes"] / plan.total / math.prod(plan.image_shape),
     }
@@ -325,12 +326,12 @@ def _start(p: Prepared, resources: ResourcesConfig, echo: Callable[[str], None])
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
     connect_ray(resources.address)
-    actors = plan_actors(resources, node_resources())
+    actors = plan_actors(resources, node_resources()).for_shards(len(p.todo))
     run_id = tracking.find_or_create_run(p.plan.dataset, run_name(p), _params(p), kind="generate")
     logger = tracking.RunLogger(run_id, uri)
     logger.set_tags(_tags(p))
     echo(
-        f"generating with {actors.workers} worker(s) x {actors.threads} thread(s)"
+        f"generating with {actors.workers} worker(s) x {actors.calls} shard(s) at a time x {actors.threads} thread(s)"
         f"{f' x {actors.num_gpus:g} GPU' if actors.use_gpu else ''}; MLflow run {run_id} in {tracking.shown_uri(uri)}"
     )
     return actors, run_id, logger
@@ -377,7 +378,7 @@ def run_generate(
         # the folder as the run's dataset (context "generated"); evaluations log it again as their input
         digest = dataset_digest(manifest_bytes(manifest))
         tracking.log_dataset(run_id, dataset_name(p.uri), digest, p.uri, "generated")
-        metrics = _metrics(p, done, manifest, actors.workers)
+        metrics = _metrics(p, done, manifest, actors.workers * actors.calls)
         logger.log_metrics(metrics, step=0)
         logger.log_image("generated_samples", sample_grid(p.fs, p.root, plan), step=0)
         logger.log_dict(manifest, f"generate/{MANIFEST}")

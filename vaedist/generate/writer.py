@@ -8,8 +8,9 @@ a small summary row per shard flows back through Ray Data. Each shard is written
 name and renamed when complete (:func:`vaedist.generate.format.write_atomic`), so a part file is either
 whole or absent, and a rerun resumes by writing only the shards that are missing or fail verification.
 Actor sizing is :func:`vaedist.cluster.plan_actors`'s: actors leave a CPU to Ray Data's own tasks (actors
-holding every CPU of a 2-CPU node hang the pipeline without an error), while torch runs as many threads as
-the CPUs an actor stands for.
+holding every CPU of a 2-CPU node hang the pipeline without an error), while a CPU actor renders as many
+shards at once as the CPUs it stands for, each on one torch thread (Ray Data's threaded actor calls: the
+model is only read, and torch releases the GIL inside its ops).
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def run_shards(
 ) -> Iterator[dict[str, Any]]:
     """The Ray Data pipeline: shard indices -> ShardWriter actors -> one summary row per finished shard.
 
-    ``actors``: a :class:`vaedist.cluster.ActorPlan` (workers, CPUs and GPUs each, torch threads).
+    ``actors``: a :class:`vaedist.cluster.ActorPlan` (workers, CPUs and GPUs each, shards at once, torch
+    threads of each).
     ``restart_actors``: Ray Data's default, a lost actor is restarted and its shard retried (a preempted
     node on a cluster). Off on a local instance, where nothing is preempted: a crash (an OOM kill) fails
     the run at once, and a rerun resumes; and the driver's core worker no longer logs its error line
@@ -167,7 +169,11 @@ def run_shards(
         ds = ds.map_batches(
             ShardWriter,
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=actors.workers),
+            compute=ray.data.ActorPoolStrategy(
+                size=actors.workers,
+                max_concurrent_calls_per_actor=actors.calls,
+                enable_true_multi_threading=actors.calls > 1,
+            ),
             fn_constructor_kwargs={
                 "model": [ray.put(model_bytes)],
                 "plan": plan.to_dict(),
