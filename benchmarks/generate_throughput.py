@@ -3,9 +3,9 @@
 One run, side by side, on this machine: a conv CVAE (the default MNIST model: base_channels 32,
 latent 16, depth 2) briefly trained on real MNIST so its digits are mostly black (a realistic zstd size),
 then
-  1. decoder-only: ``model.generate`` at the pipeline's batch size, decoding as the writer actor does
-     (one shard per core at a time, one torch thread each), on N latents, measured before and after the
-     end-to-end run (the mean is the limit, the spread the noise); one call on every core is printed too;
+  1. decoder-only: ``model.generate`` at the pipeline's batch size on N latents, two ways: as the writer
+     actor decodes (one shard per core at a time, one torch thread each) and one call on every core; each
+     measured before and after the end-to-end runs; the limit is the better way's mean;
   2. end to end, raw: ``run_generate`` (Ray Data actor -> Parquet shards + card + manifest + MLflow) with
      ``--image-format raw`` (uint8 tensors + zstd), timed from the pipeline's start (actor start-up
      included) to the last shard;
@@ -112,10 +112,17 @@ def main() -> None:
     if not ckpt.exists():
         train_briefly(ckpt, args.train_steps, threads * calls)
 
-    before = decoder_only(ckpt, args.n, args.batch_size, threads, calls)
-    one_call = decoder_only(ckpt, args.n, args.batch_size, threads * calls, 1)
-    print(f"decoder-only: {before:,.0f} images/s ({calls} x {threads} thread(s)); one call of "
-          f"{threads * calls} thread(s): {one_call:,.0f} images/s")  # fmt: skip
+    # The bare decoder, both ways: as the actor decodes (a shard per core) and one call on every core.
+    # The limit is the better of the two (each the mean of before and after the end-to-end runs).
+    ways = {f"{calls} x {threads} thread(s)": (threads, calls), f"1 x {threads * calls} thread(s)": (threads * calls, 1)}
+    bare: dict[str, list[float]] = {way: [] for way in ways}
+
+    def measure_bare(when: str) -> None:
+        for way, (t, c) in ways.items():
+            bare[way].append(decoder_only(ckpt, args.n, args.batch_size, t, c))
+        print(f"decoder-only {when}: " + ", ".join(f"{way} {rates[-1]:,.0f}" for way, rates in bare.items()) + " images/s")
+
+    measure_bare("before")
 
     def generate(name: str, n: int, fmt: str):
         cfg = GenerateConfig(model=str(ckpt), out=str(work / name), total=n, shard_rows=args.shard_rows,
@@ -125,21 +132,23 @@ def main() -> None:
         return result, n / (time.perf_counter() - t0)
 
     raw, raw_command_rate = generate("raw", args.n, "raw")
-    after = decoder_only(ckpt, args.n, args.batch_size, threads, calls)
-    print(f"decoder-only again: {after:,.0f} images/s")
+    measure_bare("after")
     png, _ = generate("png", args.n, "png")
-    sys.exit(report(args, before, after, raw, raw_command_rate, png))
+    sys.exit(report(args, bare, raw, raw_command_rate, png))
 
 
-def report(args, before: float, after: float, raw, raw_command_rate: float, png) -> int:
+def report(args, bare: dict[str, list[float]], raw, raw_command_rate: float, png) -> int:
     """One line per figure; the exit status: 0 when the goals are met (or the limit is unmeasured)."""
-    limit = (before + after) / 2
+    means = {way: sum(rates) / len(rates) for way, rates in bare.items()}
+    best = max(means, key=means.get)
+    limit = means[best]
     pixels = 28 * 28
     print()
     print(
         f"n: {args.n} images, batch {args.batch_size}, shards of {args.shard_rows}, {os.cpu_count()} CPU(s)"
     )
-    print(f"decoder_only_images_per_s: {limit:,.0f} (before {before:,.0f}, after {after:,.0f})")
+    print(f"decoder_only_images_per_s: {limit:,.0f} ({best}, mean of before and after; "
+          + ", ".join(f"{way}: {m:,.0f}" for way, m in means.items()) + ")")  # fmt: skip
     steady = raw.rows / max(raw.seconds - raw.startup_seconds, 1e-9)
     print(
         f"end_to_end_images_per_s: {raw.images_per_s:,.0f} (pipeline start to last shard, {raw.seconds:.1f} s)"
