@@ -160,3 +160,12 @@ def test_asha_stops_weak_trials_whose_actor_the_next_trial_reuses(local_ray, mlf
     assert rows[0.003]["epochs_run"] == 3 and not rows[0.003]["stopped_early"]
     assert rows[1e-7]["stopped_early"] and rows[2e-7]["stopped_early"]  # stopped after epoch 1 (or 2)
     assert result.best_trial == rows[0.003]["trial"]
+    # Every epoch Tune saw is whole in MLflow, in the trials ASHA stopped too: its metrics and pictures are
+    # logged beside the next epoch's training and finished as the stopped loop leaves (worker.EpochLog).
+    client = mlflow.MlflowClient()
+    for row in result.table:
+        steps = [m.step for m in client.get_metric_history(row["run_id"], "val_neg_elbo")]
+        assert steps == list(range(1, row["epochs_run"] + 1)), (row, steps)
+        images = {a.path for a in client.list_artifacts(row["run_id"], "images")}
+        for step in steps:
+            assert any(p.startswith(f"images/latent_scatter+step+{step}+") for p in images), (row, step, images)

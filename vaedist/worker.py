@@ -256,7 +256,9 @@ class EpochLog:
     side thread while the first steps run (~2 s of imports and connecting), and each epoch's metrics and
     pictures (rendered from a copy of the model as it was at the epoch's end) are logged there while the
     checkpoint is written. ``wait`` before the epoch's report: Tune may end a trial's process right after a
-    report (ASHA's stop, the search's end), and an epoch it has seen must be whole in MLflow."""
+    report (ASHA's stop, the search's end), and an epoch it has seen must be whole in MLflow. (Logging an
+    epoch beside the next one's training was tried: the search's end kills the actors it is still
+    stopping, cutting the last stopped trial's pictures short; tests/test_tune.py checks for that.)"""
 
     def __init__(self, config: dict[str, Any], w: Worker, nodes: list[str]):
         self.w = w
