@@ -342,9 +342,10 @@ def plan_actors(res: ResourcesConfig, nodes: list[dict[str, float]]) -> ActorPla
     headroom = 1.0 if cpus >= 2 else cpus / 2  # a CPU left for Ray Data's own tasks
     num_cpus = round(min(float(share), (cpus - headroom) / w), 3)
     # A CPU actor renders one shard per core it stands for, each on one torch thread: the small
-    # convolutions of these decoders parallelise poorly inside an op (on 2 cores, two one-thread decoders
-    # ran 1.3-1.6x the images/s of one two-thread decoder, benchmarks/generate_throughput.py), and one
-    # shard's encoding and Parquet write overlap another's decoding. A GPU actor renders one at a time.
+    # convolutions of these decoders gain little from threads inside an op (on 2 cores, two one-thread
+    # decoders ran 1.2-1.6x the images/s of one two-thread call in an actor's main thread), and one shard's
+    # encoding and Parquet write overlap another's decoding: end to end after start-up 0.68 -> 0.78-0.89 of
+    # the bare decoder (benchmarks/generate_throughput.py, README). A GPU actor renders one at a time.
     threads, calls = (cores, 1) if g > 0 else (1, cores)
     return ActorPlan(w, max(num_cpus, 0.001), g, threads, calls)
 
