@@ -306,7 +306,7 @@ def _metrics(p: Prepared, done: _Written, manifest: dict[str, Any], slots: int) 
         "shards_written": len(p.todo),
         "seconds": seconds,
         "images_per_s": done.rows / seconds if seconds > 0 else 0.0,
-        "startup_s": done.startup,  # Ray Data and actor start, model load: 3-4 s on 2 CPUs, once per run
+        "startup_s": done.startup,  # Ray Data and actor start, model load: 3-5 s on 2 CPUs, once per run
         # Share of the wall time the decoders were busy: the end-to-end / decoder-only ratio measured
         # within the run itself, so other load on the machine cancels out.
         "decoder_busy_fraction": done.decoding / (seconds * slots) if seconds > 0 else 0.0,
