@@ -65,7 +65,7 @@ def connect_ray(address: str | None = None) -> str | None:
     job_env = (
         json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
     ).get("env_vars") or {}
-    env = worker_env() | ({} if address else LOCAL_ONLY_ENV)
+    env = worker_env() | (LOCAL_ONLY_ENV if is_local(address) else {})
     runtime_env = {"env_vars": {k: v for k, v in env.items() if k not in job_env}}
     # Workers' output still reaches this terminal (log_to_driver), for their warnings and errors; their
     # INFO lines are kept off it at the source (console.worker_env, RunConfig's LoggingConfig). The
