@@ -343,9 +343,10 @@ def plan_actors(res: ResourcesConfig, nodes: list[dict[str, float]]) -> ActorPla
     num_cpus = round(min(float(share), (cpus - headroom) / w), 3)
     # A CPU actor renders one shard per core it stands for, each on one torch thread: the small
     # convolutions of these decoders gain little from threads inside an op (on 2 cores, two one-thread
-    # decoders ran 1.2-1.6x the images/s of one two-thread call in an actor's main thread), and one shard's
-    # encoding and Parquet write overlap another's decoding: end to end after start-up 0.68 -> 0.78-0.89 of
-    # the bare decoder (benchmarks/generate_throughput.py, README). A GPU actor renders one at a time.
+    # decoders ran 1.2-1.6x the images/s of one two-thread call in a main thread, where an actor's single
+    # call runs, and 1.0-1.25x one in a pool thread), and one shard's encoding and Parquet write overlap
+    # another's decoding: end to end after start-up, 0.68 -> 0.78-0.97 of the better bare way
+    # (benchmarks/generate_throughput.py, README). A GPU actor renders one shard at a time.
     threads, calls = (cores, 1) if g > 0 else (1, cores)
     return ActorPlan(w, max(num_cpus, 0.001), g, threads, calls)
 
