@@ -293,6 +293,10 @@ class ActorPlan:
     num_gpus: float
     threads: int  # torch threads of each shard an actor renders
     calls: int = 1  # shards an actor renders at once (threads x calls: the CPUs it stands for)
+    # Ray Data restarts a lost pool actor and retries its shard (a preempted node on a cluster); off on a
+    # local instance (``is_local``), where nothing is preempted: a crash fails the run at once, a rerun
+    # resumes, and the driver's core worker logs no error line about restartable actors (ray#53727).
+    restarts: bool = True
 
     @property
     def use_gpu(self) -> bool:

@@ -7,7 +7,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -262,16 +262,14 @@ class _Written:
     decoding: float = 0.0  # decoder seconds, summed over the actors
 
 
-def _write_shards(p: Prepared, actors, restart_actors: bool, echo: Callable[[str], None]) -> _Written:
+def _write_shards(p: Prepared, actors, echo: Callable[[str], None]) -> _Written:
     """Run the actor pool over the shards still to write, printing progress at most once a second."""
     done = _Written(writer.kept_summaries(p.fs, p.root, p.plan, p.kept))
     total, last_echo = p.rows_todo, 0.0
     t0, t0_unix, first_work = time.perf_counter(), time.time(), math.inf
     if p.todo:
         try:
-            rows = writer.run_shards(p.plan, p.todo, p.uri, p.model_bytes, actors, p.cfg.batch_size,
-                                     restart_actors)  # fmt: skip
-            for row in rows:
+            for row in writer.run_shards(p.plan, p.todo, p.uri, p.model_bytes, actors, p.cfg.batch_size):
                 done.shards[int(row["shard"])] = row
                 done.rows += int(row["rows"])
                 done.decoding += float(row["decode_seconds"])
@@ -321,12 +319,13 @@ def _metrics(p: Prepared, done: _Written, manifest: dict[str, Any], slots: int) 
 def _start(p: Prepared, resources: ResourcesConfig, echo: Callable[[str], None]):
     """Join Ray, size the actor pool, open (or resume) the MLflow run: (actors, run id, logger)."""
     from vaedist import tracking
-    from vaedist.cluster import connect_ray, node_resources, plan_actors
+    from vaedist.cluster import connect_ray, is_local, node_resources, plan_actors
 
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
     connect_ray(resources.address)
     actors = plan_actors(resources, node_resources()).for_shards(len(p.todo))
+    actors = replace(actors, restarts=not is_local(resources.address))
     run_id = tracking.find_or_create_run(p.plan.dataset, run_name(p), _params(p), kind="generate")
     logger = tracking.RunLogger(run_id, uri)
     logger.set_tags(_tags(p))
@@ -356,7 +355,6 @@ def run_generate(
     crash is finished by the same call; a complete one with the same plan is left alone.
     """
     from vaedist import tracking
-    from vaedist.cluster import is_local
 
     p = prepare(cfg)
     plan = p.plan
@@ -368,11 +366,10 @@ def run_generate(
         return result
     if p.action is FolderAction.COMPLETE:
         return _already_complete(p, result, echo)
-    resources = resources or ResourcesConfig()
-    actors, run_id, logger = _start(p, resources, echo)
+    actors, run_id, logger = _start(p, resources or ResourcesConfig(), echo)
     try:
         writer.prepare_folder(p.fs, p.root, plan, p.state, p.action)
-        done = _write_shards(p, actors, not is_local(resources.address), echo)
+        done = _write_shards(p, actors, echo)
         manifest = build_manifest(plan, done.shards, p.model_info, _request(p.cfg))
         finish_folder(p.fs, p.root, manifest)
         # the folder as the run's dataset (context "generated"); evaluations log it again as their input

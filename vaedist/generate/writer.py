@@ -141,16 +141,12 @@ class ShardWriter:
 
 
 def run_shards(
-    plan: Plan, todo: list[int], out: str, model_bytes: bytes, actors, batch_size: int, restart_actors: bool
+    plan: Plan, todo: list[int], out: str, model_bytes: bytes, actors, batch_size: int
 ) -> Iterator[dict[str, Any]]:
     """The Ray Data pipeline: shard indices -> ShardWriter actors -> one summary row per finished shard.
 
     ``actors``: a :class:`vaedist.cluster.ActorPlan` (workers, CPUs and GPUs each, shards at once, torch
-    threads of each).
-    ``restart_actors``: Ray Data's default, a lost actor is restarted and its shard retried (a preempted
-    node on a cluster). Off on a local instance, where nothing is preempted: a crash (an OOM kill) fails
-    the run at once, and a rerun resumes; and the driver's core worker no longer logs its error line
-    about restartable actors with arguments in the object store (ray-project/ray#53727) on every run.
+    threads of each, whether Ray Data restarts a lost actor).
     """
     import ray
 
@@ -185,7 +181,7 @@ def run_shards(
             num_cpus=actors.num_cpus,
             num_gpus=actors.num_gpus or None,
             udf_modifying_row_count=False,
-            **({} if restart_actors else {"max_restarts": 0}),
+            **({} if actors.restarts else {"max_restarts": 0}),
         )
     for row in ds.iter_rows():
         yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
