@@ -177,4 +177,7 @@ def report(args, bare: dict[str, list[float]], raw, raw_command_rate: float, png
 
 
 if __name__ == "__main__":
-    main()
+    from vaedist.console import configured
+
+    with configured(False):  # the terminal policy a vaedist command runs under (set before Ray is imported)
+        main()

@@ -139,4 +139,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaedist.console import configured
+
+    with configured(False):  # the terminal policy a vaedist command runs under (set before Ray is imported)
+        main()

@@ -100,6 +100,7 @@ def main() -> None:
 
     import ray
 
+    from vaedist.cluster import connect_ray
     from vaedist.config import TuneConfig
     from vaedist.tune import run_tune
 
@@ -119,7 +120,7 @@ def main() -> None:
         search_space=SPACE, num_samples=1, max_concurrent_trials=2, grace_period=args.epochs
     )
     t0 = time.perf_counter()
-    ray.init(num_cpus=2)
+    connect_ray()  # the local Ray a `vaedist tune` starts: its workers' environment (console policy) too
     ray_start = time.perf_counter() - t0
     # A search records into a store that exists (a server, a team's database): the sqlite file's one-time
     # creation (schema migrations, ~2 s here) is not the search's, so it is made and timed apart.
@@ -161,4 +162,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vaedist.console import configured
+
+    with configured(False):  # the terminal policy a vaedist command runs under (set before Ray is imported)
+        main()
