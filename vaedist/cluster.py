@@ -52,21 +52,6 @@ def is_local(address: str | None) -> bool:
     return not (address or os.environ.get("RAY_ADDRESS"))
 
 
-@contextlib.contextmanager
-def _environment(env: dict[str, str]):
-    """``env`` set in this process for the block's duration (what processes started inside it inherit)."""
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def connect_ray(address: str | None = None) -> str | None:
     """Join ``address`` (or $RAY_ADDRESS), else start Ray in-process; idempotent.
 
@@ -92,7 +77,7 @@ def connect_ray(address: str | None = None) -> str | None:
             # 13.5-14.6 s instead of 14.7-18.0 s (README). Without an address, "local": a new in-process
             # Ray, never some other Ray that happens to run on this machine. Its dashboard also serves
             # the State API that Ray Train's controller polls.
-            with _environment(env):
+            with console.environment(env):
                 context = ray.init(address="local", log_to_driver=True, logging_level=level)
         else:
             # Inside a Ray job (vaedist submit, ray job submit) the job's runtime env may already set

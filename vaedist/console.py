@@ -164,11 +164,20 @@ def configured(flag: bool) -> Iterator[bool]:
     changes = {key: value for key, value in quiet_env(verbose).items() if key not in os.environ}
     if flag:
         changes[VERBOSE_ENV] = "1"  # -v on the command line outranks VAEDIST_VERBOSE=0 in the environment
+    # for a command run in-process (click's CliRunner): the next one starts from the same place
+    with environment(changes):
+        yield verbose
+
+
+@contextlib.contextmanager
+def environment(changes: Mapping[str, str]) -> Iterator[None]:
+    """``changes`` set in this process's environment for the block (and in processes started inside
+    it), then each variable put back as it was, unset where it was unset."""
     saved = {key: os.environ.get(key) for key in changes}
     os.environ.update(changes)
     try:
-        yield verbose
-    finally:  # for a command run in-process (click's CliRunner): the next one starts from the same place
+        yield
+    finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
