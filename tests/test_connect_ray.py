@@ -27,7 +27,8 @@ def fresh_local_ray(tmp_path, monkeypatch):
     if ray.is_initialized():
         ray.shutdown()
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("MLFLOW_CONFIGURE_LOGGING", raising=False)
+    for key in ("MLFLOW_CONFIGURE_LOGGING", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "VAEDIST_VERBOSE"):
+        monkeypatch.delenv(key, raising=False)  # the test's expectations are the defaults'
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("VAEDIST_DATA_DIR", str(tmp_path / "data"))
     yield ray
