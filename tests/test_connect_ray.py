@@ -76,3 +76,37 @@ def test_the_first_actor_runs_in_a_worker_ray_prestarted(fresh_local_ray):
     created = time.time()
     pid = ray.get(Probe.remote().pid.remote())
     assert _started_unix_s(pid) < created - 2.0  # started with the instance, before the sleep
+
+
+def test_the_head_endpoint_of_an_address():
+    from vaedist.cluster import head_endpoint
+
+    assert head_endpoint("10.0.0.5:6379") == ("10.0.0.5", 6379)
+    assert head_endpoint("ray://head.example:10001") == ("head.example", 10001)
+    assert head_endpoint("ray://[::1]:10001") == ("::1", 10001)
+    for resolved_by_ray in ("auto", "local", "head", "http://head:8265/"):
+        assert head_endpoint(resolved_by_ray) is None
+
+
+def test_an_address_where_nothing_listens_is_one_line_at_once(tmp_path):
+    """ray.init would retry for minutes, printing C++ warnings, and nothing is written."""
+    import subprocess
+    import sys
+
+    from raycluster import free_port
+
+    port = free_port()  # nothing listens there
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vaedist", "train", "--dataset", "mnist", "--epochs", "1",
+         "--address", f"127.0.0.1:{port}"],  # fmt: skip
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert lines == [
+        f"error: cannot connect to Ray at 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port} "
+        "([Errno 111] Connection refused; check --address / RAY_ADDRESS and that the head is running)"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()

@@ -712,9 +712,14 @@ def test_killed_run_resumes_without_touching_finished_shards(cvae_ckpt, tmp_path
 
 @pytest.mark.slow
 def test_unconditional_model_rows_get_label_minus_one(local_ray, store, vae_ckpt, tmp_path):
+    t0 = time.perf_counter()
     result = G.run_generate(
         _cfg(vae_ckpt, tmp_path / "vae", per_label=None, total=30, shard_rows=16), echo=_quiet
     )
+    # where the call's seconds went (the benchmark prints them): every phase, adding up to the call
+    assert list(result.phases) == ["prepare", "start", "pipeline", "finish"]
+    assert all(s > 0 for s in result.phases.values()) and result.phases["pipeline"] == result.seconds
+    assert sum(result.phases.values()) <= time.perf_counter() - t0
     table = _by_id(tmp_path / "vae")
     assert result.rows == 30 and table["sample_id"].to_pylist() == list(range(30))
     assert set(table["label"].to_pylist()) == {-1} and set(table["label_name"].to_pylist()) == {""}

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -52,6 +53,31 @@ def is_local(address: str | None) -> bool:
     return not (address or os.environ.get("RAY_ADDRESS"))
 
 
+def head_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) that a Ray address names: ``host:port`` (the head's GCS) or ``ray://host:port`` (Ray
+    Client); None for what only Ray resolves (``auto``, ``local``, a name without a port)."""
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or "/" in rest:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_head_answers(address: str, timeout_s: float = 5.0) -> None:
+    """One line, at once, where nothing listens at ``address``: ``ray.init`` would retry for minutes,
+    printing C++ warnings, before it gives up."""
+    endpoint = head_endpoint(address)
+    if endpoint is None:
+        return
+    try:
+        socket.create_connection(endpoint, timeout=timeout_s).close()
+    except OSError as exc:
+        raise VaedistError(
+            f"cannot connect to Ray at {redact_url(address)}: nothing answers at {endpoint[0]}:{endpoint[1]} "
+            f"({first_line(exc)}; check --address / RAY_ADDRESS and that the head is running)"
+        ) from None
+
+
 def connect_ray(address: str | None = None) -> str | None:
     """Join ``address`` (or $RAY_ADDRESS), else start Ray in-process; idempotent.
 
@@ -80,6 +106,7 @@ def connect_ray(address: str | None = None) -> str | None:
             with console.environment(env):
                 context = ray.init(address="local", log_to_driver=True, logging_level=level)
         else:
+            check_head_answers(address)
             # Inside a Ray job (vaedist submit, ray job submit) the job's runtime env may already set
             # these; Ray refuses to merge a key set twice, and the job's value is the one the user meant.
             job_env = (

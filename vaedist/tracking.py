@@ -15,6 +15,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -69,7 +70,58 @@ def registered_model_name(dataset: str) -> str:
 def _mlflow():
     import mlflow
 
+    _store_opened.wait()  # a store being opened on the side thread is opened once, there
     return mlflow
+
+
+# SQLAlchemy stores (mlflow/store/db/db_types.py): what opening costs time
+DATABASE_SCHEMES = ("sqlite:", "postgresql", "mysql", "mssql")
+# Set while no store is being opened in the background (open_store_in_background).
+_store_opened = threading.Event()
+_store_opened.set()
+
+
+def open_store_in_background() -> None:
+    """Import MLflow here, then open a database tracking store on a side thread while this one starts Ray.
+
+    Opening a database store (SQLAlchemy, the schema check, the tables of a new database) takes 1.2-1.9 s
+    on 2 CPUs, and ``ray.init`` 3-6 s, mostly waiting for its own processes: a command that starts Ray
+    and then records a run saves the shorter of the two. Every other MLflow call waits (in ``_mlflow``)
+    until the store is open, so MLflow never builds one store twice at once; an error is left for that
+    call to raise, where the command handles it. The thread is not a daemon: a command that fails while
+    it runs exits once the store is whole. A sqlite file that does not exist yet is left to the command's
+    own first call: a command refused after Ray starts (a GPU the cluster lacks) writes nothing. A
+    tracking server (http) is left alone: its client opens nothing, and a server that stops answering
+    would hold the exit.
+
+    MLflow is imported first, on this thread: ``mlflow/__init__`` reads MLFLOW_CONFIGURE_LOGGING, and
+    ``connect_ray`` sets the workers' value in this process's environment while ``ray.init`` runs
+    (nothing that opening a store reads changes there: the URI is passed, and is the workers' too).
+    """
+    global _store_opened
+    mlflow = _mlflow()
+    uri = tracking_uri()
+    if not uri.startswith(DATABASE_SCHEMES) or not _sqlite_file(uri).exists():
+        return
+    opened = threading.Event()
+
+    def open_store() -> None:
+        try:
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        except Exception:  # noqa: BLE001 - the caller's own first call raises it again, where it is handled
+            pass
+        finally:
+            opened.set()
+
+    _store_opened = opened
+    threading.Thread(target=open_store, name="vaedist-mlflow-store").start()
+
+
+def _sqlite_file(uri: str) -> Path:
+    """The file of a ``sqlite:///`` URI (``tracking_uri`` makes it absolute); ``/`` for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return Path("/")
+    return Path(uri[len("sqlite:///") :].partition("?")[0])
 
 
 def check_tracking(uri: str) -> None:
@@ -85,7 +137,7 @@ def check_tracking(uri: str) -> None:
                 "MLFLOW_TRACKING_URI to use the local sqlite:///mlflow.db"
             ) from None
     elif uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///") :])
+        path = _sqlite_file(uri)
         parent = path.parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UsageError(f"cannot write the MLflow store {path}: {parent} is not a writable folder")

@@ -7,7 +7,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -184,6 +184,9 @@ class GenerateResult:
     decoder_busy_fraction: float = 0.0  # decoder seconds / (wall seconds x shards rendered at once)
     run_id: str | None = None
     manifest: dict[str, Any] | None = None
+    # Seconds of the whole call by phase: prepare (model, plan, folder), start (Ray, the MLflow run),
+    # pipeline (= seconds), finish (manifest, MLflow metrics and the sample grid)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def run_name(p: Prepared) -> str:
@@ -323,6 +326,7 @@ def _start(p: Prepared, resources: ResourcesConfig, echo: Callable[[str], None])
 
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
+    tracking.open_store_in_background()
     connect_ray(resources.address)
     actors = plan_actors(resources, node_resources()).for_shards(len(p.todo))
     actors = replace(actors, restarts=not is_local(resources.address))
@@ -356,6 +360,7 @@ def run_generate(
     """
     from vaedist import tracking
 
+    started = time.perf_counter()
     p = prepare(cfg)
     plan = p.plan
     for line in describe(p):
@@ -366,7 +371,9 @@ def run_generate(
         return result
     if p.action is FolderAction.COMPLETE:
         return _already_complete(p, result, echo)
+    prepared = time.perf_counter()
     actors, run_id, logger = _start(p, resources or ResourcesConfig(), echo)
+    ready = time.perf_counter()
     try:
         writer.prepare_folder(p.fs, p.root, plan, p.state, p.action)
         done = _write_shards(p, actors, echo)
@@ -387,7 +394,10 @@ def run_generate(
         f"done: {plan.total:,} rows in {plan.num_shards} shard(s), {manifest['bytes'] / plan.total:,.0f} bytes/image, "
         f"{metrics['images_per_s']:,.0f} images/s; dataset card {p.uri}/README.md, manifest {MANIFEST}"
     )
+    phases = {"prepare": prepared - started, "start": ready - prepared, "pipeline": done.seconds}
+    phases["finish"] = time.perf_counter() - ready - done.seconds
     return GenerateResult(
         p.uri, plan.hash, "written", plan.total, per_label, plan.num_shards, len(p.todo), manifest["bytes"],
         done.seconds, metrics["images_per_s"], done.startup, metrics["decoder_busy_fraction"], run_id, manifest,
+        phases,
     )  # fmt: skip
