@@ -681,6 +681,7 @@ def test_killed_run_resumes_without_touching_finished_shards(cvae_ckpt, tmp_path
     rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"unfinished: {len(finished)} shard(s) verified" in rerun.stdout
+    assert "Ray: a new local instance" in rerun.stdout  # what runs where
     # What a person sees is vaedist's lines: not Ray Data's INFO "execution finished", not the core
     # worker's error line about restartable actors (a local instance does not restart them), no warnings.
     internals = ("execution finished", "core_worker.cc", "max_restarts", "INFO", "Warning")
