@@ -85,8 +85,9 @@ def open_store_in_background() -> None:
     """Import MLflow here, then open a database tracking store on a side thread while this one starts Ray.
 
     Opening a database store (SQLAlchemy, the schema check, the tables of a new database) takes 1.2-1.9 s
-    on 2 CPUs, and ``ray.init`` 3-6 s, mostly waiting for its own processes: a command that starts Ray
-    and then records a run saves the shorter of the two. Every other MLflow call waits (in ``_mlflow``)
+    on 2 CPUs, and ``ray.init`` 4-7 s, mostly waiting for its own processes: a command that starts Ray
+    and then records a run saves up to the shorter of the two (0.9 s on average for ``vaedist generate``
+    here, where Ray's processes want the same CPUs; README). Every other MLflow call waits (in ``_mlflow``)
     until the store is open, so MLflow never builds one store twice at once; an error is left for that
     call to raise, where the command handles it. The thread is not a daemon: a command that fails while
     it runs exits once the store is whole. A sqlite file that does not exist yet is left to the command's
