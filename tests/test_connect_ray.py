@@ -107,6 +107,6 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(tmp_path):
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert lines == [
         f"error: cannot connect to Ray at 127.0.0.1:{port}: nothing answers at 127.0.0.1:{port} "
-        "([Errno 111] Connection refused; check --address / RAY_ADDRESS and that the head is running)"
+        "([Errno 111] Connection refused) (check --address / RAY_ADDRESS and that the head is running)"
     ]
     assert not (tmp_path / "mlflow.db").exists()

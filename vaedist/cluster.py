@@ -64,18 +64,15 @@ def head_endpoint(address: str) -> tuple[str, int] | None:
 
 
 def check_head_answers(address: str, timeout_s: float = 5.0) -> None:
-    """One line, at once, where nothing listens at ``address``: ``ray.init`` would retry for minutes,
-    printing C++ warnings, before it gives up."""
+    """ConnectionError at once where nothing listens at ``address``: ``ray.init`` would retry for
+    minutes, printing C++ warnings, before it gives up."""
     endpoint = head_endpoint(address)
     if endpoint is None:
         return
     try:
         socket.create_connection(endpoint, timeout=timeout_s).close()
     except OSError as exc:
-        raise VaedistError(
-            f"cannot connect to Ray at {redact_url(address)}: nothing answers at {endpoint[0]}:{endpoint[1]} "
-            f"({first_line(exc)}; check --address / RAY_ADDRESS and that the head is running)"
-        ) from None
+        raise ConnectionError(f"nothing answers at {endpoint[0]}:{endpoint[1]} ({first_line(exc)})") from None
 
 
 def connect_ray(address: str | None = None) -> str | None:
@@ -117,7 +114,7 @@ def connect_ray(address: str | None = None) -> str | None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = first_line(exc)
         raise VaedistError(
-            f"cannot connect to Ray at {address or 'a new local instance'}: {first} "
+            f"cannot connect to Ray at {redact_url(address) if address else 'a new local instance'}: {first} "
             "(check --address / RAY_ADDRESS and that the head is running)"
         ) from None
     where = f"the Ray cluster at {redact_url(address)}" if address else "a new local instance"
