@@ -90,6 +90,9 @@ def connect_ray(address: str | None = None) -> str | None:
     # logging_level is this driver's "ray" logger's ("Started a local Ray instance", Tune's INFO lines).
     level = console.ray_logging_level(console.is_verbose())
     console.drop_token_auth_notice()
+    # Every command that starts Ray records an MLflow run next: its store opens while Ray starts. MLflow is
+    # imported there first, before the environment below is changed for ray.init (it reads it at import).
+    tracking.open_store_in_background()
     try:
         if local:
             # A new local instance's processes (raylet, and the workers it starts) inherit this process's

@@ -82,7 +82,8 @@ _store_opened.set()
 
 
 def open_store_in_background() -> None:
-    """Import MLflow here, then open a database tracking store on a side thread while this one starts Ray.
+    """Import MLflow here, then open a database tracking store on a side thread while this one starts Ray
+    (``cluster.connect_ray`` calls it just before ``ray.init``).
 
     Opening a database store (SQLAlchemy, the schema check, the tables of a new database) takes 1.2-1.9 s
     on 2 CPUs, and ``ray.init`` 4-7 s, mostly waiting for its own processes: a command that starts Ray
@@ -102,7 +103,7 @@ def open_store_in_background() -> None:
     global _store_opened
     mlflow = _mlflow()
     uri = tracking_uri()
-    if not uri.startswith(DATABASE_SCHEMES) or not _sqlite_file(uri).exists():
+    if not uri.startswith(DATABASE_SCHEMES) or (uri.startswith("sqlite:///") and not _sqlite_file(uri).exists()):
         return
     opened = threading.Event()
 
@@ -119,9 +120,7 @@ def open_store_in_background() -> None:
 
 
 def _sqlite_file(uri: str) -> Path:
-    """The file of a ``sqlite:///`` URI (``tracking_uri`` makes it absolute); ``/`` for any other store."""
-    if not uri.startswith("sqlite:///"):
-        return Path("/")
+    """The file of a ``sqlite:///`` URI (``tracking_uri`` makes it absolute)."""
     return Path(uri[len("sqlite:///") :].partition("?")[0])
 
 

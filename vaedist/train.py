@@ -247,7 +247,6 @@ def run_training(
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
     storage = storage_path(storage)
-    tracking.open_store_in_background()
     where = connect_ray(cfg.resources.address)
     if where:
         echo(where)

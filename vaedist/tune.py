@@ -179,7 +179,6 @@ def run_tune(
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
     storage = storage_path(storage)
-    tracking.open_store_in_background()
     where = connect_ray(base.resources.address)
     if where:
         echo(where)

@@ -40,10 +40,8 @@ RESULT_DIR = "classifier"
 def start(resources: ResourcesConfig):
     """Join Ray (``resources.address``, $RAY_ADDRESS or a new local instance) and plan the workers:
     a :class:`vaedist.cluster.WorkerPlan`, checked now, since Ray would wait forever for what no node holds."""
-    from vaedist import tracking
     from vaedist.cluster import connect_ray, plan_workers
 
-    tracking.open_store_in_background()  # the evaluation's MLflow run comes next
     connect_ray(resources.address)
     return plan_workers(resources)
 

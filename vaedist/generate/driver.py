@@ -326,7 +326,6 @@ def _start(p: Prepared, resources: ResourcesConfig, echo: Callable[[str], None])
 
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
-    tracking.open_store_in_background()
     where = connect_ray(resources.address)
     if where:
         echo(where)
