@@ -9,7 +9,10 @@ then
   2. end to end, raw: ``run_generate`` (Ray Data actor -> Parquet shards + card + manifest + MLflow) with
      ``--image-format raw`` (uint8 tensors + zstd), timed from the pipeline's start (actor start-up
      included) to the last shard;
-  3. end to end, png (the default: the Hugging Face Image struct, PNG encoded in the actors): the same N.
+  3. end to end, png (the default: the Hugging Face Image struct, PNG encoded in the actors): the same N;
+  4. Ray Data's floor: the same pipeline (shards, actor pool, calls per actor) with a writer that imports
+     torch and returns at once, in a fresh process and a new local Ray, as a command runs it: what any
+     PyTorch decoder behind this pipeline pays before and around its work, none of it vaedist's.
 
 Goals: raw end to end >= 0.8x decoder-only, png >= 0.6x (on 2 cores PNG encoding competes with the
 decoder for the same CPUs); raw + zstd <= 0.5 byte per pixel.
@@ -21,11 +24,13 @@ decoder for the same CPUs); raw + zstd <= 0.5 byte per pixel.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 
@@ -77,6 +82,58 @@ def decoder_only(ckpt: Path, n: int, batch_size: int, threads: int, calls: int) 
     return n / (time.perf_counter() - t0)
 
 
+class NoopWriter:
+    """The floor's writer: torch imported (any PyTorch decoder needs it), then a summary row per shard."""
+
+    def __init__(self) -> None:
+        import torch  # noqa: F401
+
+    def __call__(self, batch: dict) -> dict:
+        return {"shard": batch["shard"]}
+
+
+def ray_data_floor(shards: int) -> float:
+    """Seconds from the pipeline's start to the last row with :class:`NoopWriter`, in this process's new
+    local Ray, on the actor plan and Ray Data settings ``vaedist generate`` uses for ``shards`` shards."""
+    import ray
+
+    from vaedist.cluster import connect_ray, node_resources, plan_actors
+    from vaedist.config import ResourcesConfig
+    from vaedist.console import quiet_ray_data_console
+
+    connect_ray()
+    actors = plan_actors(ResourcesConfig(workers=1), node_resources()).for_shards(shards)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    quiet_ray_data_console()
+    t0 = time.perf_counter()
+    ds = ray.data.from_items([{"shard": i} for i in range(shards)], override_num_blocks=shards)
+    with warnings.catch_warnings():  # max_restarts: as vaedist.generate.writer.run_shards passes it
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            NoopWriter, batch_size=1, num_cpus=actors.num_cpus,
+            compute=ray.data.ActorPoolStrategy(size=actors.workers, max_concurrent_calls_per_actor=actors.calls,
+                                               enable_true_multi_threading=actors.calls > 1),
+            max_restarts=0,  # as on a local instance (vaedist.generate.driver)
+        )  # fmt: skip
+    rows = sum(1 for _ in ds.iter_rows())
+    assert rows == shards, rows
+    return time.perf_counter() - t0
+
+
+def measure_floor(shards: int) -> float:
+    """:func:`ray_data_floor` in a fresh Python (cold: Ray Data's own actors not yet made, as in a command)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, __file__, "--ray-data-floor", str(shards)], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
+        return math.nan
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200_000, help="images to generate (default 200,000)")
@@ -86,7 +143,11 @@ def main() -> None:
         "--train-steps", type=int, default=1000, help="Adam steps of the brief training (default 1000)"
     )
     ap.add_argument("--workdir", help="where the model, Parquet and MLflow store go (default: a temp folder)")
+    ap.add_argument("--ray-data-floor", type=int, metavar="SHARDS", help=argparse.SUPPRESS)  # measure_floor's child
     args = ap.parse_args()
+    if args.ray_data_floor:
+        print(ray_data_floor(args.ray_data_floor))
+        return
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vaedist-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -134,10 +195,12 @@ def main() -> None:
     raw, raw_command_rate = generate("raw", args.n, "raw")
     measure_bare("after")
     png, _ = generate("png", args.n, "png")
-    sys.exit(report(args, bare, raw, raw_command_rate, png))
+    ray.shutdown()
+    floor = measure_floor(math.ceil(args.n / args.shard_rows))
+    sys.exit(report(args, bare, raw, raw_command_rate, png, floor))
 
 
-def report(args, bare: dict[str, list[float]], raw, raw_command_rate: float, png) -> int:
+def report(args, bare: dict[str, list[float]], raw, raw_command_rate: float, png, floor: float) -> int:
     """One line per figure; the exit status: 0 when the goals are met (or the limit is unmeasured)."""
     means = {way: sum(rates) / len(rates) for way, rates in bare.items()}
     best = max(means, key=means.get)
@@ -163,6 +226,10 @@ def report(args, bare: dict[str, list[float]], raw, raw_command_rate: float, png
     print("whole_call_s: " + f"{sum(raw.phases.values()):.1f} (" + ", ".join(
         f"{name} {s:.1f}" for name, s in raw.phases.items()) + "; Ray and torch were started before the call: "
         "start is the MLflow run)")  # fmt: skip
+    # The best the raw ratio can be while Ray Data's floor stands: the decoder's time plus the floor, with
+    # vaedist's own work (model load, zstd, Parquet, fsync) costing nothing.
+    print(f"ray_data_floor_s: {floor:.1f} (a do-nothing writer that imports torch, same pipeline, fresh process; "
+          f"the raw ratio it leaves: {(args.n / limit) / (args.n / limit + floor):.2f})")  # fmt: skip
     print(f"png_images_per_s: {png.images_per_s:,.0f} ({png.seconds:.1f} s, start-up {png.startup_seconds:.1f} s)")
     print(f"raw_zstd_bytes_per_image: {raw.bytes / raw.rows:,.1f}")
     print(f"png_bytes_per_image: {png.bytes / png.rows:,.1f}")
