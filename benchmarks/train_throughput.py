@@ -78,11 +78,17 @@ def ray_train_floor(workers: int, cpus: float, storage: str) -> float:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from vaedist import console
+
     path = os.path.join(storage, f"entered-{workers}x{cpus:g}.txt")
+    # Ray Train's loggers at the level vaedist.train.build_trainer sets (its INFO lines stay off the terminal).
+    logging_config = ray.train.LoggingConfig(log_level=console.train_log_level(console.is_verbose()))
     trainer = TorchTrainer(
         lambda: entered_at(path),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
-        run_config=ray.train.RunConfig(name=f"floor-{workers}x{cpus:g}", storage_path=storage),
+        run_config=ray.train.RunConfig(
+            name=f"floor-{workers}x{cpus:g}", storage_path=storage, logging_config=logging_config
+        ),
     )
     t0 = time.time()
     trainer.fit()
