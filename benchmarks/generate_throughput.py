@@ -24,13 +24,12 @@ decoder for the same CPUs); raw + zstd <= 0.5 byte per pixel.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import sys
 import tempfile
 import time
-import warnings
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -94,30 +93,16 @@ class NoopWriter:
 
 def ray_data_floor(shards: int) -> float:
     """Seconds from the pipeline's start to the last row with :class:`NoopWriter`, in this process's new
-    local Ray, on the actor plan and Ray Data settings ``vaedist generate`` uses for ``shards`` shards."""
-    import ray
-
+    local Ray, on the actor plan and Ray Data pipeline ``vaedist generate`` uses for ``shards`` shards."""
     from vaedist.cluster import connect_ray, node_resources, plan_actors
     from vaedist.config import ResourcesConfig
-    from vaedist.console import quiet_ray_data_console
+    from vaedist.generate.writer import shard_pipeline
 
     connect_ray()
-    actors = plan_actors(ResourcesConfig(workers=1), node_resources()).for_shards(shards)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    quiet_ray_data_console()
+    # As vaedist.generate.driver plans a local instance's pool: no actor restarts (nothing is preempted).
+    actors = replace(plan_actors(ResourcesConfig(workers=1), node_resources()).for_shards(shards), restarts=False)
     t0 = time.perf_counter()
-    ds = ray.data.from_items([{"shard": i} for i in range(shards)], override_num_blocks=shards)
-    with warnings.catch_warnings():  # max_restarts: as vaedist.generate.writer.run_shards passes it
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(
-            NoopWriter, batch_size=1, num_cpus=actors.num_cpus,
-            compute=ray.data.ActorPoolStrategy(size=actors.workers, max_concurrent_calls_per_actor=actors.calls,
-                                               enable_true_multi_threading=actors.calls > 1),
-            max_restarts=0,  # as on a local instance (vaedist.generate.driver)
-        )  # fmt: skip
-    rows = sum(1 for _ in ds.iter_rows())
+    rows = sum(1 for _ in shard_pipeline(list(range(shards)), actors, NoopWriter, {}).iter_rows())
     assert rows == shards, rows
     return time.perf_counter() - t0
 

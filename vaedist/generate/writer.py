@@ -150,6 +150,25 @@ def run_shards(
     """
     import ray
 
+    writer_kwargs = {
+        "model": [ray.put(model_bytes)],
+        "plan": plan.to_dict(),
+        "out": out,
+        "threads": actors.threads,
+        "use_gpu": actors.use_gpu,
+        "batch_size": batch_size,
+    }
+    for row in shard_pipeline(todo, actors, ShardWriter, writer_kwargs).iter_rows():
+        yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+
+
+def shard_pipeline(todo: list[int], actors, writer: type, writer_kwargs: dict[str, Any]):
+    """The lazy Ray Data dataset behind :func:`run_shards`: one block per shard index, mapped by an actor
+    pool of ``writer`` (a callable class: ``{"shard": (1,) int}`` batch -> one summary row) as ``actors``
+    plans it, with vaedist's console settings. ``benchmarks/generate_throughput.py`` runs it with a
+    do-nothing writer to measure Ray Data's own floor."""
+    import ray
+
     from vaedist import console
 
     ctx = ray.data.DataContext.get_current()
@@ -162,29 +181,20 @@ def run_shards(
     # Ray 2.64, which constraints.txt keeps out) with no named replacement yet: its warning is held back.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(
-            ShardWriter,
+        return ds.map_batches(
+            writer,
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(
                 size=actors.workers,
                 max_concurrent_calls_per_actor=actors.calls,
                 enable_true_multi_threading=actors.calls > 1,
             ),
-            fn_constructor_kwargs={
-                "model": [ray.put(model_bytes)],
-                "plan": plan.to_dict(),
-                "out": out,
-                "threads": actors.threads,
-                "use_gpu": actors.use_gpu,
-                "batch_size": batch_size,
-            },
+            fn_constructor_kwargs=writer_kwargs,
             num_cpus=actors.num_cpus,
             num_gpus=actors.num_gpus or None,
             udf_modifying_row_count=False,
             **({} if actors.restarts else {"max_restarts": 0}),
         )
-    for row in ds.iter_rows():
-        yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
 
 
 # --------------------------------------------------------------------------------------------------
