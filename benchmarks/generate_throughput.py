@@ -94,13 +94,14 @@ class NoopWriter:
 def ray_data_floor(shards: int) -> float:
     """Seconds from the pipeline's start to the last row with :class:`NoopWriter`, in this process's new
     local Ray, on the actor plan and Ray Data pipeline ``vaedist generate`` uses for ``shards`` shards."""
-    from vaedist.cluster import connect_ray, node_resources, plan_actors
+    from vaedist.cluster import connect_ray, is_local, node_resources, plan_actors
     from vaedist.config import ResourcesConfig
     from vaedist.generate.writer import shard_pipeline
 
     connect_ray()
-    # As vaedist.generate.driver plans a local instance's pool: no actor restarts (nothing is preempted).
-    actors = replace(plan_actors(ResourcesConfig(workers=1), node_resources()).for_shards(shards), restarts=False)
+    # Restarts as vaedist.generate.driver decides them (off on a local instance: nothing is preempted).
+    actors = plan_actors(ResourcesConfig(workers=1), node_resources()).for_shards(shards)
+    actors = replace(actors, restarts=not is_local(None))
     t0 = time.perf_counter()
     rows = sum(1 for _ in shard_pipeline(list(range(shards)), actors, NoopWriter, {}).iter_rows())
     assert rows == shards, rows

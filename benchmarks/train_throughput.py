@@ -81,13 +81,12 @@ def ray_train_floor(workers: int, cpus: float, storage: str) -> float:
     from vaedist import console
 
     path = os.path.join(storage, f"entered-{workers}x{cpus:g}.txt")
-    # Ray Train's loggers at the level vaedist.train.build_trainer sets (its INFO lines stay off the terminal).
-    logging_config = ray.train.LoggingConfig(log_level=console.train_log_level(console.is_verbose()))
     trainer = TorchTrainer(
         lambda: entered_at(path),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus}),
+        # Ray Train's loggers at vaedist's level, as its trainers have them (no INFO lines on the terminal).
         run_config=ray.train.RunConfig(
-            name=f"floor-{workers}x{cpus:g}", storage_path=storage, logging_config=logging_config
+            name=f"floor-{workers}x{cpus:g}", storage_path=storage, logging_config=console.train_logging_config()
         ),
     )
     t0 = time.time()

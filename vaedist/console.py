@@ -102,6 +102,14 @@ def train_log_level(verbose: bool) -> str:
     return "INFO" if verbose else "WARNING"
 
 
+def train_logging_config():
+    """The ``ray.train.LoggingConfig`` of every TorchTrainer vaedist builds: :func:`train_log_level` for
+    this process's verbosity (``-v``)."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level=train_log_level(is_verbose()))
+
+
 def worker_console_level(verbose: bool) -> int:
     """The level of a Ray Train worker's console handler (stderr, which Ray forwards to the driver).
 

@@ -166,7 +166,7 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
             # The console level of Ray Train's own loggers, in its controller and in every worker.
-            logging_config=ray.train.LoggingConfig(log_level=console.train_log_level(console.is_verbose())),
+            logging_config=console.train_logging_config(),
         ),
     )
 

@@ -329,7 +329,7 @@ def fit_ray_train(name: str, config: dict[str, Any], plan, storage: str) -> dict
             name=name,
             storage_path=storage,
             # Ray Train's own INFO lines to its log files unless -v (vaedist.console)
-            logging_config=ray.train.LoggingConfig(log_level=console.train_log_level(console.is_verbose())),
+            logging_config=console.train_logging_config(),
         ),
     )
     try:

@@ -199,8 +199,7 @@ def train_extractor(name: str, dataset: str, cfg: EvaluateConfig, plan, storage:
         extractor_loop_per_worker,
         train_loop_config=config,
         scaling_config=plan.scaling_config(),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage, logging_config=ray.train.LoggingConfig(
-            log_level=console.train_log_level(console.is_verbose()))),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage, logging_config=console.train_logging_config()),
     )  # fmt: skip
     try:
         result = trainer.fit()
