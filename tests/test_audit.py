@@ -81,11 +81,15 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(nb, "SHORTLIST", 16)
 
 
-def test_nearest_in_blocks_is_the_brute_force_answer(small_blocks):
+KERNELS = [nb.Kernel("cpu", dtype) for dtype in nb.PASS1_DTYPES]  # each pass-1 path, forced on this machine
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.dtype)
+def test_nearest_in_blocks_is_the_brute_force_answer(small_blocks, kernel):
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(900, 24)).astype(np.float32) * 3 + 5  # off-centre: the search centres
     queries = rng.normal(size=(250, 24)).astype(np.float32) * 3 + 5
-    dist, idx = nb.nearest(queries, reference, 5)
+    dist, idx = nb.nearest(queries, reference, 5, kernel=kernel)
     want_d, want_i = _brute_nearest(queries, reference, 5)
     assert dist.shape == (250, 5) and idx.dtype == np.int64
     assert np.array_equal(idx, want_i)
@@ -93,16 +97,60 @@ def test_nearest_in_blocks_is_the_brute_force_answer(small_blocks):
     assert (np.diff(dist, axis=1) >= 0).all()
 
 
-def test_nearest_finds_an_exact_copy_at_distance_zero(small_blocks):
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.dtype)
+def test_nearest_finds_an_exact_copy_at_distance_zero(small_blocks, kernel):
     rng = np.random.default_rng(1)
     train = rng.integers(0, 256, (600, 8, 8, 1), dtype=np.uint8)  # uint8 images: pixels in [0, 1]
     copies = train[[5, 77, 599]]
-    dist, idx = nb.nearest(copies, train, 2)
+    dist, idx = nb.nearest(copies, train, 2, kernel=kernel)
     assert (dist[:, 0] == 0).all() and idx[:, 0].tolist() == [5, 77, 599]
     want_d, _ = _brute_nearest(copies.reshape(3, -1) / 255, train.reshape(600, -1) / 255, 2)
     np.testing.assert_allclose(dist[:, 1], want_d[:, 1], rtol=1e-5)
     with pytest.raises(ValueError, match="k=601 nearest neighbours asked of 600"):
-        nb.nearest(copies, train, 601)
+        nb.nearest(copies, train, 601, kernel=kernel)
+
+
+@pytest.mark.parametrize("space", ["features", "pixels"])
+def test_the_two_pass1_kernels_agree(small_blocks, space):
+    """Exact copies: the same neighbours at distance 0 from both kernels; points near (not on) a reference:
+    the same nearest index but for near-ties, distances within 1e-5 (pass 2 is exact float32 either way)."""
+    rng = np.random.default_rng(3)
+    if space == "features":  # the audit's 64-d features
+        reference = rng.normal(size=(3000, 64)).astype(np.float32)
+        near = reference[5::10] + rng.normal(scale=0.05, size=(300, 64)).astype(np.float32)
+    else:  # uint8 pixels, D = 196
+        reference = rng.integers(0, 256, (3000, 14, 14, 1), dtype=np.uint8)
+        near = np.clip(reference[5::10].astype(int) + rng.integers(-3, 4, (300, 14, 14, 1)), 0, 255).astype(np.uint8)
+    copies = reference[::10]
+    bf16, fp32 = KERNELS
+    for d, i in (nb.nearest(copies, reference, 3, kernel=bf16), nb.nearest(copies, reference, 3, kernel=fp32)):
+        assert (d[:, 0] == 0).all() and np.array_equal(i[:, 0], np.arange(0, 3000, 10))
+    (d_b, i_b), (d_f, i_f) = nb.nearest(near, reference, 3, kernel=bf16), nb.nearest(near, reference, 3, kernel=fp32)
+    assert (i_b[:, 0] == i_f[:, 0]).mean() >= 0.99
+    np.testing.assert_allclose(d_b, d_f, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_is_float32_on_a_cpu_without_native_bf16():
+    avx2_only = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})  # an AMD EPYC before Zen 4
+    assert nb.choose_kernel("cpu", flags=avx2_only) == nb.Kernel("cpu", "float32")
+    for native in ("amx_bf16", "avx512_bf16", "bf16"):  # Sapphire Rapids, Cooper Lake / Zen 4, ARMv8.6
+        assert nb.choose_kernel("cpu", flags=avx2_only | {native}).dtype == "bfloat16"
+    assert nb.choose_kernel("cpu", forced="bfloat16", flags=avx2_only).dtype == "bfloat16"
+    assert nb.choose_kernel("cpu", forced="float32", flags=frozenset({"amx_bf16"})).name == "cpu/float32"
+    with pytest.raises(ValueError, match="VAEDIST_SEARCH_DTYPE='fp8' is not one of bfloat16, float32"):
+        nb.choose_kernel("cpu", forced="fp8")
+
+
+def test_the_kernel_here_follows_this_cpu_and_the_environment(monkeypatch):
+    from vaedist import hardware
+
+    monkeypatch.delenv(nb.DTYPE_ENV, raising=False)
+    assert nb.kernel_here().dtype == ("bfloat16" if hardware.native_bf16_matmul() else "float32")
+    monkeypatch.setenv(nb.DTYPE_ENV, "bfloat16")
+    assert nb.kernel_here() == nb.Kernel("cpu", "bfloat16")
+    search = A.Search()  # in this process: the kernel it ran is recorded
+    search.nearest(np.zeros((4, 3), np.float32), np.ones((5, 3), np.float32), 1)
+    assert search.kernels == {"cpu/bfloat16"}
 
 
 def test_ball_counts_are_the_brute_force_counts(small_blocks):
@@ -450,6 +498,10 @@ def test_held_out_test_images_pass_as_fresh_and_json_has_the_keys(audit_of, tabl
     assert all(
         entry["precision"] > 0.5 and entry["real"]["recall"] > 0.5 for entry in r["per_class"].values()
     )
+    # which pass-1 kernel ran, chosen from this machine's CPU, and the machine itself
+    assert r["search"]["pass1_kernels"] == [nb.kernel_here().name], r["search"]
+    assert r["search"]["driver"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "searches: pass 1 in cpu/" in result.stderr
 
 
 @pytest.mark.slow
@@ -475,6 +527,7 @@ def test_model_samples_land_between_and_are_recorded(audit_of, model_samples):
     run = client.get_run(r["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["vaedist.evaluate"] == "audit"
     assert run.data.tags["vaedist.model_run_id"] == model["run_id"]
+    assert run.data.tags["vaedist.audit.search_kernels"] == nb.kernel_here().name  # the kernel that ran
     assert (
         run.data.metrics["audit_fd"] == pytest.approx(r["fd"]) and "audit_class_9_recall" in run.data.metrics
     )

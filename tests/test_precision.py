@@ -33,6 +33,16 @@ def test_precision_picks_bf16_only_where_the_device_has_it(monkeypatch, native):
         loop.autocast_dtype("fp16", CPU)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_slower(monkeypatch, recwarn, native):
+    from vaedist import hardware
+
+    monkeypatch.setattr(hardware, "native_bf16_matmul", lambda flags=None: native)  # fake the CPU's capability
+    assert loop.autocast_dtype("bf16", CPU) is torch.bfloat16  # asked for: honoured either way
+    slow = [w for w in recwarn if "without native bf16 matmul" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+
+
 def test_the_precision_knob_is_validated():
     assert TrainConfig().precision == "auto" and TrainConfig(precision="bf16").precision == "bf16"
     with pytest.raises(ConfigError, match="train.precision: 'fp16' is not one of auto, bf16, fp32"):

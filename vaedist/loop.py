@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from vaedist import hardware
 from vaedist.models import BaseVAE, binarize, to_model_input
 
 
@@ -70,7 +72,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
     ``auto``: bf16 on a CUDA device with native bf16 (Ampere and newer), else float32 (CPU autocast is
     slower than float32 on most CPUs); ``bf16``: bf16 wherever autocast has it (CUDA with native bf16,
-    CPU); ``fp32``: float32. bf16 keeps float32's exponent range, so no loss scaling is needed (unlike fp16).
+    CPU; on a CPU without native bf16 matmul, :data:`vaedist.hardware.NATIVE_BF16_FLAGS`, with a warning:
+    there it runs several times slower than float32); ``fp32``: float32. bf16 keeps float32's exponent
+    range, so no loss scaling is needed (unlike fp16).
     """
     native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     if precision == "fp32":
@@ -80,6 +84,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16":
         if device.type == "cuda" and not native:
             raise ValueError(f"train.precision bf16: {device} has no native bf16 (use fp32 or auto)")
+        if device.type == "cpu" and not hardware.native_bf16_matmul():
+            warnings.warn(f"train.precision bf16 on a CPU without native bf16 matmul ({hardware.cpu_model()}, "
+                          f"{hardware.torch_cpu_capability()}): expect it slower than fp32 (auto picks fp32 here)",
+                          stacklevel=2)  # fmt: skip
         return torch.bfloat16
     raise ValueError(f"train.precision: {precision!r} is not one of auto, bf16, fp32")
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -149,15 +149,21 @@ def kernel_inception_distance(real: np.ndarray, fake: np.ndarray, seed: int) -> 
 @dataclass(frozen=True)
 class Search:
     """Where nearest-neighbour searches run: in this process (``plan`` None, or a small search), or as Ray
-    tasks of ``plan`` (:func:`vaedist.evaluate.neighbours.on_ray`). Same answers either way."""
+    tasks of ``plan`` (:func:`vaedist.evaluate.neighbours.on_ray`). Same answers either way. ``kernels``
+    collects the names of the pass-1 kernels that ran (``cpu/float32``, ...), for the audit's record."""
 
     plan: Any = None
+    kernels: set[str] = field(default_factory=set)
 
     def _run(self, fn, queries: np.ndarray, reference: np.ndarray, args: tuple, what: str) -> tuple:
         if self.plan is None or len(queries) * len(reference) < LOCAL_PAIRS:
-            out = fn(queries, reference, *args)
+            kernel = neighbours.kernel_here()
+            out = fn(queries, reference, *args, kernel=kernel)
+            self.kernels.add(kernel.name)
             return out if isinstance(out, tuple) else (out,)
-        return neighbours.on_ray(fn, queries, reference, args, self.plan, what)
+        out, ran = neighbours.on_ray(fn, queries, reference, args, self.plan, what)
+        self.kernels.update(ran)
+        return out
 
     def nearest(self, queries: np.ndarray, reference: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances (Q, k) ascending, indices (Q, k)) of the k nearest reference rows."""
@@ -167,13 +173,14 @@ class Search:
         return self._run(neighbours.ball_counts, queries, reference, (radii,), "k-NN ball count")[0]
 
 
-def prdc(real: np.ndarray, fake: np.ndarray, k: int, search: Search = Search()) -> dict[str, float]:
+def prdc(real: np.ndarray, fake: np.ndarray, k: int, search: Search | None = None) -> dict[str, float]:
     """Precision, recall (Kynkäänniemi et al. 2019), density and coverage (Naeem et al. 2020) of ``fake``
     (M, D) against ``real`` (N, D). With rad_r(j) the distance from real j to its k-th nearest other real,
     rad_f(i) likewise among fakes, and B(x, r) the open ball:
       precision = 1/M sum_i 1[f_i in some B(r_j, rad_r(j))]    recall = 1/N sum_j 1[r_j in some B(f_i, rad_f(i))]
       density   = 1/(kM) sum_i #{j: f_i in B(r_j, rad_r(j))}   coverage = 1/N sum_j 1[nearest fake to r_j in B(r_j, rad_r(j))]
     """
+    search = search or Search()
     real_radii = search.nearest(real, real, k + 1)[0][:, k]  # column 0: the point itself
     fake_radii = search.nearest(fake, fake, k + 1)[0][:, k]
     in_real_balls = search.ball_counts(fake, real, real_radii)  # (M,)

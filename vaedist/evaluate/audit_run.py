@@ -187,6 +187,8 @@ def measure(s: AuditSetup, extractor: Extractor, plan, echo) -> dict[str, Any]:
     memo = _memorization(s, gen_f, real, search)
     echo(f"  memorization: the {len(gen_f):,} generated and {len(real.test_f):,} test images' nearest of "
          f"{len(real.train_f):,} training images, in features and pixels  [{time.perf_counter() - t0:.0f}s]")  # fmt: skip
+    echo(f"  searches: pass 1 in {', '.join(sorted(search.kernels))} (chosen per node from its hardware; "
+         "pass 2 exact float32)")  # fmt: skip
     pixel, copies = memo.pop("pixel"), memo.pop("nearest_copies")
     floor |= {"dcr_ratio": 1.0, "copy_fraction": memo.pop("real_copy_fraction"), "data_copying_z": 0.0}
     result = {
@@ -196,12 +198,20 @@ def measure(s: AuditSetup, extractor: Extractor, plan, echo) -> dict[str, Any]:
         "features": extractor.description, **figures, "fd_real_floor": floor["fd"], "kid_real_floor": floor["kid"],
         **{key: memo[key] for key in ("dcr_ratio", "copy_fraction", "data_copying_z")},
         "real": floor, "verdict_space": "features", "dcr": memo, "pixel": pixel, "per_class": per_class,
-        "nearest_copies": copies,
+        "nearest_copies": copies, "search": search_record(search),
     }  # fmt: skip
     result["verdicts"] = judge(result)
     result["headline"] = headline(result["verdicts"])
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def search_record(search: Search) -> dict[str, Any]:
+    """Which kernels the searches ran (``cpu/float32``, ``cuda/bfloat16``: pass 1's device and dtype, chosen
+    on each node from its hardware; pass 2 is exact float32) and the driver's machine, for the result."""
+    from vaedist import hardware
+
+    return {"pass1_kernels": sorted(search.kernels), "pass2": "float32 exact", "driver": hardware.machine_facts()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,6 +279,9 @@ def _record(
     """Metrics, pictures and the result on the audit's run (then FINISHED), and on the model's run."""
     metrics = logged_metrics(result)
     logger.log_metrics(metrics, step=0)
+    logger.set_tags({"vaedist.audit.search_kernels": ",".join(result["search"]["pass1_kernels"]),
+                     "vaedist.audit.cpu": result["search"]["driver"]["cpu"],
+                     "vaedist.audit.cpu_capability": result["search"]["driver"]["cpu_capability"]})  # fmt: skip
     _pictures(s, result, logger)
     logger.log_dict({k: v for k, v in result.items() if k != "run_id"}, audit.AUDIT_ARTIFACT)
     tracking.end_run(run_id, "FINISHED")
