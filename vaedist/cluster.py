@@ -100,7 +100,7 @@ def connect_ray(address: str | None = None) -> str | None:
             # runtime env, even env_vars only, cannot use the workers Ray prestarts at ray.init (one per
             # CPU), and each actor then waits for a fresh process. Measured on 2 CPUs: an actor ready
             # 1.1 s after creation instead of 2.1 s; a whole `vaedist generate` of 40,000 images in
-            # 13.5-14.6 s instead of 14.7-18.0 s (README). Without an address, "local": a new in-process
+            # 13.5-14.6 s instead of 14.7-18.0 s (docs/benchmarks.md). Without an address, "local": a new in-process
             # Ray, never some other Ray that happens to run on this machine. Its dashboard also serves
             # the State API that Ray Train's controller polls.
             with console.environment(env):
@@ -386,7 +386,7 @@ def plan_actors(res: ResourcesConfig, nodes: list[dict[str, float]]) -> ActorPla
     # decoders ran 1.2-1.6x the images/s of one two-thread call in a main thread, where an actor's single
     # call runs, and 1.0-1.25x one in a pool thread), and one shard's encoding and Parquet write overlap
     # another's decoding: end to end after start-up, 0.68 -> 0.78-0.97 of the better bare way
-    # (benchmarks/generate_throughput.py, README). A GPU actor renders one shard at a time.
+    # (benchmarks/generate_throughput.py, docs/benchmarks.md). A GPU actor renders one shard at a time.
     threads, calls = (cores, 1) if g > 0 else (1, cores)
     return ActorPlan(w, max(num_cpus, 0.001), g, threads, calls)
 

@@ -5,7 +5,7 @@ where do I resume from, and take this epoch's report (metrics + checkpoint). A m
 ``TrainPlace`` (DDP through ``ray.train.torch``; ``ray.train.report`` is a barrier every rank calls). A
 single-worker Tune trial gets ``TunePlace``: Tune's function API (``ray.tune.report`` /
 ``ray.tune.get_checkpoint``) in the trial's own process, so a trial pays for no Train controller,
-placement group, worker process or gloo group (issue 15: those were ~13 s of each ~34 s trial here).
+placement group, worker process or gloo group (those were ~13 s of each ~34 s trial here: docs/benchmarks.md).
 
 The Ray imports are inside the methods: a Tune trial never imports ``ray.train.torch`` (~1 s), and this
 module loads without Ray for the plain-PyTorch tests.

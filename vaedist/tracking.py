@@ -88,7 +88,7 @@ def open_store_in_background() -> None:
     Opening a database store (SQLAlchemy, the schema check, the tables of a new database) takes 1.2-1.9 s
     on 2 CPUs, and ``ray.init`` 4-7 s, mostly waiting for its own processes: a command that starts Ray
     and then records a run saves up to the shorter of the two (0.9 s on average for ``vaedist generate``
-    here, where Ray's processes want the same CPUs; README). Every other MLflow call waits (in ``_mlflow``)
+    here, where Ray's processes want the same CPUs; docs/benchmarks.md). Every other MLflow call waits (in ``_mlflow``)
     until the store is open, so MLflow never builds one store twice at once; an error is left for that
     call to raise, where the command handles it. The thread is not a daemon: a command that fails while
     it runs exits once the store is whole. A sqlite file that does not exist yet is left to the command's

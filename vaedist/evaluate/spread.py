@@ -12,7 +12,7 @@
   Train's start-up buys nothing. Its ``fit()`` starts a controller, a placement group and its cleaner,
   a worker group, a preemption watcher and a dataset manager, each a fresh process: about 10 s before
   the loop runs on 2 CPUs (``benchmarks/train_throughput.py`` measures that floor), against ~3 s for a
-  first task on a pooled worker (torch's import) and next to nothing for the next (issue 15).
+  first task on a pooled worker (torch's import) and next to nothing for the next (docs/benchmarks.md).
   :func:`on_one_worker` runs the fit as a task holding the same bundle; :func:`keep` puts its result file
   where Ray Train's checkpoint of the same run name holds it, and :func:`kept` reads that file before
   either path fits, so neither trains again what the other finished.
