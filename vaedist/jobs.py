@@ -28,7 +28,6 @@ from vaedist.config import (
     ExperimentConfig,
     ResourcesConfig,
     TuneConfig,
-    check_dataset,
     experiment_from_dict,
     section_from_dict,
     tune_config_from_section,
@@ -174,7 +173,7 @@ def _evaluate_configs(sections: dict[str, Any]) -> tuple[EvaluateConfig, Resourc
 
 
 def _check_experiment(spec: JobSpec) -> None:
-    check_dataset(spec.experiment)  # the sections, then the dataset they name
+    spec.experiment  # noqa: B018 - builds (and so checks) the data/model/train/resources sections
 
 
 def _check_tune(spec: JobSpec) -> None:

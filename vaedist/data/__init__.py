@@ -1,7 +1,7 @@
 """Datasets: the built-in ones (shapes, classes, files, md5, mirrors) and the user's (a path), download +
 verify, readers, splits. Layers, bottom first: ``spec`` (the spec, the split rules, the data folder, the
-decode-whole rule) and ``sources`` (the dataset string); ``builtin``, ``images``, ``folders``, ``cache``,
-``tables``; ``custom`` (a path decoded whole) and ``listed`` (a path from its listing); ``registry`` (the
+decode-whole rule), ``builtin`` (the built-in datasets) and ``sources`` (the dataset string); ``images``,
+``folders``, ``cache``, ``tables``; ``custom`` (a path decoded whole) and ``listed`` (a path from its listing); ``registry`` (the
 dispatcher: built-in name or path); ``download``; ``readers`` (``load_split``, ``dataset_info``).
 
 No Ray and no MLflow here: this package is plain numpy + stdlib so every layer can use it. The names are
