@@ -83,3 +83,19 @@ def test_flatten_round_trip_and_frozen():
     assert cfg.replace(**{"model.latent_dim": 4}).model.latent_dim == 4
     with pytest.raises(AttributeError):
         cfg.model.latent_dim = 3  # frozen
+
+
+def test_a_config_for_a_missing_path_is_built_and_the_drivers_check_names_it(tmp_path):
+    """Building or rebuilding a config reads no data: a path that does not exist makes a config (workers
+    and trials rebuild it from its params); the driver's check_dataset then says what is wrong, in one line."""
+    from vaedist.config import check_dataset
+    from vaedist.errors import UsageError
+
+    missing = tmp_path / "no-such-folder"
+    cfg = experiment_from_dict({"data": {"dataset": str(missing)}, "model": {"arch": "dense"}})
+    assert from_flat(cfg.flatten()) == cfg and cfg.likelihood == "logistic"  # a path dataset's default
+    assert not missing.exists()
+    with pytest.raises(UsageError, match=rf"^dataset {missing} does not exist \(a built-in name"):
+        check_dataset(cfg)
+    with pytest.raises(ConfigError, match="model.depth: 3 stride-2 blocks need an image side divisible by 8"):
+        ExperimentConfig(model=ModelConfig(depth=3))  # a built-in dataset's facts are constants: checked at once

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vaedist.config import experiment_from_dict
+from vaedist.config import check_dataset, experiment_from_dict
 from vaedist.data import dataset_info, get_spec, load_split
 from vaedist.data.custom import spec_for
 from vaedist.errors import UsageError
@@ -192,7 +192,7 @@ def test_model_checks_name_the_fix(tmp_path):
     _folder(tmp_path / "odd", classes=("a", "b"), per_class=3, size=(30, 30))
     base = {"data": {"dataset": str(tmp_path / "odd")}, "model": {"arch": "conv", "depth": 2}}
     with pytest.raises(UsageError, match=r"need an image side divisible by 4, but odd is 30x30 .*--image-size 32x32"):
-        experiment_from_dict(base)
+        check_dataset(experiment_from_dict(base))  # built without reading the folder; the driver's check
     for name in ("x.png", "y.png"):
         shutil.copy(tmp_path / "odd" / "a" / "000.png", tmp_path / name)
     (tmp_path / "flat").mkdir()
@@ -200,8 +200,10 @@ def test_model_checks_name_the_fix(tmp_path):
         shutil.move(tmp_path / name, tmp_path / "flat" / name)
     flat = {"data": {"dataset": str(tmp_path / "flat") + "?image_size=32&test_size=1"}, "model": {"variant": "cvae"}}
     with pytest.raises(UsageError, match="cvae needs labelled images, but flat has none"):
-        experiment_from_dict(flat)
-    assert experiment_from_dict({**flat, "model": {"variant": "vae"}}).data.dataset.startswith(str(tmp_path))
+        check_dataset(experiment_from_dict(flat))
+    vae = experiment_from_dict({**flat, "model": {"variant": "vae"}})
+    check_dataset(vae)
+    assert vae.data.dataset.startswith(str(tmp_path))
 
 
 def test_a_relative_path_is_made_absolute_in_the_config(tmp_path, monkeypatch):

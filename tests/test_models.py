@@ -563,19 +563,31 @@ def test_cvae_learns_real_mnist_and_its_samples_follow_the_label():
 
 
 def test_model_registries_speak_the_config_vocabulary():
-    """config.py holds the names (torch-free, for the CLI and validation); models/ keys its classes by them."""
-    from vaedist import config
+    """choices.py holds the names (torch-free, for the CLI and validation); models/ keys its classes by them,
+    and config.py names the same tuples."""
+    from vaedist import choices, config
     from vaedist.models.likelihoods import LIKELIHOOD_CLASSES
     from vaedist.models.vae import MODELS
 
-    assert tuple(MODELS) == config.VARIANTS
-    assert tuple(LIKELIHOOD_CLASSES) == config.LIKELIHOODS
+    assert tuple(MODELS) == choices.VARIANTS == config.VARIANTS
+    assert tuple(LIKELIHOOD_CLASSES) == choices.LIKELIHOODS == config.LIKELIHOODS
+
+
+def test_the_models_import_neither_the_configs_nor_the_data_layer():
+    """models/ is plain PyTorch: importing it (every family built) loads no vaedist.config and no vaedist.data."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vaedist.models, vaedist.models.blocks; "
+            "print(sorted(m for m in sys.modules if m.startswith(('vaedist.config', 'vaedist.data'))))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_every_arch_activation_and_hierarchy_in_the_vocabulary_builds():
     """The new names (resnet, mol, silu, stochastic_layers) are config vocabulary that models/ builds."""
     from vaedist import config
-    from vaedist.models.nets import ACTIVATIONS
+    from vaedist.models.layers import ACTIVATIONS
     from vaedist.models.vae import HIERARCHICAL
 
     assert tuple(ACTIVATIONS) == config.ACTIVATIONS

@@ -61,7 +61,7 @@ def _same_as_in_memory(dataset: str) -> None:
 def test_the_budget_is_half_the_object_store_unless_given():
     assert streaming.budget_bytes(None, 8 * 10**9) == 4 * 10**9
     assert streaming.budget_bytes("1MB", 8 * 10**9) == 10**6 and streaming.budget_bytes("2GiB", 0) == 2 * 2**30
-    assert streaming.should_stream(10**6 + 1, 10**6) and not streaming.should_stream(10**6, 10**6)
+    assert streaming.budget_bytes(None, 0) == 0  # no object store known: no budget
 
 
 def test_the_estimate_is_the_decoded_train_split_and_built_in_datasets_never_stream():
@@ -71,20 +71,26 @@ def test_the_estimate_is_the_decoded_train_split_and_built_in_datasets_never_str
 
 
 def test_a_dataset_is_decoded_whole_only_where_it_fits_and_decoding_keeps_a_cpu_where_it_can():
-    from vaedist.data.registry import decode_whole
+    """One rule (data.spec.decode_whole) for the spec lookup and the trainer: whole when the decoded train
+    split fits the budget; the spec lookup's budget is that of a local Ray on this machine."""
+    from vaedist.data import spec
     from vaedist.train import decode_cpus
 
-    assert decode_whole(4 * 10**9, 16 * 10**9) and not decode_whole(4 * 10**9 + 1, 16 * 10**9)
-    assert decode_whole(10**12, 0)  # memory unknown: as before, decoded
+    assert spec.decode_whole(10**6, 10**6) and not spec.decode_whole(10**6 + 1, 10**6)
+    assert spec.decode_whole(10**12, 0)  # no budget known (memory unknown): as before, decoded
+    assert streaming.decode_whole is spec.decode_whole  # the trainer asks the same function
+    assert spec.budget_bytes(None, spec.local_object_store_bytes()) == int(spec.memory_bytes() * 0.3) // 2
     assert decode_cpus(2, 1) == 1.0 and decode_cpus(2, 2) == 0.0 and decode_cpus(16, 14.5) == 1.0
 
 
 def test_a_folder_too_large_for_memory_gets_its_spec_from_the_listing(tmp_path, monkeypatch):
-    """get_spec of a dataset over a quarter of this machine's memory decodes one image, not the folder."""
-    from vaedist.data import registry
+    """get_spec of a dataset over the budget of a local Ray (half its object store) decodes one image, not
+    the folder; the trainer would stream it by the same rule."""
+    from vaedist.data import spec as data_spec
 
     _folder(tmp_path / "big", per_class=5)
-    monkeypatch.setattr(registry, "memory_bytes", lambda: 4)  # a machine with 4 bytes of memory
+    monkeypatch.setattr(data_spec, "memory_bytes", lambda: 40)  # a machine with 40 bytes of memory
+    assert streaming.streams(str(tmp_path / "big"), None, data_spec.local_object_store_bytes())
     spec = get_spec(str(tmp_path / "big"))
     assert spec.image_shape == (8, 8, 1) and spec.train_size > 0 and spec.class_names == ("ant", "bee", "cat")
     cache = tmp_path / "decoded"

@@ -213,8 +213,10 @@ def train(config_path: str | None, name: str | None, storage_path: str | None, d
     changed = any(section != "resources" for section in overrides)
     name = name or (spec.name if config_path and not changed else None)
     if dry_run:
+        from vaedist.config import check_dataset
         from vaedist.train import default_run_name
 
+        check_dataset(cfg)  # training checks it itself, before Ray starts
         echo(f"name: {name or default_run_name(cfg)}")
         for key, value in cfg.flatten().items():
             echo(f"  {key} = {value}")

@@ -12,27 +12,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from vaedist.data.registry import DATASETS
+from vaedist.choices import (  # the vocabularies: named here too for the CLI and the jobs
+    ACTIVATIONS,
+    ARCHS,
+    CONDITIONINGS,
+    IMAGE_FORMATS,
+    LIKELIHOODS,
+    PRECISIONS,
+    VARIANTS,
+)
+from vaedist.data.builtin import DATASETS
+from vaedist.data.sources import absolute, is_path
+from vaedist.data.spec import PATH_LIKELIHOOD, parse_bytes
 from vaedist.errors import UsageError
 
-# The vocabularies, defined once: the CLI's choices and every check below derive from them. They stay
-# torch-free so that `vaedist --help` and config validation never import torch; models/ keys its registries
-# (MODELS, LIKELIHOOD_CLASSES) by the same names, and tests/test_models.py keeps the two equal.
-VARIANTS = ("ae", "vae", "cvae")
-ARCHS = ("dense", "conv", "resnet")
-LIKELIHOODS = ("bernoulli", "gaussian", "logistic", "mol")
-CONDITIONINGS = ("onehot", "embedding")
-ACTIVATIONS = ("relu", "silu")
-# Mixed precision of training: auto = bf16 autocast on a CUDA device that has it, else float32.
-PRECISIONS = ("auto", "bf16", "fp32")
-DATASET_NAMES = tuple(DATASETS)  # built-in datasets: the registry in vaedist.data
-# Generated image columns: png = the Hugging Face datasets Image struct {bytes: PNG, path: null} (every tool
-# reads it), raw = a uint8 (H, W, C) Arrow fixed-shape tensor (faster; pyarrow, Ray Data and vaedist read it).
-IMAGE_FORMATS = ("png", "raw")
+__all__ = ["ACTIVATIONS", "ARCHS", "CONDITIONINGS", "DATASET_NAMES", "IMAGE_FORMATS", "LIKELIHOODS", "PRECISIONS",
+           "VARIANTS", "parse_bytes"]  # fmt: skip
+
+DATASET_NAMES = tuple(DATASETS)  # built-in datasets: vaedist.data.builtin
 
 
 class ConfigError(UsageError):
@@ -62,19 +62,6 @@ def _check_float(value: Any, where: str, minimum: float, *, strict: bool = False
     _check(ok, where, f"must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
 
 
-_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-
-
-def parse_bytes(text: str | int) -> int:
-    """``"512MB"`` / ``"1.5GiB"`` / ``"1000000"`` -> bytes (SI and binary units, as Ray's docs write them)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _BYTE_UNITS:
-        raise ValueError(f"must be a size such as 512MB, 2GiB or a number of bytes, got {text!r}")
-    return int(float(match.group(1)) * _BYTE_UNITS[unit])
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset, where its files are, and how the validation split is carved."""
@@ -89,8 +76,6 @@ class DataConfig:
     memory_budget: str | None = None
 
     def __post_init__(self) -> None:
-        from vaedist.data.sources import absolute, is_path
-
         if isinstance(self.dataset, str) and is_path(self.dataset):
             # the same folder from any working directory (Ray workers, a later generate); options checked
             object.__setattr__(self, "dataset", absolute(self.dataset))
@@ -227,38 +212,20 @@ class ExperimentConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def __post_init__(self) -> None:
-        # Cross-section checks need the dataset's geometry; vaedist.data imports nothing heavy.
-        from vaedist.data import get_spec
-
-        spec = get_spec(self.data.dataset)
-        h, w, _ = spec.image_shape
-        if self.model.arch in ("conv", "resnet"):
-            side = 2**self.model.depth
-            near = "x".join(str(max(side, round(d / side) * side)) for d in (h, w))  # the nearest that works
-            resize = f", or --image-size {near}" if spec.from_path else ""
-            _check(
-                h % side == 0 and w % side == 0,
-                "model.depth",
-                f"{self.model.depth} stride-2 blocks need an image side divisible by {side}, "
-                f"but {spec.name} is {h}x{w} (use depth <= {_max_depth(h, w)}{resize})",
-            )
-        _check(
-            spec.num_classes > 0 or not self.model.conditional,
-            "model.variant",
-            f"cvae needs labelled images, but {spec.name} has none (no class folders): use vae or ae",
-        )
-        if self.model.likelihood == "bernoulli" and spec.image_shape[2] == 3:
-            raise ConfigError(
-                "model.likelihood: 'bernoulli' needs black-and-white images; use 'logistic' or 'gaussian' "
-                f"for {self.data.dataset}"
-            )
+        # A built-in dataset's facts are constants (vaedist.data.builtin): checked here, reading nothing. A
+        # path dataset's are checked by the driver (check_dataset), since learning them lists the data.
+        spec = DATASETS.get(self.data.dataset)
+        problem = spec and dataset_problem(self, spec.name, spec.image_shape, spec.num_classes, False)
+        if problem:
+            raise ConfigError(problem)
 
     @property
     def likelihood(self) -> str:
-        """The likelihood in force: the model's, or the dataset's default."""
-        from vaedist.data import get_spec
-
-        return self.model.likelihood or get_spec(self.data.dataset).default_likelihood
+        """The likelihood in force: the model's, or the dataset's default (a built-in dataset's own; a path
+        dataset's: ``PATH_LIKELIHOOD``). Reads no data."""
+        if self.model.likelihood:
+            return self.model.likelihood
+        return DATASETS[self.data.dataset].default_likelihood if self.data.dataset in DATASETS else PATH_LIKELIHOOD
 
     def flatten(self) -> dict[str, Any]:
         return flatten(self)
@@ -273,6 +240,41 @@ def _max_depth(h: int, w: int) -> int:
     while h % 2 ** (depth + 1) == 0 and w % 2 ** (depth + 1) == 0:
         depth += 1
     return depth
+
+
+def dataset_problem(cfg: ExperimentConfig, name: str, image_shape: tuple[int, int, int], num_classes: int,
+                    from_path: bool) -> str | None:  # fmt: skip
+    """What makes ``cfg`` unfit for its dataset's facts (one line naming the field), or None. Pure: the
+    facts come from :func:`check_dataset`."""
+    h, w, c = image_shape
+    if cfg.model.arch in ("conv", "resnet"):
+        side = 2**cfg.model.depth
+        near = "x".join(str(max(side, round(d / side) * side)) for d in (h, w))  # the nearest that works
+        resize = f", or --image-size {near}" if from_path else ""
+        if h % side or w % side:
+            return (f"model.depth: {cfg.model.depth} stride-2 blocks need an image side divisible by {side}, "
+                    f"but {name} is {h}x{w} (use depth <= {_max_depth(h, w)}{resize})")  # fmt: skip
+    if cfg.model.conditional and num_classes == 0:
+        return f"model.variant: cvae needs labelled images, but {name} has none (no class folders): use vae or ae"
+    if cfg.model.likelihood == "bernoulli" and c == 3:
+        return ("model.likelihood: 'bernoulli' needs black-and-white images; use 'logistic' or 'gaussian' "
+                f"for {cfg.data.dataset}")  # fmt: skip
+    return None
+
+
+def check_dataset(cfg: ExperimentConfig) -> None:
+    """The cross-checks of a training config against its dataset (image shape against the architecture,
+    classes against the variant, channels against the likelihood): ConfigError (exit 2) in one line.
+
+    Run once, by the driver of the command that trains (before Ray starts), never by building a config:
+    for a path dataset this lists it and may decode it (``vaedist.data.get_spec``), which a worker or a
+    Tune trial that rebuilds the config must not repeat."""
+    from vaedist.data.registry import get_spec
+
+    spec = get_spec(cfg.data.dataset)
+    problem = dataset_problem(cfg, spec.name, spec.image_shape, spec.num_classes, spec.from_path)
+    if problem:
+        raise ConfigError(problem)
 
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -387,8 +389,6 @@ class EvaluateConfig:
     allow_other_data: bool = False  # score a model on data whose fingerprint differs from its training data's
 
     def __post_init__(self) -> None:
-        from vaedist.data.sources import absolute, is_path
-
         if isinstance(self.dataset, str) and is_path(self.dataset):  # a path dataset, as DataConfig takes it
             object.__setattr__(self, "dataset", absolute(self.dataset))
         elif self.dataset is not None:

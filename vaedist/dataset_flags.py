@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from vaedist.config import DATASET_NAMES
+from vaedist.data.spec import MAX_IMAGE_PIXELS
 
 DATASET_HELP = (
     f"A built-in dataset ({', '.join(DATASET_NAMES)}) or a path / URI (s3://, gs://) to an image folder "
@@ -29,7 +30,7 @@ def dataset_options(fn):
         click.option("--image-column", help="Parquet datasets: the image column [default: image]."),
         click.option("--label-column", help="Parquet datasets: the label column [default: label]."),
         click.option("--test-size", type=int, help="Path datasets without a test split: images carved for test [default: a tenth, at most 10,000]."),
-        click.option("--skip-bad-images", is_flag=True, default=None, help="Path datasets: skip (and count) unreadable images instead of refusing the dataset."),
+        click.option("--skip-bad-images", is_flag=True, default=None, help=f"Path datasets: skip (and count) unreadable images (an unknown format, a truncated file, more than {MAX_IMAGE_PIXELS:,} pixels) instead of refusing the dataset."),
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)

@@ -1,8 +1,9 @@
-"""Training data beyond one node's memory: a path dataset streamed through Ray Data (issue 12, item 5).
+"""Training data beyond one node's memory: a path dataset streamed through Ray Data.
 
 The in-memory path (``train.put_data``: the decoded train split whole in the object store, indexed by
 each worker) stays the default: it measured faster on small images. A dataset whose decoded train split
-is larger than the memory budget (``--memory-budget``, default half the cluster's object store) streams:
+is larger than the memory budget (``--memory-budget``, default half the cluster's object store) streams
+(the one rule, ``vaedist.data.spec.decode_whole``):
 
     driver:  train_dataset(dataset, val_size, seed)  -> TorchTrainer(datasets={"train": ...},
                                                                      dataset_config=dataset_config())
@@ -39,8 +40,8 @@ import numpy as np
 import pyarrow as pa
 
 from vaedist.data import listed
-from vaedist.data.registry import DatasetSpec
 from vaedist.data.sources import is_path
+from vaedist.data.spec import budget_bytes, decode_whole, estimated_train_bytes
 
 if TYPE_CHECKING:
     import ray.data
@@ -50,37 +51,20 @@ if TYPE_CHECKING:
 BLOCK_BYTES = 8 * 2**20  # decoded bytes per block: small enough to shuffle finely, large enough per task
 BLOCK_ROWS = (32, 1024)  # a block's decode: from ~5 ms (a task's overhead) to ~0.15 s of 32x32 JPEGs
 MIN_BLOCKS = 64  # per epoch, where rows allow: what the block order shuffles and the split deals out
-LABEL_BYTES = 8  # int64
 
 
 # --------------------------------------------------------------------------------------------------
 # The decision (pure)
 
 
-def budget_bytes(memory_budget: str | None, object_store_bytes: int) -> int:
-    """The memory budget in bytes: ``memory_budget`` ("512MB", "2GiB", bytes), else half the object store."""
-    from vaedist.config import parse_bytes
-
-    return parse_bytes(memory_budget) if memory_budget is not None else int(object_store_bytes) // 2
-
-
-def estimated_train_bytes(spec: DatasetSpec) -> int:
-    """What the in-memory path would hold: every training image decoded (uint8) and its label."""
-    return int(spec.train_size) * (int(np.prod(spec.image_shape)) + LABEL_BYTES)
-
-
-def should_stream(train_bytes: int, budget_bytes: int) -> bool:
-    """Stream when the decoded train split would not fit the budget."""
-    return train_bytes > budget_bytes
-
-
 def streams(dataset: str, memory_budget: str | None, object_store_bytes: int) -> bool:
     """Whether ``dataset`` streams: never a built-in one (tens of MB, official files); a path dataset when
-    its listed spec's decoded train split exceeds the budget. Lists the dataset, decodes one image."""
+    its listed spec's decoded train split does not fit the budget (``vaedist.data.spec.decode_whole``: the
+    rule ``get_spec`` decodes by, with the cluster's object store). Lists the dataset, decodes one image."""
     if not is_path(dataset):
         return False
     train = estimated_train_bytes(listed.listed_spec(dataset))
-    return should_stream(train, budget_bytes(memory_budget, object_store_bytes))
+    return not decode_whole(train, budget_bytes(memory_budget, object_store_bytes))
 
 
 def block_rows(image_shape: tuple[int, ...], rows: int) -> int:

@@ -29,7 +29,7 @@ from vaedist.cluster import (
     plan_workers,
     storage_path,
 )
-from vaedist.config import ExperimentConfig
+from vaedist.config import ExperimentConfig, check_dataset
 from vaedist.data import get_spec, load_split
 from vaedist.errors import UsageError, VaedistError, first_line
 from vaedist.worker import train_loop_per_worker
@@ -243,6 +243,7 @@ def run_training(
     echo=print,
 ) -> TrainResult:
     """Train ``cfg`` on Ray (local or ``cfg.resources.address``), log it to MLflow, register the model."""
+    check_dataset(cfg)
     name = name or default_run_name(cfg)
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)

@@ -43,7 +43,7 @@ from vaedist.cluster import (
     plan_workers,
     storage_path,
 )
-from vaedist.config import ExperimentConfig, TuneConfig, from_flat
+from vaedist.config import ExperimentConfig, TuneConfig, check_dataset, from_flat
 from vaedist.errors import VaedistError
 from vaedist.train import (
     WHERE_IT_RAN,
@@ -175,6 +175,7 @@ def run_tune(
     echo=print,
 ) -> TuneResult:
     """Run (or resume) the search, then register the best trial's model."""
+    check_dataset(base)
     started = time.perf_counter()
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)

@@ -1,7 +1,11 @@
-"""Datasets: registry (shapes, classes, files, md5, mirrors), download + verify, readers, splits.
+"""Datasets: the built-in ones (shapes, classes, files, md5, mirrors) and the user's (a path), download +
+verify, readers, splits. Layers, bottom first: ``spec`` (the spec, the split rules, the data folder, the
+decode-whole rule), ``builtin`` (the built-in datasets) and ``sources`` (the dataset string); ``images``,
+``folders``, ``cache``, ``tables``; ``custom`` (a path decoded whole) and ``listed`` (a path from its listing); ``registry`` (the
+dispatcher: built-in name or path); ``download``; ``readers`` (``load_split``, ``dataset_info``).
 
 No Ray and no MLflow here: this package is plain numpy + stdlib so every layer can use it. The names are
-imported on first use (PEP 562): `vaedist.config` reads the registry at import, and `vaedist --help` must
+imported on first use (PEP 562): `vaedist.config` reads the built-in names at import, and `vaedist --help` must
 not pay for numpy and the readers.
 """
 
@@ -11,11 +15,11 @@ import importlib
 from typing import Any
 
 _HOMES = {
-    "DATASETS": "registry",
-    "DatasetSpec": "registry",
-    "FileSpec": "registry",
+    "DATASETS": "builtin",
+    "DatasetSpec": "spec",
+    "FileSpec": "spec",
     "get_spec": "registry",
-    "default_data_dir": "download",
+    "default_data_dir": "spec",
     "fetch": "download",
     "verify": "download",
     "dataset_info": "readers",

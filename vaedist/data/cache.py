@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from vaedist.data.spec import default_data_dir
+
 ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 
 
@@ -28,8 +30,6 @@ def cache_root() -> Path:
     env = os.environ.get("VAEDIST_CACHE_DIR")
     if env:
         return Path(env).expanduser()
-    from vaedist.data.download import default_data_dir
-
     return default_data_dir() / "decoded"
 
 

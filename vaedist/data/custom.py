@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -20,17 +21,23 @@ import numpy as np
 from vaedist.data import cache
 from vaedist.data import images as img
 from vaedist.data.folders import Listing, list_folder, open_location
-from vaedist.data.registry import DatasetSpec
-from vaedist.data.sources import DEFAULT_TEST_FRACTION, MAX_CARVED_TEST, SourceOptions, display_name, parse
+from vaedist.data.sources import SourceOptions, parse, path_name
+from vaedist.data.spec import (
+    CARVE_SEED,
+    DEFAULT_TEST_FRACTION,
+    MAX_CARVED_TEST,
+    DatasetSpec,
+    carved_test_rows,
+    path_spec,
+)
+from vaedist.data.tables import decode_rows, is_table, list_table, read_rows
 from vaedist.errors import UsageError
 
-CARVE_SEED = 0  # the carved test split is a fixed function of (rows, test_size): this never changes
 FORMATS = ("image-folder", "parquet")
+log = logging.getLogger(__name__)
 
 
 def kind_and_listing(location: str) -> tuple[str, Listing]:
-    from vaedist.data.tables import is_table, list_table
-
     if is_table(location):
         return "parquet", list_table(location)
     return "image-folder", list_folder(location)
@@ -43,15 +50,6 @@ def fingerprint(kind: str, listing: Listing, opts: SourceOptions) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def carved_test_rows(n: int, test_size: int | None) -> np.ndarray:
-    """The training rows carved for test: sorted int64, the last ``test_size`` of a PCG64(0) permutation."""
-    size = test_size if test_size is not None else min(MAX_CARVED_TEST, max(1, round(n * DEFAULT_TEST_FRACTION)))
-    if not 0 < size < n:
-        raise UsageError(f"test_size {size} must be between 1 and {n - 1} (the source has {n} training images)")
-    perm = np.random.Generator(np.random.PCG64(CARVE_SEED)).permutation(n)
-    return np.sort(perm[n - size :])
-
-
 def _folder_sources(location: str, files: list) -> list:
     fs, root = open_location(location)
     if "://" not in location:
@@ -62,8 +60,6 @@ def _folder_sources(location: str, files: list) -> list:
 def _decode(location: str, kind: str, listing: Listing, opts: SourceOptions) -> dict[str, Any]:
     """Every split decoded and shaped together: {"x": uint8 (N, H, W, C), "y": int64 (N,), "split": str (N,),
     "classes", "skipped"}."""
-    from vaedist.data.tables import decode_rows, read_rows
-
     decoded, names, labels, splits, classes = img.Decoded(), [], [], [], listing.class_names
     for split in ("train", "test"):
         if kind == "parquet":
@@ -82,14 +78,13 @@ def _decode(location: str, kind: str, listing: Listing, opts: SourceOptions) -> 
         names += part_names
         labels += list(part_labels)
         splits += [split] * len(part_names)
-    if decoded.bad and not opts.skip_bad_images:
-        pos, why = decoded.bad[0]
-        raise UsageError(f"{location}/{names[pos]} is not a readable image ({why}); "
-                         f"pass --skip-bad-images to skip such files ({len(decoded.bad)} found)")  # fmt: skip
+    skipped = img.refuse_bad(decoded, names, location, opts.skip_bad_images)
+    if skipped:
+        log.warning("%s: skipped %d unreadable image(s), e.g. %s", location, len(skipped), skipped[0])
     keep = np.asarray(decoded.kept, dtype=np.int64)
     x = img.stack(decoded, names, opts.channels)
     return {"x": x, "y": np.asarray(labels, np.int64)[keep], "split": np.asarray(splits)[keep],
-            "classes": tuple(classes), "skipped": [names[i] for i, _ in decoded.bad]}  # fmt: skip
+            "classes": tuple(classes), "skipped": skipped}  # fmt: skip
 
 
 def _arrays(decoded: dict[str, Any], has_test: bool, test_size: int | None) -> dict[str, np.ndarray]:
@@ -100,14 +95,6 @@ def _arrays(decoded: dict[str, Any], has_test: bool, test_size: int | None) -> d
     test = carved_test_rows(len(train_y), test_size)
     rest = np.setdiff1d(np.arange(len(train_y)), test)
     return {"train_x": train_x[rest], "train_y": train_y[rest], "test_x": train_x[test], "test_y": train_y[test]}
-
-
-def _spec(dataset: str, meta: dict[str, Any]) -> DatasetSpec:
-    return DatasetSpec(
-        name=display_name(dataset), image_shape=tuple(meta["image_shape"]), class_names=tuple(meta["classes"]),
-        format=meta["kind"], files=(), mirrors=(), default_likelihood="logistic",  # 8-bit grey or colour
-        train_size=meta["train_size"], test_size=meta["test_size"], source=dataset, digest=meta["fingerprint"],
-    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=16)
@@ -128,7 +115,7 @@ def spec_for(dataset: str) -> DatasetSpec:
                 "skipped": decoded["skipped"]}  # fmt: skip
         if not cache.store(key, arrays, meta):  # a read-only cache: keep them in this process
             _MEMORY[key] = tuple(arrays[name] for name in cache.ARRAYS)
-    return _spec(dataset, meta)
+    return path_spec(dataset, path_name(dataset), meta)
 
 
 _MEMORY: dict[str, tuple[np.ndarray, ...]] = {}

@@ -21,33 +21,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from vaedist.data.registry import DatasetSpec, FileSpec, get_spec
-from vaedist.errors import UsageError, VaedistError
+from vaedist.data.registry import resolve
+from vaedist.data.spec import DatasetSpec, FileSpec
+from vaedist.errors import VaedistError
 
 _CHUNK = 1 << 20
 # Long enough for a slow mirror to start answering, short enough that a dead one is skipped soon.
 _TIMEOUT_S = 60.0
 _USER_AGENT = "vaedist/0.1 (+python urllib)"
-
-
-def default_data_dir() -> Path:
-    """`$VAEDIST_DATA_DIR`, else `$XDG_CACHE_HOME/vaedist/data`, else `~/.cache/vaedist/data`."""
-    env = os.environ.get("VAEDIST_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "vaedist" / "data"
-
-
-def _resolve(name: str, root: str | os.PathLike | None, spec: DatasetSpec | None) -> tuple[DatasetSpec, Path]:
-    """The spec to use (`spec` overrides the registry, for tests and private mirrors) and its folder."""
-    if spec is None:
-        spec = get_spec(name)
-    elif name not in (spec.name, spec.source):
-        raise UsageError(f"dataset name {name!r} does not match the spec passed in ({spec.name!r})")
-    base = Path(root).expanduser() if root is not None else default_data_dir()
-    return spec, base / spec.name
 
 
 @functools.lru_cache(maxsize=256)
@@ -93,7 +74,7 @@ def verify(
 
     Never downloads and never modifies anything.
     """
-    spec, folder = _resolve(name, root, spec)
+    spec, folder = resolve(name, root, spec)
     return {fs.filename: _check_file(folder / fs.filename, fs) for fs in spec.files}
 
 
@@ -107,7 +88,7 @@ def ensure_files(
     spec: DatasetSpec | None = None,
 ) -> Path:
     """`fetch` when `download`; otherwise fail with one line if any file is missing or corrupt."""
-    spec, folder = _resolve(name, root, spec)
+    spec, folder = resolve(name, root, spec)
     for fs in spec.files:
         path = folder / fs.filename
         status = _check_file(path, fs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from multiprocessing import get_context
 
 import numpy as np
 
+from vaedist.data.spec import MAX_IMAGE_PIXELS
 from vaedist.errors import UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
@@ -57,25 +59,51 @@ def fit(image, size: tuple[int, int] | None, channels: int | None) -> np.ndarray
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+class TooLarge(ValueError):
+    """An image above ``MAX_IMAGE_PIXELS``."""
+
+
+TOO_LARGE = f"above the limit of {MAX_IMAGE_PIXELS:,} pixels per image"
+
+
 def _decode_one(source: str | bytes, size, channels) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source) as image:
-        image.seek(0)  # the first frame of an animation
-        return fit(image, size, channels)
+    with warnings.catch_warnings():
+        # Pillow warns (DecompressionBombWarning) where it would decode an image above its own limit: an
+        # image vaedist refuses, not a warning to print and then decode.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source) as image:
+            w, h = image.size  # from the header: nothing decoded yet
+            if w * h > MAX_IMAGE_PIXELS:
+                raise TooLarge(f"{w}x{h} = {w * h:,} pixels, {TOO_LARGE}")
+            image.seek(0)  # the first frame of an animation
+            return fit(image, size, channels)
 
 
 def _decode_chunk(sources: Sequence[str | bytes], offset: int, size, channels) -> Decoded:
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     out = Decoded()
     for i, source in enumerate(sources):
         try:
             out.images.append(_decode_one(source, size, channels))
             out.kept.append(offset + i)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # above Pillow's limit too
+            out.bad.append((offset + i, f"more pixels than Pillow decodes, {TOO_LARGE}"))
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # Pillow's decode errors
             out.bad.append((offset + i, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
     return out
+
+
+def refuse_bad(decoded: Decoded, names: Sequence[str], location: str, skip: bool) -> list[str]:
+    """The names of the images that did not decode; unless ``skip`` (``--skip-bad-images``), a UsageError
+    naming the first of them, why, and the flag."""
+    if decoded.bad and not skip:
+        pos, why = decoded.bad[0]
+        raise UsageError(f"{location}/{names[pos]} is not a readable image ({why}); "
+                         f"pass --skip-bad-images to skip such files ({len(decoded.bad)} found)")  # fmt: skip
+    return [names[i] for i, _ in decoded.bad]
 
 
 def decode_all(sources: Sequence[str | bytes], size=None, channels=None, workers: int | None = None) -> Decoded:

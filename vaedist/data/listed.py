@@ -11,7 +11,7 @@ from the listing, and only what is asked for is decoded:
 
 Row order: the listed order is the order ``custom._decode`` keeps (folders: the listing's; tables: files in
 listing order, rows in file order), so both paths carve the same rows: ``carved_test_rows`` over the
-listed training rows, then ``readers.val_indices`` over the rest, and the same pixels (the same
+listed training rows, then ``spec.val_indices`` over the rest, and the same pixels (the same
 ``images.fit`` calls). Two differences, both only where the in-memory path would have to see every image
 first: with ``skip_bad_images``, the in-memory path carves over the images that decoded, the stream over
 the listed ones, and skips (and logs) an unreadable image in whichever split it falls; without
@@ -32,9 +32,17 @@ import pyarrow.fs as pafs
 from vaedist.data import cache, custom
 from vaedist.data import images as img
 from vaedist.data.folders import open_location
-from vaedist.data.readers import SPLITS, _check_val_size, path_val_size, val_indices
-from vaedist.data.registry import DatasetSpec
-from vaedist.data.sources import SourceOptions, display_name, parse
+from vaedist.data.sources import SourceOptions, parse, path_name
+from vaedist.data.spec import (
+    SPLITS,
+    DatasetSpec,
+    carved_test_rows,
+    check_val_size,
+    path_spec,
+    path_val_size,
+    val_indices,
+)
+from vaedist.data.tables import fit_array, read_group_rows, read_labels
 from vaedist.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -83,8 +91,6 @@ def source(dataset: str) -> Source:
     kind, listing = custom.kind_and_listing(location)
     classes, test = listing.class_names, None
     if kind == "parquet":
-        from vaedist.data.tables import read_labels
-
         labelled = read_labels(location, listing, "train", opts)
         classes, train = labelled.class_names, _table_items(labelled.files, labelled.labels)
         if listing.has_test:
@@ -101,15 +107,15 @@ def source(dataset: str) -> Source:
 
 
 def _carve(src: Source) -> tuple[pa.Table, pa.Table]:
-    """(train_full, test): the given test split, or ``custom.carved_test_rows`` of the listed train rows."""
+    """(train_full, test): the given test split, or ``carved_test_rows`` of the listed train rows."""
     if src.test is not None:
         return src.train, src.test
-    test = custom.carved_test_rows(len(src.train), src.opts.test_size)
+    test = carved_test_rows(len(src.train), src.opts.test_size)
     return src.train.take(np.setdiff1d(np.arange(len(src.train)), test)), src.train.take(test)
 
 
 def split_items(dataset: str, split: str, val_size: int) -> pa.Table:
-    """The items of a split (``readers.SPLITS``), in the listed order, by ``readers.load_split``'s rule:
+    """The items of a split (``spec.SPLITS``), in the listed order, by ``readers.load_split``'s rule:
     'val' = ``val_size`` rows of train_full (the default becomes a tenth), 'train' = the rest."""
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r} (choose from: {', '.join(SPLITS)})")
@@ -119,7 +125,7 @@ def split_items(dataset: str, split: str, val_size: int) -> pa.Table:
         return test if split == "test" else train_full
     n = len(train_full)
     val_size = path_val_size(val_size, n)
-    _check_val_size(val_size, n, display_name(dataset))
+    check_val_size(val_size, n, path_name(dataset))
     train_rows, val_rows = val_indices(n, int(val_size))
     return train_full.take(train_rows if split == "train" else val_rows)
 
@@ -146,8 +152,6 @@ def _decoded_folder(fs, root: str, remote: bool, items: pa.Table, opts, channels
 
 def _decoded_table(fs, root: str, items: pa.Table, opts, channels, workers) -> tuple[img.Decoded, list]:
     """Rows of Parquet files, one row group read per run of items in it (a stream's block is one run)."""
-    from vaedist.data.tables import fit_array, read_group_rows
-
     single = fs.get_file_info(root).type == pafs.FileType.File
     files, groups, rows = items.column("file").to_pylist(), items.column("group").to_numpy(), items.column("row").to_numpy()
     parts = items.column("part").to_numpy()
@@ -194,11 +198,7 @@ def decode_items(dataset: str, kind: str, items: pa.Table, shape: tuple[int, int
         decoded, names = _decoded_table(fs, root, items, opts, channels, workers)
     else:
         decoded, names = _decoded_folder(fs, root, "://" in location, items, opts, channels, workers)
-    if decoded.bad and not opts.skip_bad_images:
-        pos, why = decoded.bad[0]
-        raise UsageError(f"{location}/{names[pos]} is not a readable image ({why}); "
-                         f"pass --skip-bad-images to skip such files ({len(decoded.bad)} found)")  # fmt: skip
-    skipped = [names[i] for i, _ in decoded.bad]
+    skipped = img.refuse_bad(decoded, names, location, opts.skip_bad_images)
     if skipped:
         log.warning("%s: skipped %d unreadable image(s), e.g. %s", location, len(skipped), skipped[0])
     labels = items.column("label").to_numpy()[np.asarray(decoded.kept, np.int64)]
@@ -229,7 +229,7 @@ def listed_spec(dataset: str) -> DatasetSpec:
         train_full, test = _carve(src)
         meta = {"fingerprint": src.fingerprint, "kind": src.kind, "image_shape": list(image_shape(dataset)),
                 "classes": list(src.class_names), "train_size": len(train_full), "test_size": len(test)}  # fmt: skip
-    return custom._spec(dataset, meta)
+    return path_spec(dataset, path_name(dataset), meta)
 
 
 def decode_split(dataset: str, split: str, val_size: int) -> tuple[np.ndarray, np.ndarray]:

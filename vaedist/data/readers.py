@@ -19,14 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from vaedist.data.download import _resolve, ensure_files, verify
-from vaedist.data.registry import DatasetSpec
+from vaedist.data.download import ensure_files, verify
+from vaedist.data.registry import resolve
+from vaedist.data.spec import (
+    DEFAULT_VAL_SIZE,
+    SPLITS,
+    DatasetSpec,
+    check_val_size,
+    path_val_size,
+    val_indices,
+)
 from vaedist.errors import UsageError, VaedistError
-
-SPLITS = ("train", "val", "train_full", "test")
-DEFAULT_VAL_SIZE = 5000
-# The validation split is a fixed function of (number of training rows, val_size): this seed never changes.
-VAL_SEED = 0
 
 _IDX_UBYTE = 0x08
 
@@ -171,37 +174,6 @@ def _load_arrays(spec: DatasetSpec, folder: str) -> tuple[np.ndarray, np.ndarray
     return tuple(_readonly(np.ascontiguousarray(p)) for p in parts)  # type: ignore[return-value]
 
 
-def _check_val_size(val_size: int, n_train: int, what: str) -> None:
-    if (
-        isinstance(val_size, bool)
-        or not isinstance(val_size, (int, np.integer))
-        or not 0 <= val_size < n_train
-    ):
-        raise UsageError(
-            f"val_size must be an integer from 0 to {n_train - 1} ({what} has {n_train} training rows), got {val_size!r}"
-        )
-
-
-def val_indices(n_train: int, val_size: int = DEFAULT_VAL_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, val rows) of the full training set, both sorted int64.
-
-    The validation rows are the LAST `val_size` entries of a permutation of range(n_train) drawn by
-    numpy's Generator(PCG64(0)); train is the rest. Both are sorted so each keeps the files' order.
-    Deterministic across machines and numpy versions (PCG64 and permutation are stable streams),
-    and nested: the val set for a smaller val_size is a subset of the one for a larger val_size.
-    """
-    _check_val_size(val_size, n_train, "the training set")
-    perm = np.random.Generator(np.random.PCG64(VAL_SEED)).permutation(n_train)
-    cut = n_train - val_size
-    return np.sort(perm[:cut]), np.sort(perm[cut:])
-
-
-def path_val_size(val_size: int, n_train: int) -> int:
-    """The validation size of the user's images: the default becomes a tenth of train, at most the default
-    (an explicit size is kept). Shared by the in-memory path and the stream (:mod:`vaedist.data.listed`)."""
-    return min(val_size, max(1, n_train // 10)) if val_size == DEFAULT_VAL_SIZE else val_size
-
-
 @functools.lru_cache(maxsize=8)
 def _split(spec: DatasetSpec, folder: str, split: str, val_size: int) -> tuple[np.ndarray, np.ndarray]:
     train_x, train_y, test_x, test_y = _load_arrays(spec, folder)
@@ -234,7 +206,7 @@ def load_split(
     """
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r} (choose from: {', '.join(SPLITS)})")
-    spec, folder = _resolve(name, root, spec)
+    spec, folder = resolve(name, root, spec)
     if not spec.from_path:
         ensure_files(spec.name, folder.parent, download=download, progress=progress, spec=spec)
     key = spec.source or str(folder.resolve())
@@ -248,7 +220,7 @@ def load_split(
         if spec.from_path:
             val_size = path_val_size(val_size, n_train)
         # Checked against the rows actually read (a patched spec need not state train_size right).
-        _check_val_size(val_size, n_train, spec.name)
+        check_val_size(val_size, n_train, spec.name)
         val_size = int(val_size)
     return _split(spec, key, split, val_size)
 
@@ -267,7 +239,7 @@ def dataset_info(
     'splits': {'train'|'val'|'test': {'count', 'image_shape' (H, W, C), 'class_counts' (list, one per class)}}};
     'splits' is empty unless ready.
     """
-    spec, folder = _resolve(name, root, spec)
+    spec, folder = resolve(name, root, spec)
     files = {} if spec.from_path else verify(spec.name, folder.parent, spec=spec)
     ready = all(s == "ok" for s in files.values())
     if spec.from_path:

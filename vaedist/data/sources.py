@@ -21,10 +21,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
+from vaedist.data.builtin import DATASETS
 from vaedist.errors import UsageError
 
-DEFAULT_TEST_FRACTION = 0.1  # carved when a source has no test split: a tenth, at most MAX_CARVED_TEST
-MAX_CARVED_TEST = 10_000
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -45,8 +44,6 @@ def is_path(dataset: str) -> bool:
     """Whether a dataset string names a path or URI rather than a built-in dataset: it looks like one
     (``/``, ``.``, ``~``, a URI, options), or a file or folder of that name exists here and it is not a
     built-in name (which always wins)."""
-    from vaedist.data.registry import DATASETS
-
     if "/" in dataset or "://" in dataset or dataset.startswith((".", "~")) or "?" in dataset:
         return True
     return dataset not in DATASETS and os.path.exists(dataset)
@@ -125,9 +122,12 @@ def default_name(location: str) -> str:
     return cleaned[:64]
 
 
-def display_name(dataset: str) -> str:
-    """The short name a dataset goes by in MLflow: the built-in name, or ``name=`` / the stem of a path."""
-    if not is_path(dataset):
-        return dataset
+def path_name(dataset: str) -> str:
+    """The short name of a path dataset: its ``name=`` option, else the stem of its location."""
     location, options = parse(dataset)
     return options.name or default_name(location)
+
+
+def display_name(dataset: str) -> str:
+    """The short name a dataset goes by in MLflow: the built-in name, or ``name=`` / the stem of a path."""
+    return path_name(dataset) if is_path(dataset) else dataset

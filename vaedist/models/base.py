@@ -12,7 +12,7 @@ The objective is the ELBO of Kingma & Welling (2014),
 this interface by working in the prior's noise space (see there).
 
 Mixed precision: the networks may run under ``torch.autocast`` (bf16); the likelihood and the KL, and so
-every sum over pixels and latent dims, are computed in float32 with autocast off (``_float32_terms``).
+every sum over pixels and latent dims, are computed in float32 with autocast off (``float32_terms``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 
 
 @contextmanager
-def _float32_terms(device: torch.device) -> Iterator[None]:
+def float32_terms(device: torch.device) -> Iterator[None]:
     """Autocast off: the ELBO's sums over thousands of pixels and latent dims stay float32 even when the
     networks ran in bf16 (8 mantissa bits would lose whole nats in a sum of ~3000 terms)."""
     with torch.autocast(device.type, enabled=False):
@@ -222,7 +222,7 @@ class BaseVAE(nn.Module):
 
     def _recon_and_kl_dims(self, x: Tensor, out: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``-log p(x|z)`` (B,) and the per-dim ``KL(q || N(0, I))`` (B, L), both in float32."""
-        with _float32_terms(x.device):
+        with float32_terms(x.device):
             recon = -self.likelihood.log_prob(out["params"].float(), x.float())  # (B,)
             kl_dims = gaussian_kl(out["mu"].float(), out["logvar"].float())  # (B, L)
         return recon, kl_dims

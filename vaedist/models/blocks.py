@@ -6,7 +6,7 @@ networks", fig. 4e): ``x + conv3x3(act(conv3x3(act(x))))``. The branch's last co
 trains from the first step without normalisation. No normalisation layers at all, as in VDVAE (Child
 2021): train and eval mode compute the same function and DDP needs no buffer synchronisation.
 
-Channels per level (levels as in ``nets.py``): ``c_0 = base_channels`` at full resolution, then
+Channels per level (levels as in ``nets.py``; the shared pieces in ``layers.py``): ``c_0 = base_channels`` at full resolution, then
 ``c_l = conv_channels(base, depth)[l - 1]`` at ``H / 2^l``, the conv arch's widths, so both archs size
 alike. Knobs: ``base_channels`` (width), ``depth`` (halvings), ``blocks_per_level``, ``activation``.
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from vaedist.models.nets import Inject, _activation, _check_side, conv_channels
+from vaedist.models.layers import Inject, check_side, conv_channels, make_activation
 
 
 class ResBlock(nn.Module):
@@ -32,9 +32,9 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, activation: str = "relu") -> None:
         super().__init__()
         self.branch = nn.Sequential(
-            _activation(activation),
+            make_activation(activation),
             nn.Conv2d(channels, channels, 3, padding=1),
-            _activation(activation),
+            make_activation(activation),
             nn.Conv2d(channels, channels, 3, padding=1),
         )
         nn.init.zeros_(self.branch[-1].weight)
@@ -77,7 +77,7 @@ class ResNetEncoder(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        h_out, w_out = _check_side(image_shape, depth)
+        h_out, w_out = check_side(image_shape, depth)
         chans = level_channels(base_channels, depth)
         self.stem = nn.Conv2d(image_shape[2], chans[0], 3, padding=1)
         self.label = nn.Linear(cond_dim, chans[0], bias=False) if cond_dim else None
@@ -86,7 +86,7 @@ class ResNetEncoder(nn.Module):
             nn.Conv2d(a, b, 4, stride=2, padding=1) for a, b in zip(chans[:-1], chans[1:], strict=True)
         )
         self.head = nn.Sequential(
-            _activation(activation), nn.Flatten(), nn.Linear(chans[-1] * h_out * w_out, out_dim)
+            make_activation(activation), nn.Flatten(), nn.Linear(chans[-1] * h_out * w_out, out_dim)
         )
         self.level_shapes = _level_shapes(image_shape, chans)
 
@@ -120,7 +120,7 @@ class ResNetDecoder(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        h_in, w_in = _check_side(image_shape, depth)
+        h_in, w_in = check_side(image_shape, depth)
         chans = level_channels(base_channels, depth)
         self.start_shape = (chans[-1], h_in, w_in)
         self.fc = nn.Linear(in_dim, chans[-1] * h_in * w_in)
@@ -129,7 +129,7 @@ class ResNetDecoder(nn.Module):
             nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(b, a, 3, padding=1))
             for a, b in zip(chans[:-1], chans[1:], strict=True)
         )
-        self.out = nn.Sequential(_activation(activation), nn.Conv2d(chans[0], out_channels, 3, padding=1))
+        self.out = nn.Sequential(make_activation(activation), nn.Conv2d(chans[0], out_channels, 3, padding=1))
         self.level_shapes = _level_shapes(image_shape, chans)
 
     def forward(self, h: Tensor, inject: Inject | None = None) -> Tensor:

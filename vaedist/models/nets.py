@@ -18,24 +18,18 @@ publish ``level_shapes``: ``{l: (channels, h, w)}``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vaedist.config import ARCHS, CONDITIONINGS  # the vocabulary, defined once (torch-free)
+from vaedist.choices import ARCHS, CONDITIONINGS  # the vocabulary, defined once (torch-free)
+from vaedist.models.blocks import ResNetDecoder, ResNetEncoder
+from vaedist.models.layers import ACTIVATIONS, Inject, check_side, conv_channels, make_activation
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU}
-MAX_CHANNEL_MULT = 8  # conv: channels double per block up to base_channels * 8
-# (level, features (B, c, h, w)) -> features of the same shape: where a decoder lets latents in
-Inject = Callable[[int, Tensor], Tensor]
-
-
-def _activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r} (allowed: {', '.join(ACTIVATIONS)})")
-    return ACTIVATIONS[name]()
+__all__ = ["ACTIVATIONS", "ConvDecoder", "ConvEncoder", "DenseDecoder", "DenseEncoder", "LabelCode",
+           "build_decoder", "build_encoder", "conv_channels", "conv_level_shapes"]  # fmt: skip
 
 
 class LabelCode(nn.Module):
@@ -87,7 +81,7 @@ def _recorder(feats: dict[int, Tensor]) -> Inject:
 def _mlp(in_dim: int, width: int, depth: int, out_dim: int, activation: str) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(depth):
-        layers += [nn.Linear(in_dim if i == 0 else width, width), _activation(activation)]
+        layers += [nn.Linear(in_dim if i == 0 else width, width), make_activation(activation)]
     layers.append(nn.Linear(width if depth else in_dim, out_dim))
     return nn.Sequential(*layers)
 
@@ -149,24 +143,10 @@ class DenseDecoder(nn.Module):
         return _through(self.net, h, levels, inject).unflatten(1, self.out_shape)
 
 
-def conv_channels(base_channels: int, depth: int) -> list[int]:
-    """Channels of the ``depth`` stride-2 blocks: base, 2*base, 4*base, ... capped at 8*base."""
-    return [base_channels * min(2**i, MAX_CHANNEL_MULT) for i in range(depth)]
-
-
 def conv_level_shapes(image_shape: tuple[int, int, int], chans: list[int]) -> dict[int, tuple[int, int, int]]:
     """``{l: (chans[l-1], H/2^l, W/2^l)}`` for the levels ``1..len(chans)``."""
     h, w, _ = image_shape
     return {level: (c, h >> level, w >> level) for level, c in enumerate(chans, start=1)}
-
-
-def _check_side(image_shape: tuple[int, int, int], depth: int) -> tuple[int, int]:
-    h, w, _ = image_shape
-    side = 2**depth
-    if h % side or w % side:
-        # Not an assert: a model built with a bad depth must fail the same way under ``python -O``.
-        raise ValueError(f"conv depth {depth} needs image sides divisible by {side}, got {h}x{w}")
-    return h // side, w // side
 
 
 class ConvEncoder(nn.Module):
@@ -194,14 +174,14 @@ class ConvEncoder(nn.Module):
     ) -> None:
         super().__init__()
         _, _, c = image_shape
-        h_out, w_out = _check_side(image_shape, depth)
+        h_out, w_out = check_side(image_shape, depth)
         chans = conv_channels(base_channels, depth)
         self.in_channels = c
         self.cond_dim = cond_dim
         self.first = nn.Conv2d(c + cond_dim, chans[0], 4, stride=2, padding=1)  # on [x, label maps]
-        layers: list[nn.Module] = [_activation(activation)]
+        layers: list[nn.Module] = [make_activation(activation)]
         for c_in, c_out in zip(chans[:-1], chans[1:], strict=True):
-            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), _activation(activation)]
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), make_activation(activation)]
         self.blocks = nn.Sequential(*layers)
         self.head = nn.Linear(chans[-1] * h_out * w_out, out_dim)
         self.level_shapes = conv_level_shapes(image_shape, chans)
@@ -246,16 +226,16 @@ class ConvDecoder(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        h_in, w_in = _check_side(image_shape, depth)
+        h_in, w_in = check_side(image_shape, depth)
         chans = conv_channels(base_channels, depth)
         self.start_shape = (chans[-1], h_in, w_in)
-        self.fc = nn.Sequential(nn.Linear(in_dim, chans[-1] * h_in * w_in), _activation(activation))
+        self.fc = nn.Sequential(nn.Linear(in_dim, chans[-1] * h_in * w_in), make_activation(activation))
         layers: list[nn.Module] = []
         outs = chans[::-1][1:] + [out_channels]
         for i, (c_in, c_out) in enumerate(zip(chans[::-1], outs, strict=True)):
             layers.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
             if i < depth - 1:
-                layers.append(_activation(activation))
+                layers.append(make_activation(activation))
         self.blocks = nn.Sequential(*layers)
         self.level_shapes = conv_level_shapes(image_shape, chans)
 
@@ -287,8 +267,6 @@ def build_encoder(
     if arch == "conv":
         return ConvEncoder(image_shape, out_dim, **sizes)
     if arch == "resnet":
-        from vaedist.models.blocks import ResNetEncoder  # here: blocks.py builds on this module
-
         return ResNetEncoder(image_shape, out_dim, blocks_per_level=blocks_per_level, **sizes)
     raise ValueError(f"unknown arch {arch!r} (allowed: {', '.join(ARCHS)})")
 
@@ -313,7 +291,5 @@ def build_decoder(
     if arch == "conv":
         return ConvDecoder(image_shape, out_channels, in_dim, **sizes)
     if arch == "resnet":
-        from vaedist.models.blocks import ResNetDecoder  # here: blocks.py builds on this module
-
         return ResNetDecoder(image_shape, out_channels, in_dim, blocks_per_level=blocks_per_level, **sizes)
     raise ValueError(f"unknown arch {arch!r} (allowed: {', '.join(ARCHS)})")

@@ -12,16 +12,13 @@ family (conditional or not), the knob the depth of the latent hierarchy.
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from vaedist.models.base import BaseVAE, LossOutput, _float32_terms
+from vaedist.models.base import BaseVAE, LossOutput, float32_terms
 from vaedist.models.ladder import LadderCVAE, LadderVAE
-
-if TYPE_CHECKING:
-    from vaedist.config import ModelConfig
 
 
 class VAE(BaseVAE):
@@ -74,7 +71,7 @@ class AutoEncoder(BaseVAE):
         self, x: Tensor, out: dict[str, Tensor], beta: float = 1.0, free_bits: float = 0.0
     ) -> LossOutput:
         """Reconstruction only; ``beta`` and ``free_bits`` are accepted and ignored."""
-        with _float32_terms(x.device):
+        with float32_terms(x.device):
             recon = -self.likelihood.log_prob(out["params"].float(), x.float())  # (B,)
         kl = torch.zeros_like(recon)
         return LossOutput(loss=recon.mean(), neg_elbo=recon, recon=recon, kl=kl, kl_layers=kl[:, None])
@@ -110,9 +107,10 @@ def _model_class(variant: str, hierarchical: bool = False) -> type[BaseVAE]:
 
 
 def build_model(
-    cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int, likelihood: str
+    cfg: Any, image_shape: tuple[int, int, int], num_classes: int, likelihood: str
 ) -> BaseVAE:
-    """A fresh model from the model config section.
+    """A fresh model from the model config section (a ``vaedist.config.ModelConfig``, or anything with its
+    fields: models/ imports no config).
 
     ``image_shape`` is (H, W, C); ``likelihood`` is the resolved one (``ExperimentConfig.likelihood``),
     which wins over ``cfg.likelihood`` (None there means the dataset default).
