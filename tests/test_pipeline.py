@@ -97,7 +97,8 @@ def test_demo_pipeline_at_toy_size_then_rerun_skips(tmp_path, monkeypatch, capsy
 
         # The same pipeline again: training is reused, the complete Parquet folder left alone, and the
         # evaluations MLflow holds are read back, not recomputed.
-        parts = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/demo/mnist").glob("train-*.parquet")}
+        parts = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/demo/mnist").glob("data/train-*.parquet")}
+        assert parts  # the shards are in data/, as on the Hub
         lines.clear()
         again = run_spec(spec, echo=lines.append)
         assert any("already trained" in line for line in lines)
@@ -106,7 +107,7 @@ def test_demo_pipeline_at_toy_size_then_rerun_skips(tmp_path, monkeypatch, capsy
         assert again.evaluation["cas"]["cas"] == cas["cas"]
         assert again.evaluation["likelihood"]["metrics"] == nll
         assert again.evaluation["cas"]["run_id"] == cas["run_id"]
-        assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/demo/mnist").glob("train-*.parquet")} == parts
+        assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/demo/mnist").glob("data/train-*.parquet")} == parts
         client = mlflow.MlflowClient(uri)
         assert len(client.search_model_versions("name='vaedist-mnist'")) == 1
 

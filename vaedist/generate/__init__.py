@@ -1,6 +1,6 @@
 """Batch generation: a trained (C)VAE -> one folder of labelled Parquet shards, on Ray Data.
 
-    plan (shard i -> sample ids, labels, seed) --map_batches(ShardWriter actors)--> train-NNNNN-of-NNNNN.parquet
+    plan (shard i -> sample ids, labels, seed) --map_batches(ShardWriter actors)--> data/train-NNNNN-of-NNNNN.parquet
     _plan.json (written first)                                         README.md (the dataset card), _manifest.json (last)
 
 The rooms:
@@ -23,7 +23,7 @@ mixed in. A complete folder is never rewritten without ``overwrite``. One genera
 Everything below is importable from ``vaedist.generate`` as before the split.
 """
 
-from vaedist.generate.card import record_evaluation
+from vaedist.generate.card import finish_folder, record_evaluation
 from vaedist.generate.driver import (
     GRID_PER_LABEL,
     GenerateResult,
@@ -38,6 +38,7 @@ from vaedist.generate.driver import (
 from vaedist.generate.format import (
     CARD,
     COLUMNS,
+    DATA_DIR,
     IMAGE_FORMATS,
     MANIFEST,
     MANIFEST_FORMAT,
@@ -47,6 +48,7 @@ from vaedist.generate.format import (
     SHARD_GLOB,
     TMP_RE,
     UNCONDITIONAL_LABEL,
+    Plan,
     build_manifest,
     dataset_digest,
     parquet_bytes,
@@ -55,7 +57,6 @@ from vaedist.generate.format import (
     shard_of,
     shard_table,
     write_atomic,
-    write_folder,
     write_part,
 )
 from vaedist.generate.plan import (
@@ -63,7 +64,6 @@ from vaedist.generate.plan import (
     FolderAction,
     ModelFacts,
     OutputState,
-    Plan,
     configs_from_spec,
     decide_action,
     label_counts,
@@ -84,15 +84,16 @@ from vaedist.generate.writer import (
     run_shards,
     sha256_file,
     verify_part,
+    write_folder,
     write_shard,
 )
 
 __all__ = [
-    "CARD", "COLUMNS", "GRID_PER_LABEL", "IMAGE_FORMATS", "MANIFEST", "MANIFEST_FORMAT", "MAX_ROWS", "META", "PART_RE",
+    "CARD", "COLUMNS", "DATA_DIR", "GRID_PER_LABEL", "IMAGE_FORMATS", "MANIFEST", "MANIFEST_FORMAT", "MAX_ROWS", "META", "PART_RE",
     "PLAN_FILE", "SHARD_DELAY_ENV", "SHARD_GLOB", "TMP_RE", "UNCONDITIONAL_LABEL",
     "FolderAction", "GenerateResult", "GeneratedSet", "ModelFacts", "OutputState", "Plan", "Prepared", "ShardWriter",
     "build_manifest", "build_plan", "check_writable", "configs_from_spec", "dataset_digest", "decide_action", "decode_images",
-    "decode_png", "describe", "encode_pngs", "inspect_output", "label_counts", "latents", "parquet_bytes",
+    "decode_png", "describe", "encode_pngs", "finish_folder", "inspect_output", "label_counts", "latents", "parquet_bytes",
     "parse_labels", "part_name", "plan_labels", "prepare", "read_generated", "read_images", "record_evaluation",
     "resolve_out", "run_generate", "run_name", "run_shards", "sample_grid", "schema", "sha256_file",
     "shard_of", "shard_table", "split_rows", "verify_part", "write_atomic", "write_folder", "write_part", "write_shard",

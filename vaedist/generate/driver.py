@@ -15,12 +15,12 @@ import numpy as np
 from vaedist.config import GenerateConfig, ResourcesConfig
 from vaedist.errors import UsageError, VaedistError, first_line
 from vaedist.generate import writer
+from vaedist.generate.card import finish_folder
 from vaedist.generate.format import (
     MANIFEST,
     build_manifest,
     dataset_digest,
     dataset_name,
-    finish_folder,
     join,
     manifest_bytes,
     part_name,

@@ -1,4 +1,5 @@
-"""The plan: everything that decides a generated folder's bytes, and what to do with the folder. Pure.
+"""What to generate (labels, rows per label, latents) and what to do with the output folder. Pure.
+The :class:`~vaedist.generate.format.Plan` itself, everything that decides a folder's bytes, is the format's.
 
 Determinism. A sample is a pure function of (model, plan, sample_id):
 - its label comes from a fixed interleave of the label-major sequence (:meth:`Plan.label_index`), a
@@ -17,105 +18,18 @@ No Ray, no MLflow, no file access here: every function is unit-tested on plain v
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
-import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from vaedist.config import GenerateConfig, ResourcesConfig, section_from_dict
 from vaedist.errors import UsageError
-from vaedist.generate.format import PLAN_FILE, UNCONDITIONAL_LABEL, part_name, shard_of
+from vaedist.generate.format import PLAN_FILE, UNCONDITIONAL_LABEL, Plan, part_name, shard_of
 
 MAX_ROWS = 2**32  # sample ids and the label interleave are computed in uint64: (N - 1)^2 < 2^64
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to generate. Its hash guards resumes (a different plan never mixes into a folder)."""
-
-    model_uri: str
-    model_version: str
-    model_sha256: str  # of the checkpoint file: an alias that moved is a different plan
-    dataset: str
-    labels: tuple[int, ...]  # class indices; (-1,) for an unconditional model
-    label_names: tuple[str, ...]  # same order as labels; ("",) for an unconditional model
-    counts: tuple[int, ...]  # rows per label, same order as labels
-    seed: int
-    temperature: float
-    shard_rows: int
-    image_format: str  # one of config.IMAGE_FORMATS
-    image_shape: tuple[int, int, int]  # (H, W, C)
-    latent_dim: int
-    class_names: tuple[str, ...] = ()  # every class of the model by index (the ClassLabel); () unconditional
-
-    @property
-    def conditional(self) -> bool:
-        return self.labels != (UNCONDITIONAL_LABEL,)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-    @property
-    def num_shards(self) -> int:
-        return math.ceil(self.total / self.shard_rows)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able (tuples as lists), the form kept in ``_plan.json`` and the manifest."""
-        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in fields(self)}))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Plan:
-        values = {f.name: d[f.name] for f in fields(cls) if f.name in d}  # plans before 0.5: no class_names
-        for key in ("labels", "label_names", "counts", "image_shape", "class_names"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
-
-    @property
-    def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        """(first sample id, rows) of a shard: contiguous ranges of ``0..N-1``."""
-        start = shard * self.shard_rows
-        return start, min(self.shard_rows, self.total - start)
-
-    @property
-    def stride(self) -> int:
-        """A multiplier coprime to N near N / golden ratio: ``j -> j * stride mod N`` permutes 0..N-1 and
-        spreads consecutive ids evenly over it (three-distance theorem), so shards mix the classes."""
-        n = self.total
-        a = max(1, round(n * (math.sqrt(5.0) - 1.0) / 2.0))
-        while math.gcd(a, n) != 1:
-            a += 1
-        return a
-
-    def label_index(self, start: int, rows: int) -> np.ndarray:
-        """Position in ``labels`` of samples ``start..start+rows-1`` (int64 (rows,)).
-
-        Sample j takes position ``p = j * stride mod N`` of the label-major sequence (counts[0] times
-        the first label, then the second, ...); p is a permutation of 0..N-1, so the counts are exact.
-        """
-        j = np.arange(start, start + rows, dtype=np.uint64)
-        p = (j * np.uint64(self.stride)) % np.uint64(self.total)
-        return np.searchsorted(np.cumsum(self.counts), p.astype(np.int64), side="right")
-
-    def shard_label_counts(self, shard: int) -> list[int]:
-        start, rows = self.shard_range(shard)
-        return np.bincount(self.label_index(start, rows), minlength=len(self.labels)).tolist()
-
-    def shard_labels(self, shard: int) -> np.ndarray | None:
-        """The class index of each of a shard's rows, int64 (rows,), as the decoder takes them; None for
-        an unconditional model."""
-        if not self.conditional:
-            return None
-        return np.asarray(self.labels, dtype=np.int64)[self.label_index(*self.shard_range(shard))]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,12 +31,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from vaedist.errors import UsageError, first_line
+from vaedist.generate.card import finish_folder
 from vaedist.generate.format import (
     CARD,
+    DATA_DIR,
     EVALUATIONS,
     MANIFEST,
     PLAN_FILE,
     TMP_RE,
+    Plan,
+    build_manifest,
     join,
     part_matches,
     part_name,
@@ -46,7 +50,7 @@ from vaedist.generate.format import (
     write_atomic,
     write_part,
 )
-from vaedist.generate.plan import FolderAction, OutputState, Plan, latents
+from vaedist.generate.plan import FolderAction, OutputState, latents
 
 # Seconds each actor sleeps after writing a shard, read by the actor itself: the kill-and-resume test
 # sets it so that a run is still going when it is killed. Unset in production.
@@ -211,8 +215,27 @@ def _read_json(fs, path: str, uri: str) -> dict[str, Any]:
         ) from None
 
 
+def _sort_entry(state: OutputState, fs, entry, rel: str, uri: str) -> None:
+    """File ``rel`` (its path inside the folder) into ``state`` by kind."""
+    base, is_file = entry.base_name, entry.type == pafs.FileType.File
+    in_data = rel.startswith(f"{DATA_DIR}/")
+    if is_file and (i := shard_of(rel)) is not None and i not in state.parts:
+        state.parts[i] = rel
+    elif is_file and TMP_RE.fullmatch(base):
+        state.tmp.append(rel)
+    elif is_file and not in_data and base == MANIFEST:
+        state.manifest = _read_json(fs, entry.path, uri)
+    elif is_file and not in_data and base == PLAN_FILE:
+        state.plan = _read_json(fs, entry.path, uri)
+    elif is_file and not in_data and base in (CARD, EVALUATIONS):
+        state.extras.append(rel)
+    else:
+        state.foreign.append(rel + ("/" if entry.type == pafs.FileType.Directory else ""))
+
+
 def inspect_output(fs: pafs.FileSystem, root: str, uri: str) -> OutputState:
-    """The files of an output folder, sorted by kind (an absent folder is an empty state)."""
+    """The files of an output folder and of its ``data/``, sorted by kind (an absent folder is an empty
+    state)."""
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         return OutputState()
@@ -220,19 +243,11 @@ def inspect_output(fs: pafs.FileSystem, root: str, uri: str) -> OutputState:
         raise UsageError(f"--out {uri} is a file, not a folder")
     state = OutputState()
     for entry in fs.get_file_info(pafs.FileSelector(root)):
-        name, is_file = entry.base_name, entry.type == pafs.FileType.File
-        if is_file and (i := shard_of(name)) is not None and i not in state.parts:
-            state.parts[i] = name
-        elif is_file and TMP_RE.fullmatch(name):
-            state.tmp.append(name)
-        elif is_file and name == MANIFEST:
-            state.manifest = _read_json(fs, entry.path, uri)
-        elif is_file and name == PLAN_FILE:
-            state.plan = _read_json(fs, entry.path, uri)
-        elif is_file and name in (CARD, EVALUATIONS):
-            state.extras.append(name)
+        if entry.base_name == DATA_DIR and entry.type == pafs.FileType.Directory:
+            for inner in fs.get_file_info(pafs.FileSelector(entry.path)):
+                _sort_entry(state, fs, inner, f"{DATA_DIR}/{inner.base_name}", uri)
         else:
-            state.foreign.append(name + ("/" if entry.type == pafs.FileType.Directory else ""))
+            _sort_entry(state, fs, entry, entry.base_name, uri)
     state.foreign.sort()
     return state
 
@@ -277,9 +292,38 @@ def prepare_folder(fs, root: str, plan: Plan, state: OutputState, action: Folder
     else:
         for name in state.tmp:
             fs.delete_file(join(root, name))
-    fs.create_dir(root, recursive=True)
+    fs.create_dir(join(root, DATA_DIR), recursive=True)
     if action is not FolderAction.RESUME:
         write_atomic(fs, root, PLAN_FILE, plan_json(plan))
+
+
+def write_folder(
+    out: str,
+    plan: Plan,
+    images: np.ndarray,
+    z: np.ndarray,
+    *,
+    model_info: dict[str, str] | None = None,
+    request: dict[str, Any] | None = None,
+    manifest: bool = True,
+) -> dict[str, Any] | None:
+    """A whole folder in this process, from every row in sample-id order: images uint8 (N, H, W, C), z
+    float32 (N, L). The files the Ray writer produces shard by shard; ``manifest=False`` leaves the
+    folder unfinished. Returns the manifest (None without one)."""
+    fs, root, _ = resolve_folder(out)
+    fs.create_dir(join(root, DATA_DIR), recursive=True)
+    write_atomic(fs, root, PLAN_FILE, plan_json(plan))
+    shards = {}
+    for shard in range(plan.num_shards):
+        start, rows = plan.shard_range(shard)
+        shards[shard] = write_part(
+            fs, root, plan, shard, images[start : start + rows], z[start : start + rows]
+        )
+    if not manifest:
+        return None
+    built = build_manifest(plan, shards, model_info or {}, request or {})
+    finish_folder(fs, root, built)
+    return built
 
 
 def sha256_file(fs, path: str) -> tuple[str, int]:
