@@ -278,7 +278,9 @@ def test_folder_state_decides_the_action():
     assert decide(S(parts=parts, manifest=complete, plan=new)) is A.COMPLETE
     assert decide(S(parts=parts, manifest=complete, plan=new), overwrite=True) is A.OVERWRITE
     assert decide(S(parts=parts, manifest={**complete, "plan": other}), overwrite=True) is A.OVERWRITE
-    assert [a.value for a in A] == ["new", "resume", "overwrite", "complete"]
+    assert [a.value for a in A] == ["new", "resume", "overwrite", "complete", "repair"]
+    # a shard missing from a complete folder is not refused: its checksum decides (test_a_damaged_...)
+    assert decide(S(parts={i: n for i, n in parts.items() if i != 3}, manifest=complete, plan=new)) is A.COMPLETE
     # the card and evaluation figures are vaedist's beside a plan or manifest, somebody else's alone
     extras = ["README.md", "_evaluations.json"]
     assert decide(S(parts=parts, manifest=complete, plan=new, extras=extras)) is A.COMPLETE
@@ -289,8 +291,6 @@ def test_folder_state_decides_the_action():
         (S(extras=["README.md"]), True, r"not from vaedist generate \(README.md\)"),
         (S(parts=parts, manifest={**complete, "plan": other}), False,
          r"complete generation run of another plan \(seed 4 there, 3 now\); pass --overwrite"),
-        (S(parts={i: n for i, n in parts.items() if i != 3}, manifest=complete), False,
-         "is complete but data/train-00003-of-00005.parquet is missing; pass --overwrite to regenerate it"),
         (S(plan=other), False, r"unfinished run of another plan \(seed 4 there, 3 now\)"),
         (S(plan=new, parts={7: G.part_name(7, 8)}), False, "holds data/train-00007-of-00008.parquet, which is not in its plan"),
         (S(plan=new, parts={0: "part-00000.parquet"}), False, "holds part-00000.parquet, which is not in its plan"),
@@ -299,6 +299,24 @@ def test_folder_state_decides_the_action():
     for state, overwrite, match in refused:
         with pytest.raises(UsageError, match=match):
             decide(state, overwrite)
+
+
+def test_a_complete_folder_whose_shards_differ_from_its_manifest_is_repaired():
+    plan = _plan(counts=(30, 20), shard_rows=10)  # 5 shards
+    files = [G.part_name(i, 5) for i in range(5)]
+    manifest = {"plan": plan.to_dict(), "shards": [{"file": f, "shard": i, "sha256": f"h{i}"} for i, f in enumerate(files)]}
+    found = {f: f"h{i}" for i, f in enumerate(files)}
+    assert G.damaged_shards(manifest, found) == {}
+    assert G.decide_repair(manifest, plan, {}, "out") is G.FolderAction.COMPLETE
+    damaged = G.damaged_shards(manifest, {**found, files[1]: "other", files[4]: None})
+    assert damaged == {1: "differs from the sha256 its manifest records", 4: "is missing"}
+    assert G.decide_repair(manifest, plan, damaged, "out") is G.FolderAction.REPAIR
+    # shards at the root (an earlier layout): not patched into a mixed folder
+    flat = {**manifest, "shards": [{**s, "file": s["file"].removeprefix("data/")} for s in manifest["shards"]]}
+    with pytest.raises(UsageError, match=r"--out out is complete but train-00001-of-00005.parquet differs from the "
+                                         r"sha256 its manifest records; it has an earlier layout, so pass --overwrite"):  # fmt: skip
+        G.decide_repair(flat, plan, G.damaged_shards(flat, {"train-00001-of-00005.parquet": "x"} | {
+            s["file"]: s["sha256"] for s in flat["shards"] if s["shard"] != 1}), "out")  # fmt: skip
 
 
 def test_an_unfinished_folder_resumes_from_the_shards_that_verify(tmp_path):
@@ -633,6 +651,42 @@ def test_overwrite_and_plan_guards(local_ray, store, cvae_ckpt, tmp_path):
     (out / "data/train-00003-of-00004.parquet").unlink()
     _assert_refused([*args, "--labels", "0,1"], out, "unfinished run of another plan (labels")
     _assert_refused([*args, "--per-label", "21"], out, "unfinished run of another plan (counts")
+
+
+@pytest.mark.slow
+def test_a_damaged_complete_folder_is_repaired_by_a_rerun(local_ray, store, cvae_ckpt, tmp_path):
+    out = tmp_path / "damaged"
+    args = ["--model", str(cvae_ckpt), "--out", str(out), "--per-label", "20", "--shard-rows", "50"]
+    code, _, err = _cli(*args)
+    assert code == 0, err
+    first = _snapshot(out)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    truncated, lost = out / "data/train-00001-of-00004.parquet", out / "data/train-00003-of-00004.parquet"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    # evaluate names the damaged shard in one line, before any work
+    result = CliRunner().invoke(main, ["evaluate", "cas", "--generated", str(out), "--dataset", "mnist"])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.stderr
+    assert f"{out}/data/train-00001-of-00004.parquet is not readable Parquet" in errors[0], errors
+    lost.unlink()
+
+    code, stdout, err = _cli(*args)  # the same command: verifies every shard, rewrites the two
+    assert code == 0, err
+    assert "complete, but 2 shard(s) damaged: rewriting them" in stdout
+    repairs = [line for line in stdout.splitlines() if line.strip().startswith("repair")]
+    assert repairs == [
+        "  repair          data/train-00001-of-00004.parquet differs from the sha256 its manifest records: rewriting it",
+        "  repair          data/train-00003-of-00004.parquet is missing: rewriting it",
+    ], stdout
+    after = _snapshot(out)
+    for name in ("data/train-00000-of-00004.parquet", "data/train-00002-of-00004.parquet", "_plan.json"):
+        assert after[name] == first[name], name  # untouched
+    assert after[truncated.relative_to(out).as_posix()][2] == first[truncated.relative_to(out).as_posix()][2]
+    assert after[lost.relative_to(out).as_posix()][2] == first[lost.relative_to(out).as_posix()][2]  # same bytes
+    assert json.loads((out / "_manifest.json").read_text())["shards"] == manifest["shards"]
+    assert len(G.read_generated(str(out)).labels) == 200
+    code, stdout, _ = _cli(*args)
+    assert code == 0 and "every shard verified, nothing to do" in stdout and _snapshot(out) == after
 
 
 # --------------------------------------------------------------------------------------------------

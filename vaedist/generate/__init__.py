@@ -18,7 +18,9 @@ same model, plan and decoder batch size on the same kind of hardware (CPU and GP
 last float bit differently). Resumability: a folder without ``_manifest.json`` is unfinished and the same
 command finishes it, rewriting only the shards that are missing or fail verification (footer readable,
 row count and plan hash right); a different plan, recorded in ``_plan.json``, is refused rather than
-mixed in. A complete folder is never rewritten without ``overwrite``. One generation per folder at a time.
+mixed in. The same command on a complete folder verifies every shard against the SHA-256 its manifest
+records and rewrites only those that differ or are missing (a repair), naming each; a complete folder is
+otherwise never rewritten without ``overwrite``. One generation per folder at a time.
 
 Everything below is importable from ``vaedist.generate`` as before the split.
 """
@@ -65,7 +67,9 @@ from vaedist.generate.plan import (
     ModelFacts,
     OutputState,
     configs_from_spec,
+    damaged_shards,
     decide_action,
+    decide_repair,
     label_counts,
     latents,
     parse_labels,
@@ -83,6 +87,7 @@ from vaedist.generate.writer import (
     resolve_out,
     run_shards,
     sha256_file,
+    shard_digests,
     verify_part,
     write_folder,
     write_shard,
@@ -92,9 +97,9 @@ __all__ = [
     "CARD", "COLUMNS", "DATA_DIR", "GRID_PER_LABEL", "IMAGE_FORMATS", "MANIFEST", "MANIFEST_FORMAT", "MAX_ROWS", "META", "PART_RE",
     "PLAN_FILE", "SHARD_DELAY_ENV", "SHARD_GLOB", "TMP_RE", "UNCONDITIONAL_LABEL",
     "FolderAction", "GenerateResult", "GeneratedSet", "ModelFacts", "OutputState", "Plan", "Prepared", "ShardWriter",
-    "build_manifest", "build_plan", "check_writable", "configs_from_spec", "dataset_digest", "decide_action", "decode_images",
+    "build_manifest", "build_plan", "check_writable", "configs_from_spec", "damaged_shards", "dataset_digest", "decide_action", "decide_repair", "decode_images",
     "decode_png", "describe", "encode_pngs", "finish_folder", "inspect_output", "label_counts", "latents", "parquet_bytes",
     "parse_labels", "part_name", "plan_labels", "prepare", "read_generated", "read_images", "record_evaluation",
     "resolve_out", "run_generate", "run_name", "run_shards", "sample_grid", "schema", "sha256_file",
-    "shard_of", "shard_table", "split_rows", "verify_part", "write_atomic", "write_folder", "write_part", "write_shard",
+    "shard_digests", "shard_of", "shard_table", "split_rows", "verify_part", "write_atomic", "write_folder", "write_part", "write_shard",
 ]  # fmt: skip

@@ -30,7 +30,9 @@ from vaedist.generate.plan import (
     ModelFacts,
     OutputState,
     Plan,
+    damaged_shards,
     decide_action,
+    decide_repair,
     label_counts,
     plan_labels,
 )
@@ -52,6 +54,7 @@ class Prepared:
     action: FolderAction
     todo: list[int]  # shards to write
     kept: list[int]  # shards of an earlier attempt that verify
+    damaged: dict[int, str] = field(default_factory=dict)  # repair: shard -> how it differs from the manifest
 
     @property
     def rows_todo(self) -> int:
@@ -134,15 +137,20 @@ def prepare(cfg: GenerateConfig) -> Prepared:
     except OSError as exc:  # an unreachable bucket, missing credentials, a permission error
         raise UsageError(f"cannot list --out {uri}: {first_line(exc)}") from None
     action = decide_action(state, plan, cfg.overwrite, uri)
+    damaged = {}
+    if action is FolderAction.COMPLETE:  # verify every shard against the manifest's checksums
+        damaged = damaged_shards(state.manifest, writer.shard_digests(fs, root, state.manifest))
+        action = decide_repair(state.manifest, plan, damaged, uri)
     everything = list(range(plan.num_shards))
     kept = {
         FolderAction.COMPLETE: everything,
         FolderAction.RESUME: [i for i in sorted(state.parts) if writer.verify_part(fs, root, plan, i)],
+        FolderAction.REPAIR: [i for i in everything if i not in damaged],
     }.get(action, [])
     if action is not FolderAction.COMPLETE and "://" not in cfg.out:
         writer.check_writable(root)
     todo = sorted(set(everything) - set(kept))
-    return Prepared(cfg, plan, model_bytes, info, fs, root, uri, state, action, todo, kept)
+    return Prepared(cfg, plan, model_bytes, info, fs, root, uri, state, action, todo, kept, damaged)
 
 
 def describe(p: Prepared) -> list[str]:
@@ -153,14 +161,17 @@ def describe(p: Prepared) -> list[str]:
         FolderAction.NEW: f"new folder: {plan.num_shards} shard(s) to write",
         FolderAction.RESUME: f"unfinished: {len(p.kept)} shard(s) verified, {len(p.todo)} to write",
         FolderAction.OVERWRITE: f"--overwrite: its vaedist files are replaced, {plan.num_shards} shard(s) to write",
-        FolderAction.COMPLETE: "complete with the same plan: nothing to do",
+        FolderAction.COMPLETE: "complete with the same plan: every shard verified, nothing to do",
+        FolderAction.REPAIR: f"complete, but {len(p.damaged)} shard(s) damaged: rewriting them",
     }[p.action]
+    repairs = [f"  repair          {part_name(i, plan.num_shards)} {why}: rewriting it" for i, why in sorted(p.damaged.items())]
     return [
         f"plan {plan.hash}: {plan.total:,} rows of {plan.dataset} in {plan.num_shards} shard(s) of <= {plan.shard_rows:,}",
         f"  rows per label  {per}",
         f"  model           {plan.model_uri}{version} (sha256 {plan.model_sha256[:12]})",
         f"  sampling        z ~ N(0, {plan.temperature:g}^2 I), seed {plan.seed}, images {plan.image_format}",
         f"  out             {p.uri} ({doing})",
+        *repairs,
     ]
 
 

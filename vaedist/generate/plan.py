@@ -27,7 +27,7 @@ import numpy as np
 
 from vaedist.config import GenerateConfig, ResourcesConfig, section_from_dict
 from vaedist.errors import UsageError
-from vaedist.generate.format import PLAN_FILE, UNCONDITIONAL_LABEL, Plan, part_name, shard_of
+from vaedist.generate.format import PLAN_FILE, UNCONDITIONAL_LABEL, Plan, part_name
 
 MAX_ROWS = 2**32  # sample ids and the label interleave are computed in uint64: (N - 1)^2 < 2^64
 
@@ -177,6 +177,7 @@ class FolderAction(enum.Enum):
     RESUME = "resume"  # unfinished, same plan: keep the shards that verify, write the rest
     OVERWRITE = "overwrite"  # --overwrite: remove its vaedist files, write every shard
     COMPLETE = "complete"  # complete with the same plan: nothing to do
+    REPAIR = "repair"  # complete with the same plan, but shards differ from the manifest: rewrite those
 
 
 @dataclass
@@ -202,12 +203,6 @@ def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "a different plan"
 
 
-def _absent_from_complete(state: OutputState) -> list[str]:
-    """Files the manifest lists that the folder no longer holds."""
-    listed = [s["file"] for s in state.manifest.get("shards", [])]
-    return [f for f in listed if (i := shard_of(f)) is None or state.parts.get(i) != f]
-
-
 def _decide_complete(state: OutputState, new: dict[str, Any], overwrite: bool, uri: str) -> FolderAction:
     old = state.manifest.get("plan") or {}
     if overwrite:
@@ -217,12 +212,35 @@ def _decide_complete(state: OutputState, new: dict[str, Any], overwrite: bool, u
             f"--out {uri} already holds a complete generation run of another plan "
             f"({first_difference(old, new)}); pass --overwrite to replace it, or choose another --out"
         )
-    absent = _absent_from_complete(state)
-    if absent:
+    return FolderAction.COMPLETE  # the shards' checksums decide whether it needs repair (decide_repair)
+
+
+def damaged_shards(manifest: dict[str, Any], digests: dict[str, str | None]) -> dict[int, str]:
+    """The shards of a complete folder that are not as its manifest records them: shard index -> why
+    (``digests``: each listed file's SHA-256 as found now, None where the file is missing)."""
+    damaged = {}
+    for i, entry in enumerate(manifest.get("shards", [])):
+        found = digests.get(entry["file"])
+        if found is None:
+            damaged[int(entry.get("shard", i))] = "is missing"
+        elif found != entry.get("sha256"):
+            damaged[int(entry.get("shard", i))] = "differs from the sha256 its manifest records"
+    return damaged
+
+
+def decide_repair(manifest: dict[str, Any], plan: Plan, damaged: dict[int, str], uri: str) -> FolderAction:
+    """A complete folder of the same plan: nothing to do, or rewrite its damaged shards. A folder of an
+    earlier layout (shards at the root) is not patched into a mixed one: UsageError, pass --overwrite."""
+    if not damaged:
+        return FolderAction.COMPLETE
+    listed = [s["file"] for s in manifest.get("shards", [])]
+    if listed != [part_name(i, plan.num_shards) for i in range(plan.num_shards)]:
+        first = min(damaged)
         raise UsageError(
-            f"--out {uri} is complete but {absent[0]} is missing; pass --overwrite to regenerate it"
+            f"--out {uri} is complete but {listed[first] if first < len(listed) else f'shard {first}'} "
+            f"{damaged[first]}; it has an earlier layout, so pass --overwrite to regenerate it"
         )
-    return FolderAction.COMPLETE
+    return FolderAction.REPAIR
 
 
 def decide_action(state: OutputState, plan: Plan, overwrite: bool, uri: str) -> FolderAction:

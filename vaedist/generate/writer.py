@@ -286,14 +286,15 @@ def _clear(fs, root: str, state: OutputState) -> None:
 
 def prepare_folder(fs, root: str, plan: Plan, state: OutputState, action: FolderAction) -> None:
     """Before the first shard: clear the folder (overwrite) or the temporary files a killed attempt left
-    (only whole files are ever renamed in), and write ``_plan.json`` unless resuming."""
+    (only whole files are ever renamed in), and write ``_plan.json`` unless resuming or repairing (a
+    repair keeps the manifest until it is rewritten: a rerun killed halfway verifies the shards again)."""
     if action is FolderAction.OVERWRITE:
         _clear(fs, root, state)
     else:
         for name in state.tmp:
             fs.delete_file(join(root, name))
     fs.create_dir(join(root, DATA_DIR), recursive=True)
-    if action is not FolderAction.RESUME:
+    if action not in (FolderAction.RESUME, FolderAction.REPAIR):
         write_atomic(fs, root, PLAN_FILE, plan_json(plan))
 
 
@@ -333,6 +334,17 @@ def sha256_file(fs, path: str) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def shard_digests(fs, root: str, manifest: dict[str, Any]) -> dict[str, str | None]:
+    """The SHA-256 of every shard file a manifest lists, as found now (None: missing or unreadable)."""
+    digests: dict[str, str | None] = {}
+    for entry in manifest.get("shards", []):
+        try:
+            digests[entry["file"]] = sha256_file(fs, join(root, entry["file"]))[0]
+        except OSError:
+            digests[entry["file"]] = None
+    return digests
 
 
 def kept_summaries(fs, root: str, plan: Plan, kept: list[int]) -> dict[int, dict[str, Any]]:
