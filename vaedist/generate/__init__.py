@@ -71,7 +71,6 @@ from vaedist.generate.plan import (
     decide_action,
     decide_repair,
     label_counts,
-    latents,
     parse_labels,
     plan_labels,
     split_rows,
@@ -82,7 +81,6 @@ from vaedist.generate.writer import (
     SHARD_DELAY_ENV,
     ShardWriter,
     check_writable,
-    decode_images,
     inspect_output,
     resolve_out,
     run_shards,
@@ -92,6 +90,8 @@ from vaedist.generate.writer import (
     write_folder,
     write_shard,
 )
+from vaedist.sampling import decode as decode_images
+from vaedist.sampling import latents
 
 __all__ = [
     "CARD", "COLUMNS", "DATA_DIR", "GRID_PER_LABEL", "IMAGE_FORMATS", "MANIFEST", "MANIFEST_FORMAT", "MAX_ROWS", "META", "PART_RE",

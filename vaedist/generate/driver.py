@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from vaedist.generate.plan import (
 )
 from vaedist.generate.reader import read_shard
 
+if TYPE_CHECKING:  # the checkpoint module imports torch: loaded when a model is read, not with the package
+    from vaedist.checkpoint import ModelHeader
+
 GRID_PER_LABEL = 8  # samples per label in the MLflow picture
 
 
@@ -61,35 +64,45 @@ class Prepared:
         return sum(self.plan.shard_range(i)[1] for i in self.todo)
 
 
-def _model_facts(cfg: GenerateConfig) -> tuple[ModelFacts, Any, bytes]:
-    """(what the plan needs to know of the model, the model, its checkpoint's bytes)."""
+def _model_facts(cfg: GenerateConfig) -> tuple[ModelFacts, ModelHeader, bytes]:
+    """(what the plan needs to know of the model, the checkpoint's header, its bytes): read from the
+    checkpoint alone, without building the model (the actors do, once each)."""
     from vaedist import tracking
-    from vaedist.checkpoint import load_model, trained_dataset
-    from vaedist.data import get_spec
+    from vaedist.checkpoint import header, load_vaedist_checkpoint
 
     path = tracking.resolve_checkpoint(cfg.model)
-    model, ckpt = load_model(path)
-    dataset = trained_dataset(ckpt)
-    if not dataset:
+    model_bytes = path.read_bytes()
+    head = header(load_vaedist_checkpoint(model_bytes))
+    if not head.dataset:
         raise UsageError(f"checkpoint {path} does not say which dataset it was trained on (no data.dataset)")
-    class_names = (ckpt.get("dataset") or {}).get("class_names")  # kept by the model since 0.5
-    if not class_names:
-        try:
-            class_names = list(get_spec(dataset).class_names)
-        except (UsageError, KeyError, ValueError):
-            class_names = []
-    if len(class_names) != model.num_classes:
-        class_names = [str(i) for i in range(model.num_classes)]
-    facts = ModelFacts(cfg.model, dataset, bool(model.conditional), model.num_classes, tuple(class_names),
-                       str(model.hparams.get("variant")), (ckpt.get("dataset") or {}).get("fingerprint", ""))  # fmt: skip
-    return facts, model, path.read_bytes()
+    class_names = list(head.class_names) or spec_class_names(head.dataset)
+    if len(class_names) != head.num_classes:
+        class_names = [str(i) for i in range(head.num_classes)]
+    facts = ModelFacts(cfg.model, head.dataset, head.conditional, head.num_classes, tuple(class_names),
+                       head.variant, head.fingerprint)  # fmt: skip
+    return facts, head, model_bytes
 
 
-def _train_freq(dataset: str, labels: tuple[int, ...]) -> Callable[[], np.ndarray]:
+def spec_class_names(dataset: str | None) -> list[str]:
+    """Class names of a checkpoint that does not keep them (written before models kept their facts), from
+    its dataset as this vaedist knows it; [] for a dataset it does not know or cannot open."""
+    from vaedist.data import get_spec
+
+    try:
+        return list(get_spec(dataset).class_names) if dataset else []
+    except Exception:  # a user's folder gone or changed, a name this version does not know: numbers only
+        return []
+
+
+def _train_freq(head: ModelHeader, labels: tuple[int, ...]) -> Callable[[], np.ndarray]:
+    """The training set's rows per class: the checkpoint's, or (a checkpoint without them) counted again."""
+
     def freq() -> np.ndarray:
+        if head.class_counts:
+            return np.asarray(head.class_counts, dtype=np.int64)
         from vaedist.data import load_split
 
-        _, y = load_split(dataset, "train_full", progress=False)
+        _, y = load_split(head.dataset, "train_full", progress=False)
         return np.bincount(y, minlength=max(labels) + 1)
 
     return freq
@@ -105,9 +118,9 @@ def _model_info(uri: str) -> dict[str, str]:
 
 def build_plan(cfg: GenerateConfig) -> tuple[Plan, bytes, dict[str, str]]:
     """(plan, the checkpoint's bytes, model info) of a request; UsageError on any bad input."""
-    facts, model, model_bytes = _model_facts(cfg)
+    facts, head, model_bytes = _model_facts(cfg)
     labels, names = plan_labels(cfg.labels, facts)
-    counts = label_counts(cfg, labels, facts.conditional, _train_freq(facts.dataset, labels))
+    counts = label_counts(cfg, labels, facts.conditional, _train_freq(head, labels))
     info = {**_model_info(cfg.model), "dataset_fingerprint": facts.dataset_fingerprint}
     plan = Plan(
         model_uri=cfg.model,
@@ -121,8 +134,8 @@ def build_plan(cfg: GenerateConfig) -> tuple[Plan, bytes, dict[str, str]]:
         temperature=float(cfg.temperature),
         shard_rows=cfg.shard_rows,
         image_format=cfg.image_format,
-        image_shape=tuple(model.image_shape),
-        latent_dim=model.latent_dim,
+        image_shape=head.image_shape,
+        latent_dim=head.latent_dim,
         class_names=facts.class_names if facts.conditional else (),
     )
     return plan, model_bytes, info

@@ -1,11 +1,11 @@
-"""What to generate (labels, rows per label, latents) and what to do with the output folder. Pure.
+"""What to generate (labels, rows per label) and what to do with the output folder. Pure.
 The :class:`~vaedist.generate.format.Plan` itself, everything that decides a folder's bytes, is the format's.
 
 Determinism. A sample is a pure function of (model, plan, sample_id):
 - its label comes from a fixed interleave of the label-major sequence (:meth:`Plan.label_index`), a
   permutation of ``0..N-1``, so the rows per label are exact and every shard holds every class in
   proportion;
-- its z comes from a counter-based generator keyed by (seed, sample_id, dim) (:func:`latents`), not
+- its z comes from a counter-based generator keyed by (seed, sample_id, dim) (:func:`vaedist.sampling.latents`), not
   from a worker's RNG state, so neither the shard size, nor the workers, nor the decoder batch change
   which z a sample gets.
 
@@ -22,8 +22,6 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from vaedist.config import GenerateConfig, ResourcesConfig, section_from_dict
 from vaedist.errors import UsageError
@@ -132,40 +130,6 @@ def label_counts(
             f"{sum(counts):,} rows is more than one generation run holds ({MAX_ROWS:,}); split it"
         )
     return counts
-
-
-# --------------------------------------------------------------------------------------------------
-# Latents: z ~ N(0, T^2 I) as a pure function of (seed, sample id)
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser (Steele et al. 2014) on uint64 arrays: a bijective, well-mixed hash."""
-    x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * _MIX1
-    x = (x ^ (x >> np.uint64(27))) * _MIX2
-    return x ^ (x >> np.uint64(31))
-
-
-def latents(seed: int, start: int, rows: int, dim: int, temperature: float = 1.0) -> np.ndarray:
-    """z ~ N(0, T^2 I) for samples ``start..start+rows-1``: float32 (rows, dim).
-
-    Counter-based, as in Salmon et al. (2011), "Parallel random numbers: as easy as 1, 2, 3": the
-    counter (sample_id, dim, k) is hashed with the seed into uniform bits, and Box-Muller turns the
-    pair k = 0, 1 into one normal. No generator state: any worker computes any sample's z alone.
-    """
-    key = _splitmix64(np.array([seed], dtype=np.uint64))
-    ids = np.arange(start, start + rows, dtype=np.uint64)[:, None]  # (rows, 1)
-    counter = (ids * np.uint64(dim) + np.arange(dim, dtype=np.uint64)[None, :]) * np.uint64(2)  # (rows, dim)
-    h1 = _splitmix64(_splitmix64(counter) ^ key)
-    h2 = _splitmix64(_splitmix64(counter + np.uint64(1)) ^ key)
-    u1 = ((h1 >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # (0, 1): log is finite
-    u2 = (h2 >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [0, 1)
-    z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
-    return (z * temperature).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------

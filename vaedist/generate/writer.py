@@ -50,7 +50,8 @@ from vaedist.generate.format import (
     write_atomic,
     write_part,
 )
-from vaedist.generate.plan import FolderAction, OutputState, latents
+from vaedist.generate.plan import FolderAction, OutputState
+from vaedist.sampling import decode, latents
 
 # Seconds each actor sleeps after writing a shard, read by the actor itself: the kill-and-resume test
 # sets it so that a run is still going when it is killed. Unset in production.
@@ -66,25 +67,7 @@ def resolve_out(out: str) -> tuple[pafs.FileSystem, str, str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Rendering a shard (plain torch + pyarrow: the actors, the benchmark and tests call these)
-
-
-def decode_images(
-    model, z: np.ndarray, labels: np.ndarray | None, batch_size: int, device="cpu"
-) -> np.ndarray:
-    """The decoder's mean images for latents ``z`` (N, L) [and labels (N,)]: uint8 (N, H, W, C)."""
-    import torch
-
-    h, w, c = model.image_shape
-    out = np.empty((len(z), h, w, c), dtype=np.uint8)
-    with torch.inference_mode():
-        for s in range(0, len(z), batch_size):
-            zb = torch.from_numpy(z[s : s + batch_size]).to(device)
-            yb = None if labels is None else torch.from_numpy(labels[s : s + batch_size]).to(device)
-            x = model.generate(zb, yb)  # (B, C, H, W) in [0, 1]
-            x = x.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1)  # (B, H, W, C)
-            out[s : s + len(zb)] = x.cpu().numpy()
-    return out
+# Rendering a shard with the one sampler (vaedist.sampling): the actors, the benchmark and tests call these
 
 
 def write_shard(
@@ -95,7 +78,7 @@ def write_shard(
     start, rows = plan.shard_range(shard)
     z = latents(plan.seed, start, rows, plan.latent_dim, plan.temperature)  # (rows, L)
     t0 = time.perf_counter()
-    images = decode_images(model, z, plan.shard_labels(shard), batch_size, device)  # (rows, H, W, C)
+    images = decode(model, z, plan.shard_labels(shard), batch_size, device)  # (rows, H, W, C)
     decode_seconds = time.perf_counter() - t0
     written = write_part(fs, root, plan, shard, images, z, threads)
     return {
