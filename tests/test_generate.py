@@ -319,6 +319,23 @@ def test_a_complete_folder_whose_shards_differ_from_its_manifest_is_repaired():
             s["file"]: s["sha256"] for s in flat["shards"] if s["shard"] != 1}), "out")  # fmt: skip
 
 
+def test_the_plan_takes_the_model_facts_from_the_checkpoint_alone(tmp_path):
+    """Class names and the training set's class frequencies come from the checkpoint, not the data: here a
+    dataset that does not exist, so reopening it would fail."""
+    from vaedist.checkpoint import dataset_facts
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant="cvae", arch="dense", width=16, depth=1, latent_dim=3), (8, 8, 1), 3,
+                        "bernoulli")  # fmt: skip
+    facts = dataset_facts("gone", "f1ng3r", ("ant", "bee", "cow"), np.repeat([0, 1, 2], [90, 10, 0]), 5)
+    save_checkpoint(tmp_path / "m.pt", model, None, 1, {"data.dataset": str(tmp_path / "gone")}, {}, facts)
+    cfg = GenerateConfig(model=str(tmp_path / "m.pt"), out=str(tmp_path / "out"), total=100, class_balance="as-train",
+                         labels=(0, 1))  # fmt: skip
+    plan, _, info = G.build_plan(cfg)
+    assert plan.counts == (90, 10) and plan.label_names == ("ant", "bee") and plan.class_names == ("ant", "bee", "cow")
+    assert (plan.image_shape, plan.latent_dim, info["dataset_fingerprint"]) == ((8, 8, 1), 3, "f1ng3r")
+
+
 def test_an_unfinished_folder_resumes_from_the_shards_that_verify(tmp_path):
     plan = _plan(counts=(12, 9), shard_rows=5)  # 5 shards, the last of 1 row
     images = np.random.default_rng(1).integers(0, 256, (plan.total, 28, 28, 1), dtype=np.uint8)

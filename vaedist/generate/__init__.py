@@ -3,15 +3,19 @@
     plan (shard i -> sample ids, labels, seed) --map_batches(ShardWriter actors)--> data/train-NNNNN-of-NNNNN.parquet
     _plan.json (written first)                                         README.md (the dataset card), _manifest.json (last)
 
-The rooms:
-- :mod:`.plan`: what to generate (the plan, labels, rows per label, latents) and what to do with the
-  output folder (:func:`~.plan.decide_action` -> :class:`~.plan.FolderAction`). Pure.
-- :mod:`.format`: the one definition of the generated folder: file names, columns, metadata (vaedist's and
-  the ``huggingface`` features), the shard table, the manifest; :mod:`.png` encodes the images;
-  :mod:`.reader` reads it all back (:func:`~.reader.read_images`, :func:`~.reader.read_generated`);
-  :mod:`.card` writes the Hub dataset card (``README.md``) and keeps evaluation figures on it.
-- :mod:`.writer`: the Ray Data actor pool that renders and writes shards, and the output folder's files.
-- :mod:`.driver`: ``run_generate``: prepare (every check, nothing written), write, record in MLflow.
+The rooms, bottom first (each imports only those above it in this list):
+- :mod:`.png` encodes the images; :mod:`.format` is the one definition of the generated folder: the
+  :class:`~.format.Plan` (everything that decides its bytes), file names, columns, metadata (vaedist's and
+  the ``huggingface`` features), the shard table, the manifest.
+- :mod:`.card` writes the Hub dataset card (``README.md``), keeps evaluation figures on it and makes the
+  folder's last two writes; :mod:`.reader` reads it all back (:func:`~.reader.read_images`,
+  :func:`~.reader.read_generated`), in this layout and the earlier ones.
+- :mod:`.plan`: what to generate (labels, rows per label) and what to do with the output folder
+  (:func:`~.plan.decide_action`, :func:`~.plan.decide_repair` -> :class:`~.plan.FolderAction`). Pure.
+- :mod:`.writer`: the Ray Data actor pool that renders shards with the one sampler
+  (:mod:`vaedist.sampling`) and writes them, and the output folder's files.
+- :mod:`.driver`: ``run_generate``: prepare from the checkpoint's header (every check, nothing written),
+  write, record in MLflow.
 
 Determinism: a sample is a pure function of (model, plan, sample_id); images are byte-identical for the
 same model, plan and decoder batch size on the same kind of hardware (CPU and GPU kernels may round the
