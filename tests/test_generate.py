@@ -336,6 +336,37 @@ def test_the_plan_takes_the_model_facts_from_the_checkpoint_alone(tmp_path):
     assert (plan.image_shape, plan.latent_dim, info["dataset_fingerprint"]) == ((8, 8, 1), 3, "f1ng3r")
 
 
+def test_a_rerun_verifies_a_complete_folder_in_either_layout(tmp_path):
+    """prepare (no Ray): a complete folder is checked shard by shard against its manifest, whether its shards
+    are in data/ or (an earlier layout) at the root; only the current layout is repaired in place."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant="cvae", arch="dense", width=16, depth=1, latent_dim=3), (8, 8, 1), 10,
+                        "bernoulli")  # fmt: skip
+    _save(model, tmp_path / "m.pt", "cvae")
+    for layout in ("data", "root"):
+        out = tmp_path / layout
+        cfg = GenerateConfig(model=str(tmp_path / "m.pt"), out=str(out), per_label=3, shard_rows=8)
+        plan, _, _ = G.build_plan(cfg)
+        G.write_folder(str(out), plan, np.zeros((30, 8, 8, 1), np.uint8), G.latents(0, 0, 30, 3))
+        if layout == "root":  # the shards moved up, the manifest naming them so
+            manifest = json.loads((out / "_manifest.json").read_text())
+            for shard in manifest["shards"]:
+                (out / shard["file"]).rename(out / Path(shard["file"]).name)
+                shard["file"] = Path(shard["file"]).name
+            (out / "data").rmdir()
+            (out / "_manifest.json").write_text(json.dumps(manifest))
+        assert G.prepare(cfg).action is G.FolderAction.COMPLETE
+        damaged = out / ("data/" if layout == "data" else "") / "train-00002-of-00004.parquet"
+        damaged.write_bytes(damaged.read_bytes()[:-10])
+        if layout == "data":
+            p = G.prepare(cfg)
+            assert p.action is G.FolderAction.REPAIR and p.todo == [2] and p.kept == [0, 1, 3]
+            assert "  repair          data/train-00002-of-00004.parquet differs from the sha256" in "\n".join(G.describe(p))
+        else:
+            with pytest.raises(UsageError, match="train-00002-of-00004.parquet differs .* earlier layout, so pass --overwrite"):
+                G.prepare(cfg)
+
+
 def test_an_unfinished_folder_resumes_from_the_shards_that_verify(tmp_path):
     plan = _plan(counts=(12, 9), shard_rows=5)  # 5 shards, the last of 1 row
     images = np.random.default_rng(1).integers(0, 256, (plan.total, 28, 28, 1), dtype=np.uint8)
