@@ -123,7 +123,8 @@ def _loading(folder: str, image_format: str) -> list[str]:
         "```",
         "",
         "Columns: `sample_id` (0..N-1), `label`, `label_name`, `image`, `z` (the latent the image was decoded "
-        "from). The same `sample_id` always gets the same image from the same model, seed and temperature.",
+        "from). The same `sample_id` always gets the same image from the same model, seed and temperature, "
+        "and the served model returns it for the request row (`seed`, `sample_id`, `label`, `temperature`).",
     ]
 
 
