@@ -80,8 +80,8 @@ def write_samples(folder: Path, n: int, steps: int) -> None:
     import torch
 
     from vaedist.data import load_split
-    from vaedist.generate.format import write_folder
     from vaedist.generate.plan import Plan
+    from vaedist.generate.writer import write_folder
     from vaedist.models import CVAE, binarize, to_model_input
 
     torch.manual_seed(0)

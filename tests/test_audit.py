@@ -28,10 +28,11 @@ from vaedist.evaluate import neighbours as nb
 from vaedist.evaluate import sets
 from vaedist.evaluate.entry import check_request
 from vaedist.figures import nearest_copies_grid, per_class_bars
-from vaedist.generate.format import PNG_STRUCT, write_folder
+from vaedist.generate.format import PNG_STRUCT
 from vaedist.generate.plan import Plan
 from vaedist.generate.png import encode_pngs
 from vaedist.generate.reader import GeneratedSet
+from vaedist.generate.writer import write_folder
 
 N = 5000  # images per audited set (the sizes)
 
@@ -258,7 +259,7 @@ def test_a_vaedist_folder_is_told_from_a_foreign_table(tmp_path):
     assert not sets.is_vaedist(str(table)) and not sets.is_vaedist(str(tmp_path / "hub"))
     assert sets.is_vaedist(str(tmp_path / "empty"))  # nothing foreign to read: vaedist's reader says "empty"
     with pytest.raises(UsageError, match="is one shard of a vaedist generated folder: pass the folder"):
-        sets.is_vaedist(str(folder / "train-00000-of-00001.parquet"))
+        sets.is_vaedist(str(folder / "data/train-00000-of-00001.parquet"))
     ours, theirs = sets.read_set(str(folder)), sets.read_set(str(table))
     assert ours.model_uri == "models:/vaedist-mnist/1" and theirs.model_uri is None
     assert theirs.image_format == "table" and len(theirs.manifest_sha1) == 16 and theirs.label_names == {}

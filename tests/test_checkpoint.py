@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from vaedist.checkpoint import load_model, load_worker_model, save_checkpoint, trained_dataset
+from vaedist.checkpoint import (
+    dataset_facts,
+    header,
+    load_checkpoint,
+    load_model,
+    load_worker_model,
+    save_checkpoint,
+    trained_dataset,
+)
 from vaedist.config import ModelConfig
 from vaedist.errors import UsageError
 from vaedist.models import build_model
@@ -46,6 +55,35 @@ def test_the_dataset_a_model_was_trained_on(ckpt):
     assert trained_dataset({"config": {}, "hparams": {"dataset": "mnist"}}) == "mnist"
     assert trained_dataset({"config": {"data.dataset": ""}, "hparams": {}}) is None
     assert trained_dataset({}) is None
+
+
+def test_a_checkpoint_carries_its_model_and_data_facts(tmp_path):
+    """The one source of a model's facts: read from the header, without the data and without the model."""
+    torch.manual_seed(0)
+    ladder = build_model(ModelConfig(variant="vae", arch="conv", base_channels=8, latent_dim=3, depth=2,
+                                     stochastic_layers=2), (28, 28, 1), 10, "bernoulli")  # fmt: skip
+    labels = np.array([0, 0, 2, 1, 2, 2, -1])  # -1: an unlabelled row, counted nowhere
+    facts = dataset_facts("pets", "f1ng3r", ("cat", "dog", "eel"), labels, 500)
+    assert facts == {"name": "pets", "fingerprint": "f1ng3r", "class_names": ["cat", "dog", "eel"],
+                     "class_counts": [2, 1, 3], "validation": {"val_size": 500}}  # fmt: skip
+    save_checkpoint(tmp_path / "m.pt", ladder.eval(), None, 1, {"data.dataset": "/data/pets"}, {}, facts)
+    ckpt = load_checkpoint(tmp_path / "m.pt")
+    del ckpt["hparams"], ckpt["state_dict"]  # no model to build: the header alone answers
+    head = header(ckpt)
+    assert head.latent_dim == ladder.latent_dim != ladder.hparams["latent_dim"]  # a ladder's z is all its layers'
+    assert (head.conditional, head.num_classes, head.image_shape, head.variant) == (False, 10, (28, 28, 1), "vae")
+    assert (head.dataset, head.fingerprint, head.class_names) == ("/data/pets", "f1ng3r", ("cat", "dog", "eel"))
+    assert head.class_counts == (2, 1, 3) and head.validation == {"val_size": 500}
+
+
+def test_a_checkpoint_without_the_facts_still_gives_its_header(ckpt):
+    """Checkpoints written before models kept their facts: the model's are rebuilt, the data's are empty."""
+    old = load_checkpoint(ckpt)
+    del old["model"]
+    old["dataset"] = {}
+    head = header(old)
+    assert (head.latent_dim, head.conditional, head.num_classes, head.image_shape) == (3, True, 10, (28, 28, 1))
+    assert head.dataset == "fashion-mnist" and head.class_names == () and head.class_counts == () and not head.fingerprint
 
 
 class _Payload:

@@ -22,8 +22,8 @@ from vaedist.checkpoint import load_model, save_checkpoint
 from vaedist.config import EvaluateConfig, ResourcesConfig
 from vaedist.data import get_spec, load_split
 from vaedist.errors import UsageError
-from vaedist.generate.format import write_folder
 from vaedist.generate.plan import Plan
+from vaedist.generate.writer import write_folder
 from vaedist.models import CVAE, AutoEncoder, binarize, to_model_input
 
 MNIST = get_spec("mnist")
@@ -404,7 +404,7 @@ def _bad_folder(kind: str, root: Path) -> Path:
         return write_generated(root / "partial", generated_plan(), manifest=False)
     if kind == "missing-shard":
         folder = write_generated(root / "lost", generated_plan(shard_rows=5))
-        (folder / "train-00001-of-00004.parquet").unlink()
+        (folder / "data/train-00001-of-00004.parquet").unlink()
         return folder
     if kind == "shape":
         return write_generated(root / "small", generated_plan(shape=(14, 14, 1)))
@@ -422,9 +422,9 @@ def _bad_folder(kind: str, root: Path) -> Path:
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
-        ("empty", "is empty: no _manifest.json and no shard files (train-NNNNN-of-NNNNN.parquet)"),
+        ("empty", "is empty: no _manifest.json and no shard files (data/train-NNNNN-of-NNNNN.parquet)"),
         ("no-manifest", "is incomplete: 1 shard(s) but no _manifest.json"),
-        ("missing-shard", "is incomplete: _manifest.json lists train-00001-of-00004.parquet but the file is missing"),
+        ("missing-shard", "is incomplete: _manifest.json lists data/train-00001-of-00004.parquet but the file is missing"),
         ("shape", "are 14x14x1 but mnist images are 28x28x1"),
         ("labels", "has no images of class(es) 5, 6, 7, 8, 9: CAS needs every mnist class"),
         ("unconditional", "holds unlabelled images (label -1: an unconditional model)"),

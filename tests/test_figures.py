@@ -344,6 +344,16 @@ def test_to_uint8():
         F.to_uint8(np.array([np.nan]))
 
 
+def test_the_numpy_helper_rounds_as_the_sampler_does():
+    """figures.to_uint8 (users' float arrays) and sampling.to_uint8_hwc (the decoder's tensors) are one rule."""
+    import torch
+
+    from vaedist.sampling import to_uint8_hwc
+
+    x = np.random.default_rng(0).uniform(-0.2, 1.2, (3, 2, 5, 4)).astype(np.float32)  # (B, C, H, W)
+    np.testing.assert_array_equal(to_uint8_hwc(torch.from_numpy(x)), F.to_uint8(x.transpose(0, 2, 3, 1)))
+
+
 def test_imports_no_pyplot_torch_ray_or_mlflow():
     code = (
         "import sys, vaedist.figures; "

@@ -122,9 +122,9 @@ def generated(local_ray, store, cvae_ckpt, tmp_path_factory):
 def _snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
     if not folder.exists():
         return {}
-    return {
-        p.name: (p.stat().st_mtime_ns, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in sorted(folder.iterdir())
+    return {  # by path inside the folder: data/train-... for the shards
+        p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.rglob("*")) if p.is_file()
     }
 
 
@@ -278,7 +278,9 @@ def test_folder_state_decides_the_action():
     assert decide(S(parts=parts, manifest=complete, plan=new)) is A.COMPLETE
     assert decide(S(parts=parts, manifest=complete, plan=new), overwrite=True) is A.OVERWRITE
     assert decide(S(parts=parts, manifest={**complete, "plan": other}), overwrite=True) is A.OVERWRITE
-    assert [a.value for a in A] == ["new", "resume", "overwrite", "complete"]
+    assert [a.value for a in A] == ["new", "resume", "overwrite", "complete", "repair"]
+    # a shard missing from a complete folder is not refused: its checksum decides (test_a_damaged_...)
+    assert decide(S(parts={i: n for i, n in parts.items() if i != 3}, manifest=complete, plan=new)) is A.COMPLETE
     # the card and evaluation figures are vaedist's beside a plan or manifest, somebody else's alone
     extras = ["README.md", "_evaluations.json"]
     assert decide(S(parts=parts, manifest=complete, plan=new, extras=extras)) is A.COMPLETE
@@ -289,10 +291,8 @@ def test_folder_state_decides_the_action():
         (S(extras=["README.md"]), True, r"not from vaedist generate \(README.md\)"),
         (S(parts=parts, manifest={**complete, "plan": other}), False,
          r"complete generation run of another plan \(seed 4 there, 3 now\); pass --overwrite"),
-        (S(parts={i: n for i, n in parts.items() if i != 3}, manifest=complete), False,
-         "is complete but train-00003-of-00005.parquet is missing; pass --overwrite to regenerate it"),
         (S(plan=other), False, r"unfinished run of another plan \(seed 4 there, 3 now\)"),
-        (S(plan=new, parts={7: G.part_name(7, 8)}), False, "holds train-00007-of-00008.parquet, which is not in its plan"),
+        (S(plan=new, parts={7: G.part_name(7, 8)}), False, "holds data/train-00007-of-00008.parquet, which is not in its plan"),
         (S(plan=new, parts={0: "part-00000.parquet"}), False, "holds part-00000.parquet, which is not in its plan"),
         (S(parts={0: parts[0]}), False, "holds part files but no _plan.json, so they cannot be verified"),
     ]  # fmt: skip
@@ -301,17 +301,83 @@ def test_folder_state_decides_the_action():
             decide(state, overwrite)
 
 
+def test_a_complete_folder_whose_shards_differ_from_its_manifest_is_repaired():
+    plan = _plan(counts=(30, 20), shard_rows=10)  # 5 shards
+    files = [G.part_name(i, 5) for i in range(5)]
+    manifest = {"plan": plan.to_dict(), "shards": [{"file": f, "shard": i, "sha256": f"h{i}"} for i, f in enumerate(files)]}
+    found = {f: f"h{i}" for i, f in enumerate(files)}
+    assert G.damaged_shards(manifest, found) == {}
+    assert G.decide_repair(manifest, plan, {}, "out") is G.FolderAction.COMPLETE
+    damaged = G.damaged_shards(manifest, {**found, files[1]: "other", files[4]: None})
+    assert damaged == {1: "differs from the sha256 its manifest records", 4: "is missing"}
+    assert G.decide_repair(manifest, plan, damaged, "out") is G.FolderAction.REPAIR
+    # shards at the root (an earlier layout): not patched into a mixed folder
+    flat = {**manifest, "shards": [{**s, "file": s["file"].removeprefix("data/")} for s in manifest["shards"]]}
+    with pytest.raises(UsageError, match=r"--out out is complete but train-00001-of-00005.parquet differs from the "
+                                         r"sha256 its manifest records; it has an earlier layout, so pass --overwrite"):  # fmt: skip
+        G.decide_repair(flat, plan, G.damaged_shards(flat, {"train-00001-of-00005.parquet": "x"} | {
+            s["file"]: s["sha256"] for s in flat["shards"] if s["shard"] != 1}), "out")  # fmt: skip
+
+
+def test_the_plan_takes_the_model_facts_from_the_checkpoint_alone(tmp_path):
+    """Class names and the training set's class frequencies come from the checkpoint, not the data: here a
+    dataset that does not exist, so reopening it would fail."""
+    from vaedist.checkpoint import dataset_facts
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant="cvae", arch="dense", width=16, depth=1, latent_dim=3), (8, 8, 1), 3,
+                        "bernoulli")  # fmt: skip
+    facts = dataset_facts("gone", "f1ng3r", ("ant", "bee", "cow"), np.repeat([0, 1, 2], [90, 10, 0]), 5)
+    save_checkpoint(tmp_path / "m.pt", model, None, 1, {"data.dataset": str(tmp_path / "gone")}, {}, facts)
+    cfg = GenerateConfig(model=str(tmp_path / "m.pt"), out=str(tmp_path / "out"), total=100, class_balance="as-train",
+                         labels=(0, 1))  # fmt: skip
+    plan, _, info = G.build_plan(cfg)
+    assert plan.counts == (90, 10) and plan.label_names == ("ant", "bee") and plan.class_names == ("ant", "bee", "cow")
+    assert (plan.image_shape, plan.latent_dim, info["dataset_fingerprint"]) == ((8, 8, 1), 3, "f1ng3r")
+
+
+def test_a_rerun_verifies_a_complete_folder_in_either_layout(tmp_path):
+    """prepare (no Ray): a complete folder is checked shard by shard against its manifest, whether its shards
+    are in data/ or (an earlier layout) at the root; only the current layout is repaired in place."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(variant="cvae", arch="dense", width=16, depth=1, latent_dim=3), (8, 8, 1), 10,
+                        "bernoulli")  # fmt: skip
+    _save(model, tmp_path / "m.pt", "cvae")
+    for layout in ("data", "root"):
+        out = tmp_path / layout
+        cfg = GenerateConfig(model=str(tmp_path / "m.pt"), out=str(out), per_label=3, shard_rows=8)
+        plan, _, _ = G.build_plan(cfg)
+        G.write_folder(str(out), plan, np.zeros((30, 8, 8, 1), np.uint8), G.latents(0, 0, 30, 3))
+        if layout == "root":  # the shards moved up, the manifest naming them so
+            manifest = json.loads((out / "_manifest.json").read_text())
+            for shard in manifest["shards"]:
+                (out / shard["file"]).rename(out / Path(shard["file"]).name)
+                shard["file"] = Path(shard["file"]).name
+            (out / "data").rmdir()
+            (out / "_manifest.json").write_text(json.dumps(manifest))
+        assert G.prepare(cfg).action is G.FolderAction.COMPLETE
+        damaged = out / ("data/" if layout == "data" else "") / "train-00002-of-00004.parquet"
+        damaged.write_bytes(damaged.read_bytes()[:-10])
+        if layout == "data":
+            p = G.prepare(cfg)
+            assert p.action is G.FolderAction.REPAIR and p.todo == [2] and p.kept == [0, 1, 3]
+            assert "  repair          data/train-00002-of-00004.parquet differs from the sha256" in "\n".join(G.describe(p))
+        else:
+            with pytest.raises(UsageError, match="train-00002-of-00004.parquet differs .* earlier layout, so pass --overwrite"):
+                G.prepare(cfg)
+
+
 def test_an_unfinished_folder_resumes_from_the_shards_that_verify(tmp_path):
     plan = _plan(counts=(12, 9), shard_rows=5)  # 5 shards, the last of 1 row
     images = np.random.default_rng(1).integers(0, 256, (plan.total, 28, 28, 1), dtype=np.uint8)
     out = tmp_path / "unfinished"
     assert G.write_folder(str(out), plan, images, G.latents(3, 0, plan.total, 4), manifest=False) is None
-    (out / "train-00004-of-00005.parquet").unlink()
-    (out / "train-00002-of-00005.parquet").write_bytes(b"PAR1 truncated")
-    (out / ".train-00004-of-00005.parquet.0123abcd.tmp").write_bytes(b"half")
+    (out / "data/train-00004-of-00005.parquet").unlink()
+    (out / "data/train-00002-of-00005.parquet").write_bytes(b"PAR1 truncated")
+    (out / "data/.train-00004-of-00005.parquet.0123abcd.tmp").write_bytes(b"half")
     fs, root, uri = G.resolve_out(str(out))
     state = G.inspect_output(fs, root, uri)
-    assert sorted(state.parts) == [0, 1, 2, 3] and state.tmp == [".train-00004-of-00005.parquet.0123abcd.tmp"]
+    assert sorted(state.parts) == [0, 1, 2, 3] and state.tmp == ["data/.train-00004-of-00005.parquet.0123abcd.tmp"]
     assert state.plan == plan.to_dict() and state.manifest is None and not state.foreign
     assert G.decide_action(state, plan, False, uri) is G.FolderAction.RESUME
     assert [i for i in sorted(state.parts) if G.verify_part(fs, root, plan, i)] == [0, 1, 3]
@@ -340,9 +406,10 @@ def test_format_writer_and_reader_round_trip(tmp_path, image_format):
     info = {"name": "vaedist-mnist", "run_id": "r1"}
     manifest = G.write_folder(str(tmp_path / "gen"), plan, images, z, model_info=info, request={"total": 11})
     folder = tmp_path / "gen"
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "_manifest.json", "_plan.json"] + [
-        G.part_name(i, 3) for i in range(3)
-    ]
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "README.md", "_manifest.json", "_plan.json", *(G.part_name(i, 3) for i in range(3))
+    ]  # fmt: skip
+    assert G.part_name(2, 3) == "data/train-00002-of-00003.parquet"
     assert json.loads((folder / "_manifest.json").read_text()) == manifest
     assert manifest["format"] == G.MANIFEST_FORMAT and manifest["plan_hash"] == plan.hash
     assert manifest["model"] == {
@@ -388,8 +455,8 @@ def test_reader_keeps_reading_manifests_in_other_shapes_and_refuses_unfinished_f
     gen = G.read_generated(str(folder))
     assert (gen.model_uri, gen.model_version, len(gen.labels)) == ("models:/x/3", "3", 6)
 
-    (folder / "train-00001-of-00002.parquet").unlink()
-    with pytest.raises(UsageError, match="lists train-00001-of-00002.parquet but the file is missing"):
+    (folder / "data/train-00001-of-00002.parquet").unlink()
+    with pytest.raises(UsageError, match="lists data/train-00001-of-00002.parquet but the file is missing"):
         G.read_generated(str(folder))
     G.write_folder(str(tmp_path / "partial"), plan, images, np.zeros((6, 4), np.float32), manifest=False)
     with pytest.raises(UsageError, match=r"is incomplete: 2 shard\(s\) but no _manifest.json"):
@@ -409,8 +476,9 @@ def test_same_plan_gives_identical_images_and_files(generated):
     ta, tb = _by_id(a), _by_id(b)
     assert ta["sample_id"].to_pylist() == list(range(2000))
     assert ta["image"].equals(tb["image"]) and ta["z"].equals(tb["z"]) and ta["label"].equals(tb["label"])
-    parts = sorted(p.name for p in a.glob("train-*.parquet"))
-    assert parts == [f"train-{i:05d}-of-00010.parquet" for i in range(10)]
+    parts = sorted(f"data/{p.name}" for p in a.glob(G.SHARD_GLOB))
+    assert parts == [f"data/train-{i:05d}-of-00010.parquet" for i in range(10)]
+    assert sorted(p.name for p in a.iterdir()) == ["README.md", "_manifest.json", "_plan.json", "data"]
     for name in parts:  # same model + seed + plan: byte-identical files
         assert (a / name).read_bytes() == (b / name).read_bytes()
     assert json.loads((a / "_manifest.json").read_text()) == json.loads((b / "_manifest.json").read_text())
@@ -419,7 +487,7 @@ def test_same_plan_gives_identical_images_and_files(generated):
 @pytest.mark.slow
 def test_schema_manifest_and_rows_per_label(generated, cvae_ckpt):
     folder, result = generated["a"]
-    table = pq.read_table(folder / "train-00000-of-00010.parquet")
+    table = pq.read_table(folder / "data/train-00000-of-00010.parquet")
     schema = table.schema
     assert schema.field("sample_id").type == pa.int64() and schema.field("label").type == pa.int64()
     assert schema.field("label_name").type == pa.string()
@@ -430,7 +498,7 @@ def test_schema_manifest_and_rows_per_label(generated, cvae_ckpt):
     assert meta["vaedist.seed"] == "0" and meta["vaedist.version"] and meta["vaedist.image_format"] == "raw"
     assert "vaedist.model_version" in meta
     assert b"huggingface" not in schema.metadata  # datasets has no feature for a tensor
-    assert pq.ParquetFile(folder / "train-00000-of-00010.parquet").metadata.row_group(0).column(3).compression == "ZSTD"
+    assert pq.ParquetFile(folder / "data/train-00000-of-00010.parquet").metadata.row_group(0).column(3).compression == "ZSTD"
 
     full = _by_id(folder)
     labels = full["label"].to_numpy()
@@ -441,14 +509,14 @@ def test_schema_manifest_and_rows_per_label(generated, cvae_ckpt):
     assert m["rows"] == 2000 and m["dataset"] == "mnist" and m["seed"] == 0
     assert m["model"]["uri"] == str(cvae_ckpt) and m["plan_hash"] == result.plan_hash
     assert [r["rows"] for r in m["rows_per_label"]] == [N_PER_LABEL] * 10
-    assert [s["file"] for s in m["shards"]] == [f"train-{i:05d}-of-00010.parquet" for i in range(10)]
+    assert [s["file"] for s in m["shards"]] == [f"data/train-{i:05d}-of-00010.parquet" for i in range(10)]
     for s in m["shards"]:
         data = (folder / s["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
         assert sum(s["rows_per_label"]) == s["rows"] == SHARD_ROWS
     assert [f["name"] for f in m["schema"]] == ["sample_id", "label", "label_name", "image", "z"]
     assert json.loads((folder / "_plan.json").read_text()) == m["plan"]
-    assert not list(folder.glob(".*"))  # no temporary files left
+    assert not list(folder.glob(".*")) and not list(folder.glob("data/.*"))  # no temporary files left
 
 
 @pytest.mark.slow
@@ -463,14 +531,14 @@ def test_png_holds_the_same_images_and_pandas_and_ray_read_both(generated):
     assert raw.shape == (2000, 28, 28, 1) and raw.dtype == np.uint8 and 0 < raw.mean() < 128
 
     for folder in (raw_folder, png_folder):
-        df = pd.read_parquet(folder, ignore_prefixes=[".", "_", "README"]).sort_values("sample_id")  # as the card says
+        df = pd.read_parquet(folder / "data").sort_values("sample_id")  # no options, as the card says
         assert df["sample_id"].tolist() == list(range(2000)) and df["label"].dtype == np.int64
         np.testing.assert_array_equal(G.read_images(df), raw)
 
     import ray
 
     for folder in (raw_folder, png_folder):
-        batch = ray.data.read_parquet(str(folder)).take_batch(2000)
+        batch = ray.data.read_parquet(str(folder / "data")).take_batch(2000)
         order = np.argsort(batch["sample_id"])
         assert batch["sample_id"][order].tolist() == list(range(2000))
         images = G.read_images(batch["image"])[order]
@@ -512,15 +580,16 @@ def test_every_tool_reads_the_default_format_with_the_pixels_of_raw(generated, t
 
     raw, folder = G.read_images(_by_id(generated["a"][0])), generated["png"][0]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ds = datasets.load_dataset("parquet", data_dir=str(folder), split="train", cache_dir=str(tmp_path))
+    ds = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path))  # through the card
     assert isinstance(ds.features["image"], datasets.Image) and len(ds) == 2000
+    assert len(datasets.load_dataset("parquet", data_dir=str(folder / "data"), split="train", cache_dir=str(tmp_path))) == 2000
     assert ds.features["label"].names == list(map(str, range(10)))  # the checkpoint's dataset: mnist
     ds = ds.sort("sample_id")
     np.testing.assert_array_equal(np.stack([np.asarray(im) for im in ds[:50]["image"]])[..., None], raw[:50])
-    frame = pl.read_parquet(f"{folder}/*.parquet").sort("sample_id")
+    frame = pl.read_parquet(f"{folder}/{G.SHARD_GLOB}").sort("sample_id")
     assert frame.height == 2000 and frame["label"].value_counts()["count"].to_list() == [N_PER_LABEL] * 10
     np.testing.assert_array_equal(G.read_images(frame.to_arrow()), raw)
-    counts = duckdb.sql(f"SELECT label_name, count(*) AS n FROM '{folder}/*.parquet' GROUP BY ALL ORDER BY 1")
+    counts = duckdb.sql(f"SELECT label_name, count(*) AS n FROM '{folder}/{G.SHARD_GLOB}' GROUP BY ALL ORDER BY 1")
     assert counts.fetchall() == [(str(k), N_PER_LABEL) for k in range(10)]
 
 
@@ -609,7 +678,7 @@ def test_overwrite_and_plan_guards(local_ray, store, cvae_ckpt, tmp_path):
     code, stdout, err = _cli(*args)
     assert code == 0, err
     first = _snapshot(out)
-    assert len([n for n in first if n.startswith("train-")]) == 4 and "_manifest.json" in first
+    assert len([n for n in first if n.startswith("data/train-")]) == 4 and "_manifest.json" in first
     assert "README.md" in first
 
     code, stdout, _ = _cli(*args)  # the same plan again: nothing to do, nothing touched
@@ -623,13 +692,49 @@ def test_overwrite_and_plan_guards(local_ray, store, cvae_ckpt, tmp_path):
     m = json.loads((out / "_manifest.json").read_text())
     assert m["seed"] == 1 and len(m["shards"]) == 4
     after = _snapshot(out)
-    assert all(after[n][2] != first[n][2] for n in first if n.startswith("train-"))  # other z, other bytes
+    assert all(after[n][2] != first[n][2] for n in first if n.startswith("data/train-"))  # other z, other bytes
 
     # An unfinished folder (no manifest) of another plan is refused, not mixed.
     (out / "_manifest.json").unlink()
-    (out / "train-00003-of-00004.parquet").unlink()
+    (out / "data/train-00003-of-00004.parquet").unlink()
     _assert_refused([*args, "--labels", "0,1"], out, "unfinished run of another plan (labels")
     _assert_refused([*args, "--per-label", "21"], out, "unfinished run of another plan (counts")
+
+
+@pytest.mark.slow
+def test_a_damaged_complete_folder_is_repaired_by_a_rerun(local_ray, store, cvae_ckpt, tmp_path):
+    out = tmp_path / "damaged"
+    args = ["--model", str(cvae_ckpt), "--out", str(out), "--per-label", "20", "--shard-rows", "50"]
+    code, _, err = _cli(*args)
+    assert code == 0, err
+    first = _snapshot(out)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    truncated, lost = out / "data/train-00001-of-00004.parquet", out / "data/train-00003-of-00004.parquet"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    # evaluate names the damaged shard in one line, before any work
+    result = CliRunner().invoke(main, ["evaluate", "cas", "--generated", str(out), "--dataset", "mnist"])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.stderr
+    assert f"{out}/data/train-00001-of-00004.parquet is not readable Parquet" in errors[0], errors
+    lost.unlink()
+
+    code, stdout, err = _cli(*args)  # the same command: verifies every shard, rewrites the two
+    assert code == 0, err
+    assert "complete, but 2 shard(s) damaged: rewriting them" in stdout
+    repairs = [line for line in stdout.splitlines() if line.strip().startswith("repair")]
+    assert repairs == [
+        "  repair          data/train-00001-of-00004.parquet differs from the sha256 its manifest records: rewriting it",
+        "  repair          data/train-00003-of-00004.parquet is missing: rewriting it",
+    ], stdout
+    after = _snapshot(out)
+    for name in ("data/train-00000-of-00004.parquet", "data/train-00002-of-00004.parquet", "_plan.json"):
+        assert after[name] == first[name], name  # untouched
+    assert after[truncated.relative_to(out).as_posix()][2] == first[truncated.relative_to(out).as_posix()][2]
+    assert after[lost.relative_to(out).as_posix()][2] == first[lost.relative_to(out).as_posix()][2]  # same bytes
+    assert json.loads((out / "_manifest.json").read_text())["shards"] == manifest["shards"]
+    assert len(G.read_generated(str(out)).labels) == 200
+    code, stdout, _ = _cli(*args)
+    assert code == 0 and "every shard verified, nothing to do" in stdout and _snapshot(out) == after
 
 
 # --------------------------------------------------------------------------------------------------
@@ -657,7 +762,7 @@ def test_killed_run_resumes_without_touching_finished_shards(cvae_ckpt, tmp_path
         args, cwd=tmp_path, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT
     )
     deadline = time.monotonic() + 120
-    while len(list(out.glob("train-*.parquet"))) < 3:
+    while len(list(out.glob(G.SHARD_GLOB))) < 3:
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()
         assert time.monotonic() < deadline, "no shards after 120 s"
         time.sleep(0.1)
@@ -669,7 +774,7 @@ def test_killed_run_resumes_without_touching_finished_shards(cvae_ckpt, tmp_path
 
     assert not (out / "_manifest.json").exists() and (out / "_plan.json").exists()
     finished = {
-        p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in out.glob("train-*")
+        f"data/{p.name}": (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in out.glob("data/train-*")
     }
     assert 3 <= len(finished) < 20
     # A shard damaged after the kill must be rewritten; the others must stay as they are.
@@ -705,7 +810,7 @@ def test_killed_run_resumes_without_touching_finished_shards(cvae_ckpt, tmp_path
     assert len(m["shards"]) == 20 and m["shards"][-1]["rows"] == 99
     for s in m["shards"]:
         assert hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() == s["sha256"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
         ["README.md", "_manifest.json", "_plan.json", *(s["file"] for s in m["shards"])]
     )
     assert pq.read_metadata(out / damaged).num_rows == 100

@@ -89,6 +89,13 @@ def test_demo_pipeline_at_toy_size_then_rerun_skips(tmp_path, monkeypatch, capsy
         assert result.steps == ["train", "generate", "evaluate"]
         assert result.model_uri == "models:/vaedist-mnist/1" and result.champion
         assert result.rows == 400 and (tmp_path / "out/demo/mnist/_manifest.json").exists()
+        # the trained model carries its data's facts: what generate and serve read instead of the data
+        from vaedist import tracking
+        from vaedist.checkpoint import header, load_checkpoint
+
+        head = header(load_checkpoint(tracking.resolve_checkpoint(result.model_uri)))
+        assert head.class_names == tuple(map(str, range(10))) and len(head.fingerprint) == 16
+        assert sum(head.class_counts) == 60_000 and head.validation == {"val_size": 1000}  # train + val rows
         cas = result.evaluation["cas"]
         assert cas["model_uri"] == result.model_uri and 0.0 < cas["cas"] <= 1.0
         assert cas["ratio"] == pytest.approx(cas["cas"] / cas["real_accuracy"])
@@ -97,7 +104,8 @@ def test_demo_pipeline_at_toy_size_then_rerun_skips(tmp_path, monkeypatch, capsy
 
         # The same pipeline again: training is reused, the complete Parquet folder left alone, and the
         # evaluations MLflow holds are read back, not recomputed.
-        parts = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/demo/mnist").glob("train-*.parquet")}
+        parts = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/demo/mnist").glob("data/train-*.parquet")}
+        assert parts  # the shards are in data/, as on the Hub
         lines.clear()
         again = run_spec(spec, echo=lines.append)
         assert any("already trained" in line for line in lines)
@@ -106,7 +114,7 @@ def test_demo_pipeline_at_toy_size_then_rerun_skips(tmp_path, monkeypatch, capsy
         assert again.evaluation["cas"]["cas"] == cas["cas"]
         assert again.evaluation["likelihood"]["metrics"] == nll
         assert again.evaluation["cas"]["run_id"] == cas["run_id"]
-        assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/demo/mnist").glob("train-*.parquet")} == parts
+        assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out/demo/mnist").glob("data/train-*.parquet")} == parts
         client = mlflow.MlflowClient(uri)
         assert len(client.search_model_versions("name='vaedist-mnist'")) == 1
 

@@ -50,7 +50,7 @@ def test_datasets_loads_images_and_class_labels_both_ways(tmp_path, hf):
     folder = tmp_path / "gen"
     images = _write(folder, _plan())
     for ds in (
-        hf.load_dataset("parquet", data_dir=str(folder), split="train", cache_dir=str(tmp_path / "c1")),
+        hf.load_dataset("parquet", data_dir=str(folder / "data"), split="train", cache_dir=str(tmp_path / "c1")),
         hf.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "c2")),  # through the card
     ):
         assert len(ds) == 12 and isinstance(ds.features["image"], hf.Image)
@@ -68,12 +68,14 @@ def test_pandas_polars_duckdb_pyarrow_read_every_row(tmp_path):
 
     folder = tmp_path / "gen"
     images = _write(folder, _plan())
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "_manifest.json", "_plan.json", "data"]
+    assert sorted(p.name for p in (folder / "data").iterdir()) == [f"train-{i:05d}-of-00003.parquet" for i in range(3)]
     shards = f"{folder}/{G.SHARD_GLOB}"
-    frames = {
-        "pandas": pd.read_parquet(folder, ignore_prefixes=[".", "_", "README"]),  # as the card says
+    frames = {  # data/ holds the shards only: no options, as the card says
+        "pandas": pd.read_parquet(f"{folder}/data"),
+        "pyarrow": pq.read_table(f"{folder}/data").to_pandas(),
         "polars": pl.read_parquet(shards).to_pandas(),
         "duckdb": duckdb.sql(f"SELECT * FROM '{shards}'").df(),
-        "pyarrow": pq.read_table(sorted(str(p) for p in folder.glob(G.SHARD_GLOB))).to_pandas(),
     }
     for tool, df in frames.items():
         df = df.sort_values("sample_id")
@@ -108,7 +110,8 @@ def test_the_dataset_card_describes_the_folder_and_takes_evaluations(tmp_path):
     folder = tmp_path / "gen"
     _write(folder, _plan())
     meta, body = _card(folder)
-    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "train-*.parquet"}]}]
+    assert f'pd.read_parquet("{folder}/data")' in body and "ignore_prefixes" not in body
+    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}]
     info = meta["dataset_info"]
     assert info["splits"] == [{"name": "train", "num_bytes": info["dataset_size"], "num_examples": 12}]
     assert info["features"][1] == {"name": "label", "dtype": {"class_label": {"names": {"0": "zero", "1": "one", "2": "two"}}}}
@@ -141,11 +144,32 @@ def test_a_raw_folder_declares_no_features_it_cannot_hold(tmp_path):
     np.testing.assert_array_equal(G.read_generated(str(folder)).images, images)
 
 
+def _old_layout(folder: Path) -> dict:
+    """A new folder moved into the layout before data/: the shards at the root, the manifest naming them so."""
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    for shard in manifest["shards"]:
+        (folder / shard["file"]).rename(folder / Path(shard["file"]).name)
+        shard["file"] = Path(shard["file"]).name
+    (folder / "data").rmdir()
+    (folder / "_manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_folders_with_shards_at_the_root_stay_readable(tmp_path):
+    folder = tmp_path / "flat"
+    images = _write(folder, _plan())
+    manifest = _old_layout(folder)
+    assert (folder / "train-00000-of-00003.parquet").is_file()
+    gen = G.read_generated(str(folder))
+    np.testing.assert_array_equal(gen.images, images)
+    assert gen.manifest == manifest
+
+
 def test_folders_of_earlier_versions_stay_readable(tmp_path):
-    """vaedist < 0.5: part-NNNNN.parquet, PNG as plain bytes, int16 labels, no card."""
+    """vaedist < 0.5: part-NNNNN.parquet at the root, PNG as plain bytes, int16 labels, no card."""
     folder = tmp_path / "old"
     images = _write(folder, _plan())
-    manifest = json.loads((folder / "_manifest.json").read_text())
+    manifest = _old_layout(folder)
     for i, shard in enumerate(manifest["shards"]):
         table = pq.read_table(folder / shard["file"])
         table = table.set_column(1, pa.field("label", pa.int16()), table["label"].cast(pa.int16()))

@@ -20,6 +20,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -80,6 +81,41 @@ def test_requests_decode_to_the_same_pixels_whatever_rows_they_come_with():
     with pytest.raises(ValueError, match="needs a 'label' column"):
         generate_images(model, pd.DataFrame({"seed": [1]}))
     assert isinstance(GeneratorModel(), mlflow.pyfunc.PythonModel)
+
+
+def test_the_same_seed_gives_the_same_image_in_generate_serve_and_the_pictures(tmp_path):
+    """One sampler: generate's image for sample_id i of seed S is the served image of the row (seed S,
+    sample_id i, the same label and temperature), and the epoch picture's sample j of its seed."""
+    from vaedist import generate as G
+    from vaedist import sampling
+    from vaedist.models import build_model
+    from vaedist.pictures import SAMPLES_SEED, EpochPictures
+
+    cfg = experiment_from_dict(CVAE)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, (28, 28, 1), 10, cfg.likelihood).eval()
+    plan = G.Plan("m", "", "0" * 64, "mnist", tuple(range(10)), tuple(map(str, range(10))), (3,) * 10, 11, 0.7,
+                  16, "raw", (28, 28, 1), model.latent_dim, tuple(map(str, range(10))))  # fmt: skip
+    fs, root, _ = G.resolve_out(str(tmp_path / "gen"))
+    fs.create_dir(root + "/data", recursive=True)
+    G.write_shard(model, plan, 1, fs, root, batch_size=sampling.DECODE_BATCH)  # sample ids 16..29
+    table = pq.read_table(tmp_path / "gen" / G.part_name(1, plan.num_shards))
+    request = pd.DataFrame({"label": table["label"].to_numpy(), "seed": 11, "sample_id": table["sample_id"].to_numpy(),
+                            "temperature": 0.7})  # fmt: skip
+    pixels, labels, _ = generate_images(model, request)
+    np.testing.assert_array_equal(pixels, G.read_images(table))
+    np.testing.assert_array_equal(np.stack(table["z"].to_numpy(zero_copy_only=False)),
+                                  sampling.prior_latents(11, request["sample_id"].to_numpy(), model.latent_dim, 0.7))  # fmt: skip
+    # the sampler's own entry point, and a request's row alone, agree
+    alone, _ = sampling.sample(model, labels[3:4], 11, 0.7, request["sample_id"].to_numpy()[3:4])
+    np.testing.assert_array_equal(alone, pixels[3:4])
+    # the epoch picture of samples: sample j of SAMPLES_SEED at temperature 1, row r of class r
+    pictures = EpochPictures(model, G.read_images(table), labels, tuple(map(str, range(10))))
+    y = np.repeat(np.arange(10), 8)
+    served, _, _ = generate_images(model, pd.DataFrame({"label": y, "seed": SAMPLES_SEED, "sample_id": np.arange(80)}))
+    np.testing.assert_array_equal(pictures.sample_images(y, 80), served)
+    with pytest.raises(ValueError, match="seed -1 is negative"):
+        generate_images(model, pd.DataFrame({"label": [1], "seed": [-1]}))
 
 
 @pytest.mark.slow

@@ -373,7 +373,7 @@ def jobs_stop_cmd(job_id: str, address: str | None) -> None:
 
 @main.command()
 @click.option("--model", "model_uri", required=True, help="models:/vaedist-mnist@champion, runs:/<run_id>/model, or a path to model.pt.")
-@click.option("--out", required=True, help="Output folder or s3://bucket/prefix, one per generation run (train-NNNNN-of-NNNNN.parquet shards, a README.md dataset card, _manifest.json).")
+@click.option("--out", required=True, help="Output folder or s3://bucket/prefix, one per generation run in the Hugging Face Hub layout (data/train-NNNNN-of-NNNNN.parquet shards, a README.md dataset card, _manifest.json); the same command finishes an unfinished one and repairs damaged shards of a finished one.")
 @click.option("--labels", help="Class indices, e.g. 0,3,7, or 'all' [default: all]. An unconditional model takes none (its rows get label -1).")
 @click.option("--per-label", type=int, help="Rows per label (give this or --total).")
 @click.option("--total", type=int, help="Rows in all, split across the labels by --class-balance.")

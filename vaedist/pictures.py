@@ -1,4 +1,8 @@
-"""The pictures logged every epoch: model in, RGB arrays out (drawing itself is in vaedist.figures)."""
+"""The pictures logged every epoch: model in, RGB arrays out (drawing itself is in vaedist.figures).
+
+Samples are drawn with the one sampler (:mod:`vaedist.sampling`): the picture's sample ``j`` of seed
+``SAMPLES_SEED`` is the image ``vaedist generate --seed 1 --temperature 1`` writes for ``sample_id = j``
+with the same label."""
 
 from __future__ import annotations
 
@@ -7,11 +11,9 @@ import torch
 
 from vaedist import figures
 from vaedist.models import BaseVAE, to_model_input
+from vaedist.sampling import decode, prior_latents, to_uint8_hwc
 
-
-def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) float in [0, 1] -> (B, H, W, C) uint8."""
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+SAMPLES_SEED = 1  # the seed of the "samples" picture
 
 
 class EpochPictures:
@@ -46,8 +48,8 @@ class EpochPictures:
         b = int(others[0]) if len(others) else (a + 1) % len(val_images)
         self.pair_x = val_images[[a, b]]
         self.pair_y = val_labels[[a, b]]
-        g = torch.Generator().manual_seed(seed)
-        self.z_cols = torch.randn(n_cols, model.latent_dim, generator=g)  # one fixed z per column
+        # one fixed z per column: samples 0..n_cols-1 of the run's seed
+        self.z_cols = torch.from_numpy(prior_latents(seed, np.arange(n_cols), model.latent_dim))
         self.n_steps = n_steps
 
     def _device(self) -> torch.device:
@@ -78,16 +80,19 @@ class EpochPictures:
             model.train(was_training)
 
     def samples(self) -> np.ndarray:
-        """Conditional: one row per class; otherwise an 8x8 grid of z ~ N(0, I)."""
-        g = torch.Generator().manual_seed(1)
+        """Conditional: one row per class; otherwise an 8x8 grid of z ~ N(0, I) (samples 0..63 of
+        ``SAMPLES_SEED``)."""
         if self.model.conditional:
             k, m = len(self.class_names), self.z_cols.shape[0]
-            z = torch.randn(k * m, self.model.latent_dim, generator=g).to(self._device())
-            y = torch.arange(k, device=self._device()).repeat_interleave(m)
-            imgs = to_uint8_nhwc(self.model.generate(z, y)).reshape(k, m, *self._hwc())
+            y = np.repeat(np.arange(k, dtype=np.int64), m)  # (K*M,): row r holds class r
+            imgs = self.sample_images(y, len(y)).reshape(k, m, *self._hwc())
             return figures.labelled_rows(imgs, self.class_names, title="samples per class")
-        z = torch.randn(64, self.model.latent_dim, generator=g).to(self._device())
-        return figures.image_grid(to_uint8_nhwc(self.model.generate(z)), ncol=8)
+        return figures.image_grid(self.sample_images(None, 64), ncol=8)
+
+    def sample_images(self, labels: np.ndarray | None, n: int) -> np.ndarray:
+        """Samples 0..n-1 of ``SAMPLES_SEED`` with ``labels`` (int64 (n,); None unconditional): uint8 (n, H, W, C)."""
+        z = prior_latents(SAMPLES_SEED, np.arange(n), self.model.latent_dim)
+        return decode(self.model, z, labels, device=self._device())
 
     def _hwc(self) -> tuple[int, int, int]:
         return tuple(self.model.image_shape)
@@ -95,13 +100,13 @@ class EpochPictures:
     def reconstructions(self) -> np.ndarray:
         x, y = self._x(self.recon_x), self._labels(self.recon_y)
         mu, logvar = self.model.encode(x, y)
-        recon = to_uint8_nhwc(self.model.generate(mu, y))
+        recon = to_uint8_hwc(self.model.generate(mu, y))
         extra = None
         if self.model.hparams.get("variant") == "ae":
             # What the decoder sees in training: the code plus N(0, latent_noise^2).
             g = torch.Generator().manual_seed(2)
             noise = torch.randn(mu.shape, generator=g).to(mu.device) * float(self.model.hparams.get("latent_noise", 0))
-            extra = {"with latent noise": to_uint8_nhwc(self.model.generate(mu + noise, y))}
+            extra = {"with latent noise": to_uint8_hwc(self.model.generate(mu + noise, y))}
         return figures.reconstruction_grid(self.recon_x, recon, extra=extra)
 
     def latent_scatter(self) -> np.ndarray:
@@ -120,10 +125,10 @@ class EpochPictures:
         z = (1 - t) * mu[0] + t * mu[1]  # (S, latent)
         start, end = self.class_names[int(self.pair_y[0])], self.class_names[int(self.pair_y[1])]
         if not self.model.conditional:
-            frames = to_uint8_nhwc(self.model.generate(z))
+            frames = to_uint8_hwc(self.model.generate(z))
             return figures.interpolation_strip(frames, start, end)
         # A conditional decoder also needs a label: show the path decoded as each end's class.
-        rows = [to_uint8_nhwc(self.model.generate(z, torch.full((len(z),), int(c), device=z.device)))
+        rows = [to_uint8_hwc(self.model.generate(z, torch.full((len(z),), int(c), device=z.device)))
                 for c in self.pair_y]  # fmt: skip
         return figures.labelled_rows(np.stack(rows), [f"as {start}", f"as {end}"], title=f"{start} -> {end}")
 
@@ -132,5 +137,5 @@ class EpochPictures:
         k, m = len(self.class_names), self.z_cols.shape[0]
         z = self.z_cols.to(self._device()).repeat(k, 1)  # (K*M, latent)
         y = torch.arange(k, device=self._device()).repeat_interleave(m)
-        imgs = to_uint8_nhwc(self.model.generate(z, y)).reshape(k, m, *self._hwc())
+        imgs = to_uint8_hwc(self.model.generate(z, y)).reshape(k, m, *self._hwc())
         return figures.labelled_rows(imgs, self.class_names, title="class x z", col_labels=[f"z{i}" for i in range(m)])

@@ -4,14 +4,22 @@
 (POST ``/invocations``) both land in :class:`GeneratorModel`. One request row is one image:
 
     label        int    the class (conditional models; ignored, and may be left out, for unconditional ones)
-    seed         int    optional: z ~ N(0, T^2 I) drawn from this seed [default: the row's index]
+    seed         int    optional: the seed, >= 0 [default: 0]
+    sample_id    int    optional: which sample of that seed, >= 0 [default: 0 where the request has seeds,
+                        else the row's index]
     temperature  float  optional: T [default: 1.0]
+
+The row's z is :func:`vaedist.sampling.prior_latents` of (seed, sample_id), as in ``vaedist generate``: the
+row ``seed = S, sample_id = i`` with row i's label and temperature T is the image ``vaedist generate --seed S
+--temperature T`` wrote for ``sample_id = i``. A request with seeds alone gets one image per seed, whatever
+rows it came with.
 
 An unconditional model is asked for N images with N rows (``pd.DataFrame({"seed": range(N)})``). The
 params ``{"image_format": "png"}`` return PNG bytes (base64 in the server's JSON) instead of uint8 arrays.
 The answer is a table with ``label``, ``label_name``, ``seed`` and ``image`` (H x W x C uint8, or PNG).
 
-The sampling itself (:func:`generate_images`) is plain PyTorch/numpy, tested without MLflow; this is,
+The sampling itself (:func:`generate_images`, on :mod:`vaedist.sampling`) is plain PyTorch/numpy, tested
+without MLflow; this is,
 beside ``tracking.py`` (and ``serve_model.py``, the file MLflow logs as the model), the one module that
 imports MLflow, because MLflow loads this class itself.
 """
@@ -23,18 +31,24 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import torch
 
-IMAGE_FORMATS = ("raw", "png")
+from vaedist.config import IMAGE_FORMATS
+from vaedist.sampling import decode, prior_latents
 
 
-def request_latents(seeds: np.ndarray, temperatures: np.ndarray, latent_dim: int) -> torch.Tensor:
-    """(N, latent_dim) float32: row i is T_i * eps with eps ~ N(0, I) from ``seed_i`` alone, so a request's
-    image does not depend on the other rows it came with."""
-    z = torch.empty(len(seeds), latent_dim)
-    for i, (seed, t) in enumerate(zip(seeds, temperatures, strict=True)):
-        z[i] = torch.randn(latent_dim, generator=torch.Generator().manual_seed(int(seed))) * float(t)
-    return z
+def request_samples(request: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seeds, sample ids, temperatures) of the request's rows, each (N,), with the defaults above."""
+    n = len(request)
+    seeds = request["seed"].to_numpy(np.int64) if "seed" in request else np.zeros(n, dtype=np.int64)
+    if "sample_id" in request:
+        ids = request["sample_id"].to_numpy(np.int64)
+    else:
+        ids = np.zeros(n, dtype=np.int64) if "seed" in request else np.arange(n, dtype=np.int64)
+    temps = request["temperature"].to_numpy(np.float64) if "temperature" in request else np.ones(n)
+    for name, values in (("seed", seeds), ("sample_id", ids)):
+        if len(values) and values.min() < 0:
+            raise ValueError(f"{name} {int(values.min())} is negative: seeds and sample ids are >= 0")
+    return seeds, ids, temps
 
 
 def generate_images(model, request: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -43,8 +57,7 @@ def generate_images(model, request: pd.DataFrame) -> tuple[np.ndarray, np.ndarra
     Unconditional models give label -1, as in generated Parquet.
     """
     n = len(request)
-    seeds = request["seed"].to_numpy(np.int64) if "seed" in request else np.arange(n, dtype=np.int64)
-    temps = request["temperature"].to_numpy(np.float64) if "temperature" in request else np.ones(n)
+    seeds, ids, temps = request_samples(request)
     if model.conditional:
         if "label" not in request:
             raise ValueError("this model is conditional: each request row needs a 'label' column")
@@ -54,10 +67,8 @@ def generate_images(model, request: pd.DataFrame) -> tuple[np.ndarray, np.ndarra
             raise ValueError(f"label {int(bad[0])} is out of range: this model knows 0..{model.num_classes - 1}")
     else:
         labels = np.full(n, -1, dtype=np.int64)
-    from vaedist.generate.writer import decode_images  # the same decoding as generated Parquet
-
-    z = request_latents(seeds, temps, model.latent_dim).numpy()
-    pixels = decode_images(model, z, labels if model.conditional else None, batch_size=1024)
+    z = prior_latents(seeds, ids, model.latent_dim, temps)  # (N, L): the sampler generate uses
+    pixels = decode(model, z, labels if model.conditional else None)
     return pixels, labels, seeds
 
 
@@ -65,16 +76,12 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     """The pyfunc flavor of a vaedist model; its one artifact is the weights-only ``model.pt``."""
 
     def load_context(self, context) -> None:
-        from vaedist.checkpoint import load_model
-        from vaedist.data import get_spec
+        from vaedist.checkpoint import header, load_model
+        from vaedist.generate.driver import spec_class_names
 
         self.model, state = load_model(context.artifacts["checkpoint"])
         self.model.eval()
-        dataset = state.get("config", {}).get("data.dataset")
-        try:
-            self.class_names = tuple(get_spec(dataset).class_names) if dataset else ()
-        except Exception:  # a dataset this vaedist does not know: numbers only
-            self.class_names = ()
+        self.class_names = header(state).class_names or tuple(spec_class_names(state.get("config", {}).get("data.dataset")))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         image_format = (params or {}).get("image_format", "raw")

@@ -425,12 +425,13 @@ def log_model(
     client.set_model_version_tag(name, version, VAL_METRIC, str(val_metric))
     client.set_model_version_tag(name, version, VAL_SET_TAG, val_set)
     client.set_model_version_tag(name, version, "run_id", run_id)
-    from vaedist.checkpoint import dataset_facts
+    from vaedist.checkpoint import load_checkpoint
 
-    facts = dataset_facts(dataset)  # the data it was trained on, as the registry shows it
-    if facts:
+    # the data it was trained on, as the registry shows it: the checkpoint's facts, not the data reopened
+    fingerprint = (load_checkpoint(checkpoint_file).get("dataset") or {}).get("fingerprint")
+    if fingerprint:
         client.set_model_version_tag(name, version, "dataset", dataset)
-        client.set_model_version_tag(name, version, "dataset_fingerprint", facts["fingerprint"])
+        client.set_model_version_tag(name, version, "dataset_fingerprint", fingerprint)
     return f"models:/{name}/{version}", version
 
 

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from vaedist import console, loop, tracking
-from vaedist.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from vaedist.checkpoint import CHECKPOINT_FILE, dataset_facts, load_checkpoint, save_checkpoint
 from vaedist.config import ExperimentConfig, from_flat
 from vaedist.data import get_spec
 from vaedist.errors import UsageError
@@ -125,6 +125,7 @@ class Worker:
     autocast_dtype: torch.dtype | None = None  # train.precision on this device (loop.autocast_dtype)
     stream: Any = None  # a streamed train split: this rank's ray.data.DataIterator
     stream_rows: int = 0  # rows of the whole streamed train split
+    facts: dict[str, Any] = field(default_factory=dict)  # checkpoint.dataset_facts: what every checkpoint keeps
 
     @property
     def rank(self) -> int:
@@ -170,7 +171,10 @@ def _set_up_worker(config: dict[str, Any], place: Place) -> Worker:
         dtype = loop.autocast_dtype(cfg.train.precision, place.device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return Worker(cfg, place, core, objective, optimizer, data, start_epoch, dtype, stream, rows)
+    # the data's facts, once: every checkpoint carries them (train + val labels: the official training set)
+    labels = None if data[1] is None else np.concatenate([data[1].numpy(), data[3].numpy()])
+    facts = dataset_facts(spec.name, spec.fingerprint, spec.class_names, labels, cfg.data.val_size)
+    return Worker(cfg, place, core, objective, optimizer, data, start_epoch, dtype, stream, rows, facts)
 
 
 def _node_ids(world: int) -> list[str]:
@@ -197,7 +201,7 @@ def _open_logging(config: dict[str, Any], w: Worker, nodes: list[str]):
     logger.set_tags({"vaedist.nodes": ",".join(n[:12] for n in nodes), "vaedist.num_nodes": len(set(nodes))})
     logger.start_system_metrics()
     _, _, val_x, val_y = w.data
-    class_names = get_spec(w.cfg.data.dataset).class_names
+    class_names = tuple(w.facts["class_names"])
     pictures = EpochPictures(w.core, val_x.numpy(), val_y.numpy(), class_names, seed=w.cfg.train.seed)
     return logger, pictures
 
@@ -313,7 +317,7 @@ def _report_epoch(w: Worker, metrics: dict[str, float], cfg_flat: dict[str, Any]
     with tempfile.TemporaryDirectory() as d:
         folder = None
         if w.rank == 0:
-            save_checkpoint(Path(d) / CHECKPOINT_FILE, w.core, w.optimizer, epoch, cfg_flat, metrics)
+            save_checkpoint(Path(d) / CHECKPOINT_FILE, w.core, w.optimizer, epoch, cfg_flat, metrics, w.facts)
             folder = Path(d)
         if log is not None:
             log.wait()

@@ -82,7 +82,8 @@ def open_evaluation_run(dataset: str, name: str, where: str, gen: GeneratedSet, 
     model's run or None). CAS and the audit tag it alike: the model (URI, version, run), the set judged,
     ``measure`` ("cas", "audit"); the set is the run's input under the name and digest its generate run
     logged it with."""
-    from vaedist import __version__, tracking
+    import vaedist
+    from vaedist import tracking
     from vaedist.generate.format import dataset_name
 
     model_run = gen.model_run_id or (tracking.model_run_id(gen.model_uri) if gen.model_uri else None)
@@ -92,7 +93,7 @@ def open_evaluation_run(dataset: str, name: str, where: str, gen: GeneratedSet, 
     logger.set_tags({
         "vaedist.model_uri": gen.model_uri or "", "vaedist.model_version": gen.model_version or "",
         "vaedist.model_run_id": model_run or "", "vaedist.generated": where,
-        "vaedist.evaluate": measure, "vaedist.version": __version__,
+        "vaedist.evaluate": measure, "vaedist.version": vaedist.__version__,
     })  # fmt: skip
     tracking.log_dataset(run_id, dataset_name(where), gen.manifest_sha1, where, "evaluation")
     return run_id, logger, model_run

@@ -20,12 +20,14 @@ import yaml
 from vaedist.data.sources import display_name
 from vaedist.generate.format import (
     CARD,
+    DATA_DIR,
     EVALUATIONS,
     SHARD_GLOB,
     SPLIT,
     join,
     resolve_folder,
     write_atomic,
+    write_manifest,
 )
 
 # figures shown per evaluation kind, in this order, with how to print them
@@ -96,7 +98,7 @@ def _provenance(manifest: dict[str, Any]) -> list[str]:
 
 def _loading(folder: str, image_format: str) -> list[str]:
     hf = (
-        [f'ds = load_dataset("parquet", data_dir="{folder}", split="train")  # or load_dataset("{folder}")',
+        [f'ds = load_dataset("{folder}", split="train")  # or load_dataset("parquet", data_dir="{folder}/{DATA_DIR}")',
          'ds[0]["image"]  # a PIL image; ds.features["label"] is a ClassLabel']
         if image_format == "png"
         else ["# raw tensors: datasets cannot read them (regenerate with --image-format png); use pyarrow"]
@@ -108,19 +110,21 @@ def _loading(folder: str, image_format: str) -> list[str]:
         "from datasets import load_dataset",
         *hf,
         "",
-        "import pandas as pd  # the card itself is not Parquet: skip it like the _bookkeeping files",
-        f'df = pd.read_parquet("{folder}", ignore_prefixes=[".", "_", "README"])',
+        "import pandas as pd, pyarrow.parquet as pq  # data/ holds the shards and nothing else",
+        f'df = pd.read_parquet("{folder}/{DATA_DIR}")',
+        f'table = pq.read_table("{folder}/{DATA_DIR}")',
         "",
         "import polars as pl, duckdb, ray",
         f'pl.read_parquet("{folder}/{SHARD_GLOB}")',
         f"duckdb.sql(\"SELECT label_name, count(*) FROM '{folder}/{SHARD_GLOB}' GROUP BY ALL\")",
-        f'ray.data.read_parquet("{folder}")',
+        f'ray.data.read_parquet("{folder}/{DATA_DIR}")',
         "",
         "from vaedist.generate.reader import read_images  # uint8 (N, H, W, C) from any of these",
         "```",
         "",
         "Columns: `sample_id` (0..N-1), `label`, `label_name`, `image`, `z` (the latent the image was decoded "
-        "from). The same `sample_id` always gets the same image from the same model, seed and temperature.",
+        "from). The same `sample_id` always gets the same image from the same model, seed and temperature, "
+        "and the served model returns it for the request row (`seed`, `sample_id`, `label`, `temperature`).",
     ]
 
 
@@ -168,6 +172,12 @@ def write_card(fs, root: str, manifest: dict[str, Any], evaluations: dict[str, A
         evaluations = _read_json(fs, join(root, EVALUATIONS))
     folder = root if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{root}"
     write_atomic(fs, root, CARD, render(manifest, evaluations, folder).encode())
+
+
+def finish_folder(fs, root: str, manifest: dict[str, Any]) -> None:
+    """The last two writes of a folder: its dataset card, then the manifest that marks it complete."""
+    write_card(fs, root, manifest)
+    write_manifest(fs, root, manifest)
 
 
 def record_evaluation(folder: str, manifest: dict[str, Any], kind: str, figures: dict, run_id: str) -> str | None:

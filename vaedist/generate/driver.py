@@ -8,19 +8,19 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vaedist.config import GenerateConfig, ResourcesConfig
 from vaedist.errors import UsageError, VaedistError, first_line
 from vaedist.generate import writer
+from vaedist.generate.card import finish_folder
 from vaedist.generate.format import (
     MANIFEST,
     build_manifest,
     dataset_digest,
     dataset_name,
-    finish_folder,
     join,
     manifest_bytes,
     part_name,
@@ -30,11 +30,16 @@ from vaedist.generate.plan import (
     ModelFacts,
     OutputState,
     Plan,
+    damaged_shards,
     decide_action,
+    decide_repair,
     label_counts,
     plan_labels,
 )
 from vaedist.generate.reader import read_shard
+
+if TYPE_CHECKING:  # the checkpoint module imports torch: loaded when a model is read, not with the package
+    from vaedist.checkpoint import ModelHeader
 
 GRID_PER_LABEL = 8  # samples per label in the MLflow picture
 
@@ -52,41 +57,52 @@ class Prepared:
     action: FolderAction
     todo: list[int]  # shards to write
     kept: list[int]  # shards of an earlier attempt that verify
+    damaged: dict[int, str] = field(default_factory=dict)  # repair: shard -> how it differs from the manifest
 
     @property
     def rows_todo(self) -> int:
         return sum(self.plan.shard_range(i)[1] for i in self.todo)
 
 
-def _model_facts(cfg: GenerateConfig) -> tuple[ModelFacts, Any, bytes]:
-    """(what the plan needs to know of the model, the model, its checkpoint's bytes)."""
+def _model_facts(cfg: GenerateConfig) -> tuple[ModelFacts, ModelHeader, bytes]:
+    """(what the plan needs to know of the model, the checkpoint's header, its bytes): read from the
+    checkpoint alone, without building the model (the actors do, once each)."""
     from vaedist import tracking
-    from vaedist.checkpoint import load_model, trained_dataset
-    from vaedist.data import get_spec
+    from vaedist.checkpoint import header, load_vaedist_checkpoint
 
     path = tracking.resolve_checkpoint(cfg.model)
-    model, ckpt = load_model(path)
-    dataset = trained_dataset(ckpt)
-    if not dataset:
+    model_bytes = path.read_bytes()
+    head = header(load_vaedist_checkpoint(model_bytes))
+    if not head.dataset:
         raise UsageError(f"checkpoint {path} does not say which dataset it was trained on (no data.dataset)")
-    class_names = (ckpt.get("dataset") or {}).get("class_names")  # kept by the model since 0.5
-    if not class_names:
-        try:
-            class_names = list(get_spec(dataset).class_names)
-        except (UsageError, KeyError, ValueError):
-            class_names = []
-    if len(class_names) != model.num_classes:
-        class_names = [str(i) for i in range(model.num_classes)]
-    facts = ModelFacts(cfg.model, dataset, bool(model.conditional), model.num_classes, tuple(class_names),
-                       str(model.hparams.get("variant")), (ckpt.get("dataset") or {}).get("fingerprint", ""))  # fmt: skip
-    return facts, model, path.read_bytes()
+    class_names = list(head.class_names) or spec_class_names(head.dataset)
+    if len(class_names) != head.num_classes:
+        class_names = [str(i) for i in range(head.num_classes)]
+    facts = ModelFacts(cfg.model, head.dataset, head.conditional, head.num_classes, tuple(class_names),
+                       head.variant, head.fingerprint)  # fmt: skip
+    return facts, head, model_bytes
 
 
-def _train_freq(dataset: str, labels: tuple[int, ...]) -> Callable[[], np.ndarray]:
+def spec_class_names(dataset: str | None) -> list[str]:
+    """Class names of a checkpoint that does not keep them (written before models kept their facts), from
+    its dataset as this vaedist knows it; [] for a dataset it does not know or cannot open."""
+    from vaedist.data import get_spec
+
+    try:
+        return list(get_spec(dataset).class_names) if dataset else []
+    except Exception:  # a user's folder gone or changed, a name this version does not know: numbers only
+        return []
+
+
+def _train_freq(head: ModelHeader, labels: tuple[int, ...]) -> Callable[[], np.ndarray]:
+    """The training set's rows per class: the checkpoint's, or (a checkpoint without them) counted again."""
+
     def freq() -> np.ndarray:
+        if head.class_counts:
+            return np.asarray(head.class_counts, dtype=np.int64)
         from vaedist.data import load_split
 
-        _, y = load_split(dataset, "train_full", progress=False)
+        _, y = load_split(head.dataset, "train_full", progress=False)
         return np.bincount(y, minlength=max(labels) + 1)
 
     return freq
@@ -102,9 +118,9 @@ def _model_info(uri: str) -> dict[str, str]:
 
 def build_plan(cfg: GenerateConfig) -> tuple[Plan, bytes, dict[str, str]]:
     """(plan, the checkpoint's bytes, model info) of a request; UsageError on any bad input."""
-    facts, model, model_bytes = _model_facts(cfg)
+    facts, head, model_bytes = _model_facts(cfg)
     labels, names = plan_labels(cfg.labels, facts)
-    counts = label_counts(cfg, labels, facts.conditional, _train_freq(facts.dataset, labels))
+    counts = label_counts(cfg, labels, facts.conditional, _train_freq(head, labels))
     info = {**_model_info(cfg.model), "dataset_fingerprint": facts.dataset_fingerprint}
     plan = Plan(
         model_uri=cfg.model,
@@ -118,8 +134,8 @@ def build_plan(cfg: GenerateConfig) -> tuple[Plan, bytes, dict[str, str]]:
         temperature=float(cfg.temperature),
         shard_rows=cfg.shard_rows,
         image_format=cfg.image_format,
-        image_shape=tuple(model.image_shape),
-        latent_dim=model.latent_dim,
+        image_shape=head.image_shape,
+        latent_dim=head.latent_dim,
         class_names=facts.class_names if facts.conditional else (),
     )
     return plan, model_bytes, info
@@ -134,15 +150,20 @@ def prepare(cfg: GenerateConfig) -> Prepared:
     except OSError as exc:  # an unreachable bucket, missing credentials, a permission error
         raise UsageError(f"cannot list --out {uri}: {first_line(exc)}") from None
     action = decide_action(state, plan, cfg.overwrite, uri)
+    damaged = {}
+    if action is FolderAction.COMPLETE:  # verify every shard against the manifest's checksums
+        damaged = damaged_shards(state.manifest, writer.shard_digests(fs, root, state.manifest))
+        action = decide_repair(state.manifest, plan, damaged, uri)
     everything = list(range(plan.num_shards))
     kept = {
         FolderAction.COMPLETE: everything,
         FolderAction.RESUME: [i for i in sorted(state.parts) if writer.verify_part(fs, root, plan, i)],
+        FolderAction.REPAIR: [i for i in everything if i not in damaged],
     }.get(action, [])
     if action is not FolderAction.COMPLETE and "://" not in cfg.out:
         writer.check_writable(root)
     todo = sorted(set(everything) - set(kept))
-    return Prepared(cfg, plan, model_bytes, info, fs, root, uri, state, action, todo, kept)
+    return Prepared(cfg, plan, model_bytes, info, fs, root, uri, state, action, todo, kept, damaged)
 
 
 def describe(p: Prepared) -> list[str]:
@@ -153,14 +174,17 @@ def describe(p: Prepared) -> list[str]:
         FolderAction.NEW: f"new folder: {plan.num_shards} shard(s) to write",
         FolderAction.RESUME: f"unfinished: {len(p.kept)} shard(s) verified, {len(p.todo)} to write",
         FolderAction.OVERWRITE: f"--overwrite: its vaedist files are replaced, {plan.num_shards} shard(s) to write",
-        FolderAction.COMPLETE: "complete with the same plan: nothing to do",
+        FolderAction.COMPLETE: "complete with the same plan: every shard verified, nothing to do",
+        FolderAction.REPAIR: f"complete, but {len(p.damaged)} shard(s) damaged: rewriting them",
     }[p.action]
+    repairs = [f"  repair          {part_name(i, plan.num_shards)} {why}: rewriting it" for i, why in sorted(p.damaged.items())]
     return [
         f"plan {plan.hash}: {plan.total:,} rows of {plan.dataset} in {plan.num_shards} shard(s) of <= {plan.shard_rows:,}",
         f"  rows per label  {per}",
         f"  model           {plan.model_uri}{version} (sha256 {plan.model_sha256[:12]})",
         f"  sampling        z ~ N(0, {plan.temperature:g}^2 I), seed {plan.seed}, images {plan.image_format}",
         f"  out             {p.uri} ({doing})",
+        *repairs,
     ]
 
 

@@ -1,17 +1,19 @@
 """The generated dataset's format: the one definition of a generated folder's files, columns and metadata,
 and its writer. :mod:`.reader` reads it back through the names defined here.
 
-    <folder>/_plan.json                     the plan, written first (an unfinished folder says what it will hold)
-    <folder>/train-00000-of-00004.parquet   one shard each, written whole under a hidden temporary name, then renamed
-    <folder>/README.md                      the dataset card (:mod:`.card`), written before the manifest
-    <folder>/_manifest.json                 written last: a folder without it is unfinished
-    <folder>/_evaluations.json              figures of ``vaedist evaluate`` runs on the folder (shown on the card)
+    <folder>/_plan.json                          the plan, written first (an unfinished folder says what it will hold)
+    <folder>/data/train-00000-of-00004.parquet   one shard each, written whole under a hidden temporary name, then renamed
+    <folder>/README.md                           the dataset card (:mod:`.card`), written before the manifest
+    <folder>/_manifest.json                      written last: a folder without it is unfinished
+    <folder>/_evaluations.json                   figures of ``vaedist evaluate`` runs on the folder (shown on the card)
 
-Why these names: shards are named as on the Hugging Face Hub (``{split}-NNNNN-of-NNNNN``), so
-``datasets.load_dataset("parquet", data_dir=FOLDER)`` infers the ``train`` split from the file names and
-picks up nothing else; bookkeeping starts with ``_``, which pyarrow's (and so pandas') directory discovery
-skips; temporary files start with ``.``, which every reader skips. Folders of vaedist < 0.5 name shards
-``part-NNNNN.parquet``: :mod:`.reader` still reads them.
+Why these names: it is the Hugging Face Hub's own repository layout (the card at the root, the data files
+in ``data/`` named ``{split}-NNNNN-of-NNNNN``), so the folder uploaded as it is makes a dataset repository,
+``datasets.load_dataset(FOLDER)`` follows the card's ``configs``, and ``data/`` holds nothing but shards:
+``pd.read_parquet(FOLDER + "/data")``, ``pq.read_table`` and ``load_dataset("parquet", data_dir=...)`` read
+it with no options. Temporary files start with ``.``, which every reader skips. Earlier folders keep their
+shards at the root, named ``train-NNNNN-of-NNNNN.parquet`` or ``part-NNNNN.parquet``: :mod:`.reader` still
+reads them, and the manifest says where each shard is.
 
 Columns, in this order: ``sample_id`` int64 (0..N-1 over the folder), ``label`` int64 (-1 for every row of
 an unconditional model), ``label_name`` string ("" there), ``image``, ``z`` float32[latent]. ``image`` is,
@@ -23,31 +25,27 @@ uint8 (H, W, C) Arrow fixed-shape tensor (faster to write and read; pyarrow, Ray
 seed, plan hash, ...).
 
 Pure pyarrow/numpy, no Ray: the Ray writer (:mod:`.writer`), evaluation, tests and users' own code write
-through here. A plan is anything with :class:`~vaedist.generate.plan.Plan`'s attributes (duck-typed, so this
-module stays below the plan in the import order).
+through here. :class:`Plan` is defined here, at the bottom of ``generate/``, because every file's bytes
+follow from it; :mod:`.plan` decides what goes into one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import math
 import re
-import uuid
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from vaedist import __version__
+import vaedist
 from vaedist.config import IMAGE_FORMATS
+from vaedist.files import join, resolve_folder, write_atomic
 from vaedist.generate.png import encode_pngs
-
-if TYPE_CHECKING:
-    from vaedist.generate.plan import Plan
 
 MANIFEST = "_manifest.json"
 PLAN_FILE = "_plan.json"
@@ -55,7 +53,9 @@ CARD = "README.md"
 EVALUATIONS = "_evaluations.json"
 MANIFEST_FORMAT = "vaedist-generated/1"
 SPLIT = "train"  # the one split a generated folder holds, as datasets names it
-SHARD_GLOB = f"{SPLIT}-*.parquet"  # the card's data_files pattern
+DATA_DIR = "data"  # the shards' folder, as on the Hub
+SHARD_GLOB = f"{DATA_DIR}/{SPLIT}-*.parquet"  # the card's data_files pattern
+# a shard file's base name, in data/ or (earlier folders) at the root
 PART_RE = re.compile(r"(?:train-(?P<shard>\d{5,})-of-(?P<of>\d{5,})|part-(?P<legacy>\d{5,}))\.parquet")
 # Temporary names: a file being written, or the writability probe; a killed run leaves them.
 TMP_RE = re.compile(
@@ -67,21 +67,20 @@ HF_META = b"huggingface"  # the key datasets reads its features from
 COLUMNS = ("sample_id", "label", "label_name", "image", "z")
 PNG_STRUCT = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])  # datasets' Image
 UNCONDITIONAL_LABEL = -1  # the label of every row from an unconditional model (label_name "")
-__all__ = ["IMAGE_FORMATS", "encode_pngs"]  # re-exported: the format's vocabulary and its PNG encoder
+# re-exported: the format's vocabulary, its PNG encoder and file helpers
+__all__ = ["IMAGE_FORMATS", "encode_pngs", "join", "resolve_folder", "write_atomic"]
 
 
 def part_name(shard: int, num_shards: int) -> str:
-    return f"{SPLIT}-{shard:05d}-of-{num_shards:05d}.parquet"
+    """A shard's path inside the folder: ``data/train-00003-of-00010.parquet``."""
+    return f"{DATA_DIR}/{SPLIT}-{shard:05d}-of-{num_shards:05d}.parquet"
 
 
 def shard_of(name: str) -> int | None:
-    """The shard index a shard file's name holds (either naming), None for any other name."""
-    m = PART_RE.fullmatch(name)
+    """The shard index a shard file's path inside the folder holds (``data/train-...``, or an earlier
+    folder's ``train-...`` / ``part-...`` at the root), None for any other name."""
+    m = PART_RE.fullmatch(name.removeprefix(f"{DATA_DIR}/"))
     return None if m is None else int(m.group("shard") or m.group("legacy"))
-
-
-def join(root: str, name: str) -> str:
-    return f"{root.rstrip('/')}/{name}"
 
 
 def shape_text(shape) -> str:
@@ -89,14 +88,92 @@ def shape_text(shape) -> str:
     return "x".join(str(int(d)) for d in shape)
 
 
-def resolve_folder(uri: str) -> tuple[pafs.FileSystem, str, str]:
-    """(filesystem, root inside it, canonical URI) of a local folder or ``s3://...`` prefix; pyarrow's
-    own exception for a URI it cannot open (callers word the message for their flag)."""
-    if "://" in uri:
-        fs, root = pafs.FileSystem.from_uri(uri)
-        return fs, root.rstrip("/"), uri.rstrip("/")
-    path = str(Path(uri).expanduser().resolve())
-    return pafs.LocalFileSystem(), path, path
+# --------------------------------------------------------------------------------------------------
+# The plan: what decides every byte of a folder
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to generate. Its hash guards resumes (a different plan never mixes into a folder)."""
+
+    model_uri: str
+    model_version: str
+    model_sha256: str  # of the checkpoint file: an alias that moved is a different plan
+    dataset: str
+    labels: tuple[int, ...]  # class indices; (-1,) for an unconditional model
+    label_names: tuple[str, ...]  # same order as labels; ("",) for an unconditional model
+    counts: tuple[int, ...]  # rows per label, same order as labels
+    seed: int
+    temperature: float
+    shard_rows: int
+    image_format: str  # one of IMAGE_FORMATS
+    image_shape: tuple[int, int, int]  # (H, W, C)
+    latent_dim: int
+    class_names: tuple[str, ...] = ()  # every class of the model by index (the ClassLabel); () unconditional
+
+    @property
+    def conditional(self) -> bool:
+        return self.labels != (UNCONDITIONAL_LABEL,)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.total / self.shard_rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able (tuples as lists), the form kept in ``_plan.json`` and the manifest."""
+        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in fields(self)}))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        values = {f.name: d[f.name] for f in fields(cls) if f.name in d}  # plans before 0.5: no class_names
+        for key in ("labels", "label_names", "counts", "image_shape", "class_names"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """(first sample id, rows) of a shard: contiguous ranges of ``0..N-1``."""
+        start = shard * self.shard_rows
+        return start, min(self.shard_rows, self.total - start)
+
+    @property
+    def stride(self) -> int:
+        """A multiplier coprime to N near N / golden ratio: ``j -> j * stride mod N`` permutes 0..N-1 and
+        spreads consecutive ids evenly over it (three-distance theorem), so shards mix the classes."""
+        n = self.total
+        a = max(1, round(n * (math.sqrt(5.0) - 1.0) / 2.0))
+        while math.gcd(a, n) != 1:
+            a += 1
+        return a
+
+    def label_index(self, start: int, rows: int) -> np.ndarray:
+        """Position in ``labels`` of samples ``start..start+rows-1`` (int64 (rows,)).
+
+        Sample j takes position ``p = j * stride mod N`` of the label-major sequence (counts[0] times
+        the first label, then the second, ...); p is a permutation of 0..N-1, so the counts are exact.
+        """
+        j = np.arange(start, start + rows, dtype=np.uint64)
+        p = (j * np.uint64(self.stride)) % np.uint64(self.total)
+        return np.searchsorted(np.cumsum(self.counts), p.astype(np.int64), side="right")
+
+    def shard_label_counts(self, shard: int) -> list[int]:
+        start, rows = self.shard_range(shard)
+        return np.bincount(self.label_index(start, rows), minlength=len(self.labels)).tolist()
+
+    def shard_labels(self, shard: int) -> np.ndarray | None:
+        """The class index of each of a shard's rows, int64 (rows,), as the decoder takes them; None for
+        an unconditional model."""
+        if not self.conditional:
+            return None
+        return np.asarray(self.labels, dtype=np.int64)[self.label_index(*self.shard_range(shard))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,7 +217,7 @@ def schema(plan: Plan) -> pa.Schema:
         "dataset": plan.dataset,
         "seed": str(plan.seed),
         "temperature": repr(float(plan.temperature)),
-        "version": __version__,
+        "version": vaedist.__version__,
         "image_format": plan.image_format,
         "image_shape": ",".join(map(str, plan.image_shape)),
         "plan_hash": plan.hash,
@@ -215,19 +292,6 @@ def parquet_bytes(table: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
-def write_atomic(fs: pafs.FileSystem, root: str, name: str, data: bytes | pa.Buffer) -> None:
-    """Write ``root/name`` under a unique hidden temporary name, then rename: whole or absent."""
-    tmp = join(root, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, join(root, name))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            fs.delete_file(tmp)
-        raise
-
-
 def write_part(
     fs, root: str, plan: Plan, shard: int, images: np.ndarray, z: np.ndarray, threads: int = 1
 ) -> dict:
@@ -250,7 +314,7 @@ def build_manifest(
     sch = schema(plan)
     return {
         "format": MANIFEST_FORMAT,
-        "vaedist_version": __version__,
+        "vaedist_version": vaedist.__version__,
         "plan_hash": plan.hash,
         "model": {
             "uri": plan.model_uri,
@@ -311,43 +375,6 @@ def dataset_name(uri: str) -> str:
 
 def write_manifest(fs, root: str, manifest: dict[str, Any]) -> None:
     write_atomic(fs, root, MANIFEST, manifest_bytes(manifest))
-
-
-def finish_folder(fs, root: str, manifest: dict[str, Any]) -> None:
-    """The last two writes of a folder: its dataset card, then the manifest that marks it complete."""
-    from vaedist.generate.card import write_card
-
-    write_card(fs, root, manifest)
-    write_manifest(fs, root, manifest)
-
-
-def write_folder(
-    out: str,
-    plan: Plan,
-    images: np.ndarray,
-    z: np.ndarray,
-    *,
-    model_info: dict[str, str] | None = None,
-    request: dict[str, Any] | None = None,
-    manifest: bool = True,
-) -> dict[str, Any] | None:
-    """A whole folder in this process, from every row in sample-id order: images uint8 (N, H, W, C), z
-    float32 (N, L). The files the Ray writer produces shard by shard; ``manifest=False`` leaves the
-    folder unfinished. Returns the manifest (None without one)."""
-    fs, root, _ = resolve_folder(out)
-    fs.create_dir(root, recursive=True)
-    write_atomic(fs, root, PLAN_FILE, plan_json(plan))
-    shards = {}
-    for shard in range(plan.num_shards):
-        start, rows = plan.shard_range(shard)
-        shards[shard] = write_part(
-            fs, root, plan, shard, images[start : start + rows], z[start : start + rows]
-        )
-    if not manifest:
-        return None
-    built = build_manifest(plan, shards, model_info or {}, request or {})
-    finish_folder(fs, root, built)
-    return built
 
 
 def part_matches(fs, root: str, plan: Plan, shard: int) -> bool:

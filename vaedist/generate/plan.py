@@ -1,10 +1,11 @@
-"""The plan: everything that decides a generated folder's bytes, and what to do with the folder. Pure.
+"""What to generate (labels, rows per label) and what to do with the output folder. Pure.
+The :class:`~vaedist.generate.format.Plan` itself, everything that decides a folder's bytes, is the format's.
 
 Determinism. A sample is a pure function of (model, plan, sample_id):
 - its label comes from a fixed interleave of the label-major sequence (:meth:`Plan.label_index`), a
   permutation of ``0..N-1``, so the rows per label are exact and every shard holds every class in
   proportion;
-- its z comes from a counter-based generator keyed by (seed, sample_id, dim) (:func:`latents`), not
+- its z comes from a counter-based generator keyed by (seed, sample_id, dim) (:func:`vaedist.sampling.latents`), not
   from a worker's RNG state, so neither the shard size, nor the workers, nor the decoder batch change
   which z a sample gets.
 
@@ -17,105 +18,16 @@ No Ray, no MLflow, no file access here: every function is unit-tested on plain v
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
-import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from vaedist.config import GenerateConfig, ResourcesConfig, section_from_dict
 from vaedist.errors import UsageError
-from vaedist.generate.format import PLAN_FILE, UNCONDITIONAL_LABEL, part_name, shard_of
+from vaedist.generate.format import PLAN_FILE, UNCONDITIONAL_LABEL, Plan, part_name
 
 MAX_ROWS = 2**32  # sample ids and the label interleave are computed in uint64: (N - 1)^2 < 2^64
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What to generate. Its hash guards resumes (a different plan never mixes into a folder)."""
-
-    model_uri: str
-    model_version: str
-    model_sha256: str  # of the checkpoint file: an alias that moved is a different plan
-    dataset: str
-    labels: tuple[int, ...]  # class indices; (-1,) for an unconditional model
-    label_names: tuple[str, ...]  # same order as labels; ("",) for an unconditional model
-    counts: tuple[int, ...]  # rows per label, same order as labels
-    seed: int
-    temperature: float
-    shard_rows: int
-    image_format: str  # one of config.IMAGE_FORMATS
-    image_shape: tuple[int, int, int]  # (H, W, C)
-    latent_dim: int
-    class_names: tuple[str, ...] = ()  # every class of the model by index (the ClassLabel); () unconditional
-
-    @property
-    def conditional(self) -> bool:
-        return self.labels != (UNCONDITIONAL_LABEL,)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-    @property
-    def num_shards(self) -> int:
-        return math.ceil(self.total / self.shard_rows)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able (tuples as lists), the form kept in ``_plan.json`` and the manifest."""
-        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in fields(self)}))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Plan:
-        values = {f.name: d[f.name] for f in fields(cls) if f.name in d}  # plans before 0.5: no class_names
-        for key in ("labels", "label_names", "counts", "image_shape", "class_names"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
-
-    @property
-    def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        """(first sample id, rows) of a shard: contiguous ranges of ``0..N-1``."""
-        start = shard * self.shard_rows
-        return start, min(self.shard_rows, self.total - start)
-
-    @property
-    def stride(self) -> int:
-        """A multiplier coprime to N near N / golden ratio: ``j -> j * stride mod N`` permutes 0..N-1 and
-        spreads consecutive ids evenly over it (three-distance theorem), so shards mix the classes."""
-        n = self.total
-        a = max(1, round(n * (math.sqrt(5.0) - 1.0) / 2.0))
-        while math.gcd(a, n) != 1:
-            a += 1
-        return a
-
-    def label_index(self, start: int, rows: int) -> np.ndarray:
-        """Position in ``labels`` of samples ``start..start+rows-1`` (int64 (rows,)).
-
-        Sample j takes position ``p = j * stride mod N`` of the label-major sequence (counts[0] times
-        the first label, then the second, ...); p is a permutation of 0..N-1, so the counts are exact.
-        """
-        j = np.arange(start, start + rows, dtype=np.uint64)
-        p = (j * np.uint64(self.stride)) % np.uint64(self.total)
-        return np.searchsorted(np.cumsum(self.counts), p.astype(np.int64), side="right")
-
-    def shard_label_counts(self, shard: int) -> list[int]:
-        start, rows = self.shard_range(shard)
-        return np.bincount(self.label_index(start, rows), minlength=len(self.labels)).tolist()
-
-    def shard_labels(self, shard: int) -> np.ndarray | None:
-        """The class index of each of a shard's rows, int64 (rows,), as the decoder takes them; None for
-        an unconditional model."""
-        if not self.conditional:
-            return None
-        return np.asarray(self.labels, dtype=np.int64)[self.label_index(*self.shard_range(shard))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,40 +133,6 @@ def label_counts(
 
 
 # --------------------------------------------------------------------------------------------------
-# Latents: z ~ N(0, T^2 I) as a pure function of (seed, sample id)
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser (Steele et al. 2014) on uint64 arrays: a bijective, well-mixed hash."""
-    x = x + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * _MIX1
-    x = (x ^ (x >> np.uint64(27))) * _MIX2
-    return x ^ (x >> np.uint64(31))
-
-
-def latents(seed: int, start: int, rows: int, dim: int, temperature: float = 1.0) -> np.ndarray:
-    """z ~ N(0, T^2 I) for samples ``start..start+rows-1``: float32 (rows, dim).
-
-    Counter-based, as in Salmon et al. (2011), "Parallel random numbers: as easy as 1, 2, 3": the
-    counter (sample_id, dim, k) is hashed with the seed into uniform bits, and Box-Muller turns the
-    pair k = 0, 1 into one normal. No generator state: any worker computes any sample's z alone.
-    """
-    key = _splitmix64(np.array([seed], dtype=np.uint64))
-    ids = np.arange(start, start + rows, dtype=np.uint64)[:, None]  # (rows, 1)
-    counter = (ids * np.uint64(dim) + np.arange(dim, dtype=np.uint64)[None, :]) * np.uint64(2)  # (rows, dim)
-    h1 = _splitmix64(_splitmix64(counter) ^ key)
-    h2 = _splitmix64(_splitmix64(counter + np.uint64(1)) ^ key)
-    u1 = ((h1 >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # (0, 1): log is finite
-    u2 = (h2 >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [0, 1)
-    z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
-    return (z * temperature).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------------
 # The output folder: its state -> the action
 
 
@@ -263,6 +141,7 @@ class FolderAction(enum.Enum):
     RESUME = "resume"  # unfinished, same plan: keep the shards that verify, write the rest
     OVERWRITE = "overwrite"  # --overwrite: remove its vaedist files, write every shard
     COMPLETE = "complete"  # complete with the same plan: nothing to do
+    REPAIR = "repair"  # complete with the same plan, but shards differ from the manifest: rewrite those
 
 
 @dataclass
@@ -288,12 +167,6 @@ def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "a different plan"
 
 
-def _absent_from_complete(state: OutputState) -> list[str]:
-    """Files the manifest lists that the folder no longer holds."""
-    listed = [s["file"] for s in state.manifest.get("shards", [])]
-    return [f for f in listed if (i := shard_of(f)) is None or state.parts.get(i) != f]
-
-
 def _decide_complete(state: OutputState, new: dict[str, Any], overwrite: bool, uri: str) -> FolderAction:
     old = state.manifest.get("plan") or {}
     if overwrite:
@@ -303,12 +176,35 @@ def _decide_complete(state: OutputState, new: dict[str, Any], overwrite: bool, u
             f"--out {uri} already holds a complete generation run of another plan "
             f"({first_difference(old, new)}); pass --overwrite to replace it, or choose another --out"
         )
-    absent = _absent_from_complete(state)
-    if absent:
+    return FolderAction.COMPLETE  # the shards' checksums decide whether it needs repair (decide_repair)
+
+
+def damaged_shards(manifest: dict[str, Any], digests: dict[str, str | None]) -> dict[int, str]:
+    """The shards of a complete folder that are not as its manifest records them: shard index -> why
+    (``digests``: each listed file's SHA-256 as found now, None where the file is missing)."""
+    damaged = {}
+    for i, entry in enumerate(manifest.get("shards", [])):
+        found = digests.get(entry["file"])
+        if found is None:
+            damaged[int(entry.get("shard", i))] = "is missing"
+        elif found != entry.get("sha256"):
+            damaged[int(entry.get("shard", i))] = "differs from the sha256 its manifest records"
+    return damaged
+
+
+def decide_repair(manifest: dict[str, Any], plan: Plan, damaged: dict[int, str], uri: str) -> FolderAction:
+    """A complete folder of the same plan: nothing to do, or rewrite its damaged shards. A folder of an
+    earlier layout (shards at the root) is not patched into a mixed one: UsageError, pass --overwrite."""
+    if not damaged:
+        return FolderAction.COMPLETE
+    listed = [s["file"] for s in manifest.get("shards", [])]
+    if listed != [part_name(i, plan.num_shards) for i in range(plan.num_shards)]:
+        first = min(damaged)
         raise UsageError(
-            f"--out {uri} is complete but {absent[0]} is missing; pass --overwrite to regenerate it"
+            f"--out {uri} is complete but {listed[first] if first < len(listed) else f'shard {first}'} "
+            f"{damaged[first]}; it has an earlier layout, so pass --overwrite to regenerate it"
         )
-    return FolderAction.COMPLETE
+    return FolderAction.REPAIR
 
 
 def decide_action(state: OutputState, plan: Plan, overwrite: bool, uri: str) -> FolderAction:

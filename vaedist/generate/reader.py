@@ -4,7 +4,8 @@ and :func:`read_generated` (a whole folder, checked complete, as evaluation read
 Every image column vaedist has written is read: the Hugging Face ``Image`` struct ``{bytes, path}`` (the
 default since vaedist 0.5), plain PNG bytes and the uint8 fixed-shape tensor (``raw``) of earlier folders,
 and the tensor's list storage when the extension type is not registered. Shards named either way
-(``train-NNNNN-of-NNNNN.parquet``, or ``part-NNNNN.parquet`` before 0.5) are found through the manifest.
+in ``data/`` (the Hub's layout) or, in earlier folders, at the root (``train-NNNNN-of-NNNNN.parquet`` or
+``part-NNNNN.parquet``) are found through the manifest, which names each by its path in the folder.
 The names come from :mod:`.format`, the format's one definition.
 """
 
@@ -21,7 +22,16 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vaedist.errors import UsageError, first_line
-from vaedist.generate.format import MANIFEST, META, PART_RE, dataset_digest, join, resolve_folder, shape_text
+from vaedist.generate.format import (
+    DATA_DIR,
+    MANIFEST,
+    META,
+    dataset_digest,
+    join,
+    resolve_folder,
+    shape_text,
+    shard_of,
+)
 from vaedist.generate.png import decode_png
 
 # --------------------------------------------------------------------------------------------------
@@ -125,21 +135,26 @@ def _str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _shard_names(manifest: dict) -> list[str] | None:
+def _shard_names(manifest: dict, entries: set[str]) -> list[str] | None:
+    """The shard files the manifest lists, by path in the folder (``data/train-...``; ``part-...`` at
+    the root in earlier folders); a path the folder does not hold is taken by its base name, as
+    manifests that gave whole paths were read."""
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         return None
     names = []
-    for entry in shards:  # {"file": "part-00000.parquet", "rows": ..., "sha256": ...} or a bare name
+    for entry in shards:  # {"file": "data/train-00000-of-00004.parquet", "rows": ..., "sha256": ...} or a bare name
         name = _first(entry, "file", "path", "name") if isinstance(entry, dict) else entry
         if not isinstance(name, str):
             return None
-        names.append(name.rsplit("/", 1)[-1])
+        base = name.rsplit("/", 1)[-1]
+        names.append(base if name not in entries and base in entries else name)
     return names
 
 
 def _open_generated(folder: str) -> tuple[Any, str, set[str]]:
-    """(filesystem, root, the names of its files) of a folder that exists."""
+    """(filesystem, root, the paths inside it of its files and of those in its ``data/``) of a folder
+    that exists."""
     try:
         fs, root, _ = resolve_folder(folder)
     except Exception as exc:  # pyarrow raises several types for unsupported / unreachable URIs
@@ -149,20 +164,23 @@ def _open_generated(folder: str) -> tuple[Any, str, set[str]]:
         raise UsageError(f"generated folder {folder} does not exist (write one with vaedist generate)")
     if info.type != pafs.FileType.Directory:
         raise UsageError(f"generated data {folder} is not a folder (pass the folder vaedist generate wrote)")
-    return (
-        fs,
-        root,
-        {f.base_name for f in fs.get_file_info(pafs.FileSelector(root)) if f.type == pafs.FileType.File},
-    )
+    names = set()
+    for f in fs.get_file_info(pafs.FileSelector(root)):
+        if f.type == pafs.FileType.File:
+            names.add(f.base_name)
+        elif f.base_name == DATA_DIR and f.type == pafs.FileType.Directory:
+            inner = fs.get_file_info(pafs.FileSelector(f.path))
+            names |= {f"{DATA_DIR}/{g.base_name}" for g in inner if g.type == pafs.FileType.File}
+    return fs, root, names
 
 
 def _complete_manifest(fs, root: str, folder: str, entries: set[str]) -> tuple[dict, bytes, list[str]]:
     """(manifest, its bytes, the part files to read) of a complete folder; UsageError otherwise."""
-    parts = sorted(name for name in entries if PART_RE.fullmatch(name))
+    parts = sorted(name for name in entries if shard_of(name) is not None)
     if MANIFEST not in entries:
         if not parts:
             raise UsageError(
-                f"generated folder {folder} is empty: no {MANIFEST} and no shard files (train-NNNNN-of-NNNNN.parquet)"
+                f"generated folder {folder} is empty: no {MANIFEST} and no shard files ({DATA_DIR}/train-NNNNN-of-NNNNN.parquet)"
             )
         raise UsageError(
             f"generated folder {folder} is incomplete: {len(parts)} shard(s) but no {MANIFEST} (written last), "
@@ -176,7 +194,7 @@ def _complete_manifest(fs, root: str, folder: str, entries: set[str]) -> tuple[d
             raise ValueError("not a JSON object")
     except ValueError as exc:
         raise UsageError(f"{folder}/{MANIFEST} is not a readable manifest ({exc})") from None
-    listed = _shard_names(manifest)
+    listed = _shard_names(manifest, entries)
     if listed is not None:
         missing = sorted(set(listed) - entries)
         if missing:

@@ -31,12 +31,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from vaedist.errors import UsageError, first_line
+from vaedist.generate.card import finish_folder
 from vaedist.generate.format import (
     CARD,
+    DATA_DIR,
     EVALUATIONS,
     MANIFEST,
     PLAN_FILE,
     TMP_RE,
+    Plan,
+    build_manifest,
     join,
     part_matches,
     part_name,
@@ -46,7 +50,8 @@ from vaedist.generate.format import (
     write_atomic,
     write_part,
 )
-from vaedist.generate.plan import FolderAction, OutputState, Plan, latents
+from vaedist.generate.plan import FolderAction, OutputState
+from vaedist.sampling import decode, latents
 
 # Seconds each actor sleeps after writing a shard, read by the actor itself: the kill-and-resume test
 # sets it so that a run is still going when it is killed. Unset in production.
@@ -62,25 +67,7 @@ def resolve_out(out: str) -> tuple[pafs.FileSystem, str, str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Rendering a shard (plain torch + pyarrow: the actors, the benchmark and tests call these)
-
-
-def decode_images(
-    model, z: np.ndarray, labels: np.ndarray | None, batch_size: int, device="cpu"
-) -> np.ndarray:
-    """The decoder's mean images for latents ``z`` (N, L) [and labels (N,)]: uint8 (N, H, W, C)."""
-    import torch
-
-    h, w, c = model.image_shape
-    out = np.empty((len(z), h, w, c), dtype=np.uint8)
-    with torch.inference_mode():
-        for s in range(0, len(z), batch_size):
-            zb = torch.from_numpy(z[s : s + batch_size]).to(device)
-            yb = None if labels is None else torch.from_numpy(labels[s : s + batch_size]).to(device)
-            x = model.generate(zb, yb)  # (B, C, H, W) in [0, 1]
-            x = x.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1)  # (B, H, W, C)
-            out[s : s + len(zb)] = x.cpu().numpy()
-    return out
+# Rendering a shard with the one sampler (vaedist.sampling): the actors, the benchmark and tests call these
 
 
 def write_shard(
@@ -91,7 +78,7 @@ def write_shard(
     start, rows = plan.shard_range(shard)
     z = latents(plan.seed, start, rows, plan.latent_dim, plan.temperature)  # (rows, L)
     t0 = time.perf_counter()
-    images = decode_images(model, z, plan.shard_labels(shard), batch_size, device)  # (rows, H, W, C)
+    images = decode(model, z, plan.shard_labels(shard), batch_size, device)  # (rows, H, W, C)
     decode_seconds = time.perf_counter() - t0
     written = write_part(fs, root, plan, shard, images, z, threads)
     return {
@@ -211,8 +198,27 @@ def _read_json(fs, path: str, uri: str) -> dict[str, Any]:
         ) from None
 
 
+def _sort_entry(state: OutputState, fs, entry, rel: str, uri: str) -> None:
+    """File ``rel`` (its path inside the folder) into ``state`` by kind."""
+    base, is_file = entry.base_name, entry.type == pafs.FileType.File
+    in_data = rel.startswith(f"{DATA_DIR}/")
+    if is_file and (i := shard_of(rel)) is not None and i not in state.parts:
+        state.parts[i] = rel
+    elif is_file and TMP_RE.fullmatch(base):
+        state.tmp.append(rel)
+    elif is_file and not in_data and base == MANIFEST:
+        state.manifest = _read_json(fs, entry.path, uri)
+    elif is_file and not in_data and base == PLAN_FILE:
+        state.plan = _read_json(fs, entry.path, uri)
+    elif is_file and not in_data and base in (CARD, EVALUATIONS):
+        state.extras.append(rel)
+    else:
+        state.foreign.append(rel + ("/" if entry.type == pafs.FileType.Directory else ""))
+
+
 def inspect_output(fs: pafs.FileSystem, root: str, uri: str) -> OutputState:
-    """The files of an output folder, sorted by kind (an absent folder is an empty state)."""
+    """The files of an output folder and of its ``data/``, sorted by kind (an absent folder is an empty
+    state)."""
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         return OutputState()
@@ -220,19 +226,11 @@ def inspect_output(fs: pafs.FileSystem, root: str, uri: str) -> OutputState:
         raise UsageError(f"--out {uri} is a file, not a folder")
     state = OutputState()
     for entry in fs.get_file_info(pafs.FileSelector(root)):
-        name, is_file = entry.base_name, entry.type == pafs.FileType.File
-        if is_file and (i := shard_of(name)) is not None and i not in state.parts:
-            state.parts[i] = name
-        elif is_file and TMP_RE.fullmatch(name):
-            state.tmp.append(name)
-        elif is_file and name == MANIFEST:
-            state.manifest = _read_json(fs, entry.path, uri)
-        elif is_file and name == PLAN_FILE:
-            state.plan = _read_json(fs, entry.path, uri)
-        elif is_file and name in (CARD, EVALUATIONS):
-            state.extras.append(name)
+        if entry.base_name == DATA_DIR and entry.type == pafs.FileType.Directory:
+            for inner in fs.get_file_info(pafs.FileSelector(entry.path)):
+                _sort_entry(state, fs, inner, f"{DATA_DIR}/{inner.base_name}", uri)
         else:
-            state.foreign.append(name + ("/" if entry.type == pafs.FileType.Directory else ""))
+            _sort_entry(state, fs, entry, entry.base_name, uri)
     state.foreign.sort()
     return state
 
@@ -271,15 +269,45 @@ def _clear(fs, root: str, state: OutputState) -> None:
 
 def prepare_folder(fs, root: str, plan: Plan, state: OutputState, action: FolderAction) -> None:
     """Before the first shard: clear the folder (overwrite) or the temporary files a killed attempt left
-    (only whole files are ever renamed in), and write ``_plan.json`` unless resuming."""
+    (only whole files are ever renamed in), and write ``_plan.json`` unless resuming or repairing (a
+    repair keeps the manifest until it is rewritten: a rerun killed halfway verifies the shards again)."""
     if action is FolderAction.OVERWRITE:
         _clear(fs, root, state)
     else:
         for name in state.tmp:
             fs.delete_file(join(root, name))
-    fs.create_dir(root, recursive=True)
-    if action is not FolderAction.RESUME:
+    fs.create_dir(join(root, DATA_DIR), recursive=True)
+    if action not in (FolderAction.RESUME, FolderAction.REPAIR):
         write_atomic(fs, root, PLAN_FILE, plan_json(plan))
+
+
+def write_folder(
+    out: str,
+    plan: Plan,
+    images: np.ndarray,
+    z: np.ndarray,
+    *,
+    model_info: dict[str, str] | None = None,
+    request: dict[str, Any] | None = None,
+    manifest: bool = True,
+) -> dict[str, Any] | None:
+    """A whole folder in this process, from every row in sample-id order: images uint8 (N, H, W, C), z
+    float32 (N, L). The files the Ray writer produces shard by shard; ``manifest=False`` leaves the
+    folder unfinished. Returns the manifest (None without one)."""
+    fs, root, _ = resolve_folder(out)
+    fs.create_dir(join(root, DATA_DIR), recursive=True)
+    write_atomic(fs, root, PLAN_FILE, plan_json(plan))
+    shards = {}
+    for shard in range(plan.num_shards):
+        start, rows = plan.shard_range(shard)
+        shards[shard] = write_part(
+            fs, root, plan, shard, images[start : start + rows], z[start : start + rows]
+        )
+    if not manifest:
+        return None
+    built = build_manifest(plan, shards, model_info or {}, request or {})
+    finish_folder(fs, root, built)
+    return built
 
 
 def sha256_file(fs, path: str) -> tuple[str, int]:
@@ -289,6 +317,17 @@ def sha256_file(fs, path: str) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def shard_digests(fs, root: str, manifest: dict[str, Any]) -> dict[str, str | None]:
+    """The SHA-256 of every shard file a manifest lists, as found now (None: missing or unreadable)."""
+    digests: dict[str, str | None] = {}
+    for entry in manifest.get("shards", []):
+        try:
+            digests[entry["file"]] = sha256_file(fs, join(root, entry["file"]))[0]
+        except OSError:
+            digests[entry["file"]] = None
+    return digests
 
 
 def kept_summaries(fs, root: str, plan: Plan, kept: list[int]) -> dict[int, dict[str, Any]]:
