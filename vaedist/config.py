@@ -333,7 +333,7 @@ class GenerateConfig:
     per_label: int | None = None  # rows per label (exclusive with total)
     total: int | None = None  # rows in all, split by class_balance
     class_balance: str = "uniform"  # uniform | as-train (the real train split's class frequencies)
-    shard_rows: int = 10000  # rows per shard file (train-NNNNN-of-NNNNN.parquet)
+    shard_rows: int = 10000  # rows per shard file (data/train-NNNNN-of-NNNNN.parquet)
     image_format: str = "png"  # one of IMAGE_FORMATS
     temperature: float = 1.0  # z ~ N(0, T^2 I)
     seed: int = 0
