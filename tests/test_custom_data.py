@@ -341,15 +341,17 @@ def test_cli_flags_shape_a_path_dataset_and_bad_input_is_one_line(tmp_path):
 
 
 def test_evaluation_refuses_data_whose_fingerprint_changed_unless_allowed(tmp_path):
-    from vaedist.checkpoint import save_checkpoint
+    from vaedist.checkpoint import dataset_facts, save_checkpoint
     from vaedist.config import ModelConfig
     from vaedist.evaluate.likelihood import load_for_likelihood
     from vaedist.models import build_model
 
     _folder(tmp_path / "f", classes=("a", "b"), per_class=6)
     dataset = str(tmp_path / "f")
+    spec = get_spec(dataset)  # the facts training's set-up keeps in the checkpoint
     model = build_model(ModelConfig(variant="vae", arch="dense", width=8, latent_dim=2), (8, 8, 1), 2, "logistic")
-    save_checkpoint(tmp_path / "model.pt", model, None, 1, {"data.dataset": dataset}, {})
+    save_checkpoint(tmp_path / "model.pt", model, None, 1, {"data.dataset": dataset}, {},
+                    dataset_facts(spec.name, spec.fingerprint, spec.class_names))  # fmt: skip
     assert load_for_likelihood(str(tmp_path / "model.pt"), None)[3] == dataset
     _folder(tmp_path / "f", classes=("b",), per_class=7, seed=5)  # one more image: other data
     spec_for.cache_clear()
