@@ -32,6 +32,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from vaedist.hardware import machine_line
+
 
 def train_briefly(path: Path, steps: int, threads: int) -> None:
     import torch
@@ -134,6 +136,7 @@ def main() -> None:
     if args.ray_data_floor:
         print(ray_data_floor(args.ray_data_floor))
         return
+    print(machine_line(), flush=True)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vaedist-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -152,7 +155,7 @@ def main() -> None:
     cpus = ray.cluster_resources().get("CPU", 1.0)
     actor = plan_actors(ResourcesConfig(), node_resources())
     threads, calls = actor.threads, actor.calls
-    print(f"machine: {os.cpu_count()} CPU(s), Ray sees {cpus:g}; the actor decodes {calls} shard(s) at a time "
+    print(f"run: Ray sees {cpus:g} CPU(s); the actor decodes {calls} shard(s) at a time "
           f"x {threads} torch thread(s); work in {work}")  # fmt: skip
 
     ckpt = work / "cvae-conv.pt"

@@ -24,6 +24,8 @@ import time
 import numpy as np
 import torch
 
+from vaedist.hardware import machine_line
+
 
 def plain_loop(cfg, epochs: int, threads: int) -> list[float]:
     from vaedist import loop
@@ -102,6 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (steady-state rates skip the first epoch)")
+    print(machine_line(), flush=True)
 
     work = tempfile.mkdtemp(prefix="vaedist-bench-")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
@@ -128,7 +131,7 @@ def main() -> None:
     first1, first2 = ray1 + ours1, ray2 + ours2
 
     steady = {k: statistics.mean(v[1:]) for k, v in {"plain": plain, "1x2": r1, "2x1": r2}.items()}
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.epochs} epochs of {args.dataset}")
+    print(f"run: {args.epochs} epochs of {args.dataset}")
     for key, rates in {"plain 2 threads": plain, "Ray 1 worker x 2 threads": r1, "Ray 2 workers x 1 thread": r2}.items():
         print(f"  {key:26s} per epoch: {', '.join(f'{r:,.0f}' for r in rates)} img/s")
     print(f"  fit() to first step: 1x2 {first1:.1f} s (the session's first fit), 2x1 {first2:.1f} s")
