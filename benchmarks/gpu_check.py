@@ -145,9 +145,10 @@ def check_training_steps(device: torch.device, sizes: Sizes) -> list[Figure]:
     ]  # fmt: skip
 
 
-def timed(fn: Callable[[], object], device: torch.device, rounds: int = 3) -> float:
+def timed(fn: Callable[[], object], device: torch.device, rounds: int = 3, warm_up: bool = True) -> float:
     """The best of ``rounds`` wall times of ``fn`` (after one warm-up call), synchronized on the device."""
-    fn()
+    if warm_up:
+        fn()
     best = math.inf
     for _ in range(rounds):
         sync(device)
@@ -202,11 +203,15 @@ def check_loop_vs_plain(device: torch.device, sizes: Sizes) -> list[Figure]:
     def ours() -> None:
         loop.train_epoch(objective, model, optimizer, batches, steps, lambda _: 1.0, 0.0, gen, device)
 
+    def theirs() -> None:
+        plain_epoch(model, optimizer, batches, device)
+
     images = steps * sizes.batch
     plain, vaedist = [], []
-    for _ in range(3):  # alternated, best of each: the machine's speed drifts
-        plain.append(images / timed(lambda: plain_epoch(model, optimizer, batches, device), device, 1))
-        vaedist.append(images / timed(ours, device, 1))
+    theirs(), ours()  # warm-up (kernels chosen, allocator filled) of both, then alternated: speeds drift
+    for _ in range(3):
+        plain.append(images / timed(theirs, device, 1, warm_up=False))
+        vaedist.append(images / timed(ours, device, 1, warm_up=False))
     return [
         Figure("loop", "plain_loop_images_per_s", max(plain), ">", 0, True),
         Figure("loop", "vaedist_loop_images_per_s", max(vaedist), ">", 0, True),
@@ -335,10 +340,13 @@ def run_check(check, device: torch.device, sizes: Sizes) -> list[Figure]:
     """A check's figures; a check that raises is one failed figure naming the error (the others still run)."""
     name = check.__name__.removeprefix("check_")
     print(f"{name} ...", flush=True)
+    t0 = time.perf_counter()
     try:
         return check(device, sizes)
     except Exception as exc:  # noqa: BLE001 -- the table must name every check, a broken one included
         return [Figure(name, f"{name}_ran", math.nan, "==", 1, note=f"{type(exc).__name__}: {exc}")]
+    finally:
+        print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def table(figures: list[Figure]) -> str:
@@ -352,7 +360,7 @@ def table(figures: list[Figure]) -> str:
 
 def sizes_for(args) -> Sizes:
     if args.cpu:
-        return Sizes(batch=32, decoder_images=1024, loop_steps=4, neighbours=args.size or 2000, world=2)
+        return Sizes(batch=16, decoder_images=1024, loop_steps=4, neighbours=args.size or 2000, world=2)
     return Sizes(batch=256, decoder_images=200_000, loop_steps=50, neighbours=args.size or 60_000,
                  world=torch.cuda.device_count())  # fmt: skip
 

@@ -126,7 +126,7 @@ def goal_figures(stdout: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_gpu_check_on_cpu_passes_without_ray_or_mlflow(tmp_path):
     """The whole check on CPU (gloo, a world of 2), with Ray and MLflow unimportable; ~50 s on 2 cores."""
-    script = WITHOUT_RAY_AND_MLFLOW + "import runpy; runpy.run_path(sys.argv[1], run_name='__main__')"
+    script = WITHOUT_RAY_AND_MLFLOW + "import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     proc = run(["-c", script, str(BENCHMARKS / "gpu_check.py"), "--cpu", "--size", "1000"], tmp_path, 300)
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("machine: "), proc.stdout[:500] + proc.stderr[-3000:]
