@@ -63,16 +63,21 @@ STOP_EARLY = {
 }
 
 
-def env(tmp_path: Path) -> dict[str, str]:
-    empty = tmp_path / "no-data"
-    empty.mkdir(exist_ok=True)
-    return {**os.environ, "PYTHONPATH": str(REPO), "VAEDIST_DATA_DIR": str(empty), "TMPDIR": str(tmp_path),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
+def env(tmp_path: Path, data: Path | None) -> dict[str, str]:
+    """The environment of a benchmark run: its own MLflow store and data folder (an empty one unless
+    ``data``), no GPU even where there is one; a run without data keeps its temp files in ``tmp_path`` too
+    (a run with data starts Ray, whose socket paths under the temp folder must stay short: it keeps /tmp)."""
+    extra = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CUDA_VISIBLE_DEVICES": ""}
+    if data is None:
+        data = tmp_path / "no-data"
+        data.mkdir(exist_ok=True)
+        extra["TMPDIR"] = str(tmp_path)
+    return {**os.environ, "PYTHONPATH": str(REPO), "VAEDIST_DATA_DIR": str(data), **extra}
 
 
-def run(args: list[str], tmp_path: Path, timeout: float) -> subprocess.CompletedProcess:
+def run(args: list[str], tmp_path: Path, timeout: float, data: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path,
-                          env=env(tmp_path), timeout=timeout)  # fmt: skip
+                          env=env(tmp_path, data), timeout=timeout)  # fmt: skip
 
 
 def test_every_benchmark_is_listed_here():
@@ -147,3 +152,22 @@ def test_gpu_check_imports_neither_ray_nor_mlflow_and_says_how_to_run_without_cu
     assert end == "exit 2", (end, stdout)
     last = stdout.splitlines()[-1]
     assert last.startswith("no CUDA device here: ") and "--cpu" in last, stdout
+
+
+@pytest.mark.slow
+def test_generate_throughput_prints_the_raw_goal_beside_ray_datas_floor(tmp_path, data_dir):
+    """The benchmark end to end at a smoke size (real MNIST for its brief training, a local Ray)."""
+    args = ["--n", "2000", "--png-n", "1000", "--shard-rows", "500", "--train-steps", "5", "--workdir", str(tmp_path)]
+    proc = run([str(BENCHMARKS / "generate_throughput.py"), *args], tmp_path, 600, data=data_dir)
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: a goal missed at 2,000
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("machine: "), lines[:2]
+    figures = goal_figures(proc.stdout)
+    assert {"end_to_end_ratio", "png_end_to_end_ratio", "decoder_busy_fraction"} <= set(figures), (
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
+    assert "at 2,000,000 images, this run 2,000" in figures["end_to_end_ratio"]
+    floor = next(i for i, line in enumerate(lines) if line.startswith("ray_data_floor_s: "))
+    assert lines[floor + 1].startswith("end_to_end_ratio: "), lines[floor : floor + 2]
+    assert float(lines[floor].split()[1]) > 0  # measured in this run, not NaN
+    assert "1,000 images" in next(line for line in lines if line.startswith("png_images_per_s: "))
