@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -64,15 +65,15 @@ STOP_EARLY = {
 
 
 def env(tmp_path: Path, data: Path | None) -> dict[str, str]:
-    """The environment of a benchmark run: its own MLflow store and data folder (an empty one unless
-    ``data``), no GPU even where there is one; a run without data keeps its temp files in ``tmp_path`` too
-    (a run with data starts Ray, whose socket paths under the temp folder must stay short: it keeps /tmp)."""
-    extra = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CUDA_VISIBLE_DEVICES": ""}
+    """The environment of a benchmark run: its temp files (work folders, caches) and MLflow store in
+    ``tmp_path``, its data folder (an empty one unless ``data``), no GPU even where there is one. Ray's own
+    temp folder stays where it was (its socket paths must stay under 108 characters)."""
     if data is None:
         data = tmp_path / "no-data"
         data.mkdir(exist_ok=True)
-        extra["TMPDIR"] = str(tmp_path)
-    return {**os.environ, "PYTHONPATH": str(REPO), "VAEDIST_DATA_DIR": str(data), **extra}
+    return {**os.environ, "PYTHONPATH": str(REPO), "VAEDIST_DATA_DIR": str(data), "TMPDIR": str(tmp_path),
+            "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", tempfile.gettempdir()), "CUDA_VISIBLE_DEVICES": "",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # fmt: skip
 
 
 def run(args: list[str], tmp_path: Path, timeout: float, data: Path | None = None) -> subprocess.CompletedProcess:
@@ -171,3 +172,20 @@ def test_generate_throughput_prints_the_raw_goal_beside_ray_datas_floor(tmp_path
     assert lines[floor + 1].startswith("end_to_end_ratio: "), lines[floor : floor + 2]
     assert float(lines[floor].split()[1]) > 0  # measured in this run, not NaN
     assert "1,000 images" in next(line for line in lines if line.startswith("png_images_per_s: "))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("script", "args", "figures"), [
+    ("stream_throughput.py", ["--per-class", "20", "--epochs", "2", "--batch-size", "32"],
+     ["in_memory_images_per_s", "streaming_images_per_s", "streaming_vs_in_memory"]),
+    ("classifier_startup.py", ["--images", "256", "--rounds", "1"],
+     ["one_worker_task_s", "one_worker_ray_train_s", "one_worker_task_vs_ray_train"]),
+])  # fmt: skip
+def test_a_ray_benchmark_at_a_smoke_size_prints_its_goal_lines(script, args, figures, tmp_path, data_dir):
+    """The benchmarks that need Ray and real data (CIFAR-10 JPEGs, MNIST), end to end at a tiny size."""
+    if script == "stream_throughput.py":
+        args = ["--folder", str(data_dir / "cifar10-jpeg" / "train"), *args]
+    proc = run([str(BENCHMARKS / script), *args], tmp_path, 600, data=data_dir)
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: a goal missed
+    assert proc.stdout.splitlines()[0].startswith("machine: "), proc.stdout[:500]
+    assert list(goal_figures(proc.stdout)) == figures, proc.stdout[-3000:]
