@@ -20,12 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from vaedist.hardware import machine_line
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=2000, help="real training images per fit (default 2,000)")
     ap.add_argument("--rounds", type=int, default=3, help="fits of each kind, alternating (default 3)")
     args = ap.parse_args()
+    print(machine_line(), flush=True)
 
     work = tempfile.mkdtemp(prefix="vaedist-bench-")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
@@ -57,7 +60,7 @@ def main() -> None:
             print(f"  round {r + 1} {kind:9s}: {seconds[kind][-1]:5.1f} s, test accuracy {accuracy[kind][-1]:.4f}")
 
     task, train = statistics.median(seconds["task"]), statistics.median(seconds["ray_train"])
-    print(f"machine: {os.cpu_count()} CPUs; {args.images} images, 1 epoch, {plan.torch_threads} torch thread(s)")
+    print(f"run: {args.images} images, 1 epoch, {plan.torch_threads} torch thread(s)")
     print(f"one_worker_task_s: {task:.1f} (goal > 0)")
     print(f"one_worker_ray_train_s: {train:.1f} (goal > 0)")
     print(f"one_worker_task_vs_ray_train: {task / train:.2f} (goal <= 0.6)")

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vaedist.hardware import machine_line
+
 
 def plain_loop(folder: Path) -> tuple[int, float]:
     """What a user writes without vaedist: walk the folder, decode each file with Pillow, stack."""
@@ -50,7 +52,8 @@ def main() -> int:
     ap.add_argument("--folder", type=Path, default=default, help=f"an image folder (default {default})")
     args = ap.parse_args()
     os.environ["VAEDIST_CACHE_DIR"] = tempfile.mkdtemp(prefix="vaedist-cache-")  # a cold cache
-    print(f"machine: {os.cpu_count()} CPU(s); folder {args.folder}; cache {os.environ['VAEDIST_CACHE_DIR']}")
+    print(machine_line(), flush=True)
+    print(f"run: folder {args.folder}; cache {os.environ['VAEDIST_CACHE_DIR']}")
 
     n_plain, t_plain = plain_loop(args.folder)
     n_first, t_first = vaedist_load(args.folder)

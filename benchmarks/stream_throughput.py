@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaedist.hardware import machine_line
+
 GOAL = 0.5
 MODEL = {"variant": "cvae", "arch": "conv", "latent_dim": 16, "base_channels": 32, "depth": 2}
 
@@ -102,6 +104,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.epochs < 2:
         ap.error("--epochs must be at least 2 (steady-state rates skip the first epoch)")
+    print(machine_line(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="vaedist-stream-"))
     os.environ["VAEDIST_CACHE_DIR"] = str(work / "decoded")  # the in-memory path decodes once, cold
     dataset = str(subset(args.folder, work / "images", args.per_class))
@@ -120,7 +123,7 @@ def main() -> int:
     ratio = steady["stream"] / steady["memory"]
     from vaedist import streaming
 
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} x {args.threads} thread(s); "
+    print(f"run: torch x {args.threads} thread(s); "
           f"{streaming.train_rows(dataset, 5000)} training images of {args.folder}, batch {args.batch_size}")  # fmt: skip
     print(f"  in memory  per epoch: {', '.join(f'{r:,.0f}' for r in memory)} img/s (first load {load_s:.1f} s)")
     print(f"  streamed   per epoch: {', '.join(f'{r:,.0f}' for r in stream)} img/s (decoded every epoch)")

@@ -26,6 +26,8 @@ import time
 import numpy as np
 import torch
 
+from vaedist.hardware import machine_line
+
 SPACE = {"model.latent_dim": {"grid": [4, 8]}, "model.width": {"grid": [256, 512]}}
 
 
@@ -93,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6)
     args = parser.parse_args()
+    print(machine_line(), flush=True)
 
     work = tempfile.mkdtemp(prefix="vaedist-bench-")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
@@ -141,7 +144,7 @@ def main() -> None:
     ideal = sum(pure) / 2
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(
-        f"machine: {os.cpu_count()} CPUs; 4 trials x {args.epochs} epochs of MNIST, 2 at a time, 1 thread each"
+        f"run: 4 trials x {args.epochs} epochs of MNIST, 2 at a time, 1 thread each"
     )
     print(
         f"  pure training per trial (2 at a time), mean of before and after the search: "

@@ -1,4 +1,7 @@
-"""``connect_ray`` on a new local instance: what the workers get, and that they start ahead of the work."""
+"""``connect_ray`` on a new local instance: what the workers get, and that they start ahead of the work.
+
+The tests that start a local Ray (or a ``vaedist train`` that imports Ray and dials an address) are in the
+slow tier, where Ray runs; each starts its own, since that start is what it tests."""
 
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ def fresh_local_ray(tmp_path, monkeypatch):
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_local_workers_inherit_the_worker_env_and_the_driver_keeps_its_own(fresh_local_ray, tmp_path):
     ray = fresh_local_ray
     from vaedist.cluster import connect_ray
@@ -59,6 +63,7 @@ def test_local_workers_inherit_the_worker_env_and_the_driver_keeps_its_own(fresh
     assert ray.get_runtime_context().runtime_env == {}
 
 
+@pytest.mark.slow
 def test_the_first_actor_runs_in_a_worker_ray_prestarted(fresh_local_ray):
     """No runtime env: the first actor takes one of the workers Ray starts at ray.init (one per CPU),
     instead of waiting for a fresh process (a job with a runtime env cannot use those)."""
@@ -88,6 +93,7 @@ def test_the_head_endpoint_of_an_address():
         assert head_endpoint(resolved_by_ray) is None
 
 
+@pytest.mark.slow
 def test_an_address_where_nothing_listens_is_one_line_at_once(tmp_path):
     """ray.init would retry for minutes, printing C++ warnings, and nothing is written."""
     import subprocess

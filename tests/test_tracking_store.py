@@ -5,8 +5,6 @@ reach the caller where the command handles them, and a store that does not exist
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -22,13 +20,15 @@ def _store_threads() -> list[threading.Thread]:
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    """A store made by another process, as an earlier command leaves it (this process has not opened it)."""
-    path = tmp_path / "mlflow.db"
+    """A store this process has not opened, as an earlier command leaves it: made here under another file
+    name, then moved to the one the test opens (MLflow keeps a store per URI, so this URI is new here;
+    a subprocess making it would only add Python's and MLflow's import to the test)."""
+    import mlflow
+
+    made, path = tmp_path / "made.db", tmp_path / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{made}").search_experiments()
+    made.rename(path)
     uri = f"sqlite:///{path}"
-    subprocess.run(
-        [sys.executable, "-c", f"import mlflow; mlflow.MlflowClient({uri!r}).search_experiments()"],
-        check=True, capture_output=True, env={"MLFLOW_LOGGING_LEVEL": "ERROR", "PATH": ""},
-    )  # fmt: skip
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     yield path
     for t in _store_threads():
@@ -58,10 +58,12 @@ def test_a_store_that_cannot_be_opened_fails_in_the_callers_own_call(tmp_path, m
     path = tmp_path / "mlflow.db"
     path.write_bytes(b"not a database, but a file of that name" * 100)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
+    before = tracking._store_opened
     tracking.open_store_in_background()  # the side thread's failure is not raised here...
-    threads = _store_threads()
-    assert threads
-    for t in threads:
+    # A side thread was started (the event callers wait on is its own; it may already have ended: a file
+    # that is no database fails at once).
+    assert tracking._store_opened is not before
+    for t in _store_threads():
         t.join(timeout=60)
     with pytest.raises(Exception, match="file is not a database"):
         tracking.find_or_create_run("mnist", "nowhere", {"a": 1})  # ...but by the call that needs the store

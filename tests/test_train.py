@@ -204,23 +204,33 @@ def test_cli_unwritable_storage_and_unreachable_mlflow_fail_before_training(tmp_
     assert not (tmp_path / "vaedist-runs").exists()
 
 
-def test_dry_run_prints_the_resolved_config(tmp_path):
-    proc = _cli(["train", "--dataset", "fashion-mnist", "--latent-dim", "8", "--dry-run"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "model.latent_dim = 8" in proc.stdout and "data.dataset = fashion-mnist" in proc.stdout
+def _dry_run(args: list[str], cwd: Path, monkeypatch) -> str:
+    """``vaedist train ... --dry-run`` in this process (a dry run starts nothing: no Ray, no store, so a
+    subprocess would only add Python's and the imports' start-up); its stdout, after exit code 0."""
+    from click.testing import CliRunner
+
+    from vaedist.cli import main
+
+    monkeypatch.chdir(cwd)
+    result = CliRunner().invoke(main, ["train", *args, "--dry-run"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.stdout
+
+
+def test_dry_run_prints_the_resolved_config(tmp_path, monkeypatch):
+    stdout = _dry_run(["--dataset", "fashion-mnist", "--latent-dim", "8"], tmp_path, monkeypatch)
+    assert "model.latent_dim = 8" in stdout and "data.dataset = fashion-mnist" in stdout
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_a_spec_with_flags_on_top_is_a_run_of_its_own(tmp_path):
+def test_a_spec_with_flags_on_top_is_a_run_of_its_own(tmp_path, monkeypatch):
     """--config keeps the spec's run name; flags that change the model make another run, not a refusal."""
     from vaedist.jobs import project_root
 
     spec = str(project_root() / "jobs" / "train-fashion-mnist.yaml")
 
     def name(*flags: str) -> str:
-        proc = _cli(["train", "--config", spec, *flags, "--dry-run"], cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout.splitlines()[0]
+        return _dry_run(["--config", spec, *flags], tmp_path, monkeypatch).splitlines()[0]
 
     assert name() == name("--workers", "1") == "name: train-fashion-mnist"  # where it runs is no new config
     assert name("--epochs", "5").startswith("name: fashion-mnist-") and name("--epochs", "5") != name("--epochs", "6")
