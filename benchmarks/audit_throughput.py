@@ -21,6 +21,7 @@ Goals: the timed audit of 60,000 images in at most 180 s; pass 1's chosen kernel
     .venv/bin/python benchmarks/audit_throughput.py                 # N = 60,000, classifier 5 epochs
     .venv/bin/python benchmarks/audit_throughput.py --epochs 1      # a quicker warm-up
     .venv/bin/python benchmarks/audit_throughput.py --epochs 1 --compare-kernels
+    .venv/bin/python benchmarks/audit_throughput.py --pass1-only     # the two kernels on this CPU, a minute
 """
 
 from __future__ import annotations
@@ -134,11 +135,16 @@ def main() -> None:
     ap.add_argument("--workdir", help="where the Parquet and the MLflow store go (default: a temp folder)")
     ap.add_argument("--compare-kernels", action="store_true",
                     help="run the timed audit again with the other pass-1 dtype forced, side by side")  # fmt: skip
+    pass1 = ap.add_mutually_exclusive_group()
+    pass1.add_argument("--pass1-only", action="store_true", help="time the two pass-1 kernels only (a minute)")
+    pass1.add_argument("--skip-pass1", action="store_true", help="do not time the pass-1 kernels")
     args = ap.parse_args()
     from vaedist import hardware
 
     print(hardware.machine_line())
-    pass1_ok = pass1_report()
+    pass1_ok = args.skip_pass1 or pass1_report()
+    if args.pass1_only:
+        sys.exit(0 if pass1_ok else 1)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vaedist-bench-audit-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import math
 import operator
 import socket
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from vaedist import loop
-from vaedist.evaluate.neighbours import nearest
+from vaedist.evaluate.neighbours import kernel_here, nearest
 from vaedist.hardware import machine_line
 from vaedist.models import BaseVAE, binarize, build_model_from_hparams, to_model_input
 
@@ -286,11 +285,10 @@ def check_ddp(device: torch.device, sizes: Sizes) -> list[Figure]:
 
 
 def nearest_on(device: torch.device, queries: np.ndarray, reference: np.ndarray, k: int):
-    """Where the audit's search runs on ``device``: ``neighbours.nearest(..., device=)`` once it takes one;
-    until then the CPU search (the note of the figures says so)."""
-    if "device" in inspect.signature(nearest).parameters:
-        return nearest(queries, reference, k, device=device), str(device)
-    return nearest(queries, reference, k), "cpu (neighbours.nearest takes no device yet)"
+    """The audit's search on ``device`` with the kernel the audit would choose there (bf16 pass 1 on a GPU
+    with tensor cores, float32 elsewhere): (its answer, the kernel's name)."""
+    kernel = kernel_here(use_gpu=device.type == "cuda")
+    return nearest(queries, reference, k, kernel=kernel), kernel.name
 
 
 def search_points(n: int, dim: int, pixels: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -317,7 +315,7 @@ def check_neighbours(device: torch.device, sizes: Sizes) -> list[Figure]:
         sync(device)
         seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cpu_dist, cpu_index = nearest(queries, reference, K)
+        cpu_dist, cpu_index = nearest(queries, reference, K, kernel=kernel_here())
         cpu_seconds = time.perf_counter() - t0
         copies = sizes.neighbours // 10
         found_self = np.mean(index[:copies, 0] == np.arange(copies))

@@ -54,6 +54,7 @@ print(json.dumps(runs))
 
 # The arguments that stop each script at its first dependency on Ray, MLflow or data (all absent here).
 STOP_EARLY = {
+    "audit_throughput.py": ["--n", "0", "--skip-pass1"],
     "classifier_startup.py": [],
     "data_loading.py": ["--folder", "/nonexistent"],
     "generate_throughput.py": [],
@@ -82,7 +83,7 @@ def run(args: list[str], tmp_path: Path, timeout: float, data: Path | None = Non
 
 
 def test_every_benchmark_is_listed_here():
-    scripts = {p.name for p in BENCHMARKS.glob("*.py")} - {"audit_throughput.py"}
+    scripts = {p.name for p in BENCHMARKS.glob("*.py")}
     assert scripts == set(STOP_EARLY)
 
 
@@ -189,3 +190,15 @@ def test_a_ray_benchmark_at_a_smoke_size_prints_its_goal_lines(script, args, fig
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: a goal missed
     assert proc.stdout.splitlines()[0].startswith("machine: "), proc.stdout[:500]
     assert list(goal_figures(proc.stdout)) == figures, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_the_audit_benchmark_times_both_pass1_kernels(tmp_path):
+    """``--pass1-only``: the machine line, the kernel chosen here, both kernels timed at D = 64 and 784."""
+    from vaedist.evaluate import neighbours
+
+    proc = run([str(BENCHMARKS / "audit_throughput.py"), "--pass1-only"], tmp_path, 300)
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: the goal missed
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("machine: ") and lines[1] == f"pass 1 kernel chosen here: {neighbours.choose_kernel().name}"
+    assert list(goal_figures(proc.stdout)) == ["pass1_chosen_vs_fastest_d64", "pass1_chosen_vs_fastest_d784"]
