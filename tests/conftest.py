@@ -51,6 +51,21 @@ def data_dir() -> Path:
 
 
 @pytest.fixture
+def decoded_cache(tmp_path, monkeypatch) -> Path:
+    """A decoded-data cache of the test's own, and no listing or spec remembered from another test (the
+    path-dataset tests use it for every test: ``pytestmark = pytest.mark.usefixtures("decoded_cache")``)."""
+    from vaedist.data import listed
+    from vaedist.data.custom import spec_for
+
+    monkeypatch.setenv("VAEDIST_CACHE_DIR", str(tmp_path / "decoded"))
+    spec_for.cache_clear()
+    listed.clear()
+    yield tmp_path / "decoded"
+    spec_for.cache_clear()
+    listed.clear()
+
+
+@pytest.fixture
 def one_torch_thread():
     """torch on one thread for the test (tiny models: threads cost more than they give on 2 cores)."""
     import torch

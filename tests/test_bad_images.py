@@ -22,21 +22,13 @@ from PIL import Image
 from vaedist.config import check_dataset, experiment_from_dict
 from vaedist.data import get_spec, listed
 from vaedist.data import images as img
-from vaedist.data.custom import spec_for
 from vaedist.data.spec import MAX_IMAGE_PIXELS
 from vaedist.errors import UsageError
 
 LIMIT = f"{MAX_IMAGE_PIXELS:,}"  # as the messages write it: 67,108,864
 
 
-@pytest.fixture(autouse=True)
-def decoded_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VAEDIST_CACHE_DIR", str(tmp_path / "decoded"))
-    spec_for.cache_clear()
-    listed.clear()
-    yield tmp_path / "decoded"
-    spec_for.cache_clear()
-    listed.clear()
+pytestmark = pytest.mark.usefixtures("decoded_cache")  # conftest: a decoded-data cache of each test's own
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -21,14 +21,7 @@ from vaedist.data import dataset_info, get_spec, load_split
 from vaedist.data.custom import spec_for
 from vaedist.errors import UsageError
 
-
-@pytest.fixture(autouse=True)
-def decoded_cache(tmp_path, monkeypatch):
-    """A cache of decoded datasets of the test's own, and no spec remembered from another test."""
-    monkeypatch.setenv("VAEDIST_CACHE_DIR", str(tmp_path / "decoded"))
-    spec_for.cache_clear()
-    yield tmp_path / "decoded"
-    spec_for.cache_clear()
+pytestmark = pytest.mark.usefixtures("decoded_cache")  # conftest: a decoded-data cache of each test's own
 
 
 def _png(arr: np.ndarray) -> bytes:

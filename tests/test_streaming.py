@@ -19,20 +19,10 @@ from PIL import Image
 
 from vaedist import streaming
 from vaedist.data import get_spec, listed, load_split
-from vaedist.data.custom import spec_for
 from vaedist.data.registry import DATASETS
 from vaedist.errors import UsageError
 
-
-@pytest.fixture(autouse=True)
-def decoded_cache(tmp_path, monkeypatch):
-    """A decoded-data cache of the test's own, and no listing or spec remembered from another test."""
-    monkeypatch.setenv("VAEDIST_CACHE_DIR", str(tmp_path / "decoded"))
-    spec_for.cache_clear()
-    listed.clear()
-    yield tmp_path / "decoded"
-    spec_for.cache_clear()
-    listed.clear()
+pytestmark = pytest.mark.usefixtures("decoded_cache")  # conftest: a decoded-data cache of each test's own
 
 
 def _folder(root: Path, classes=("cat", "ant", "bee"), per_class=20, size=(8, 8), mode="L", seed=0) -> None:
