@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from vaedist import loop, tracking
-from vaedist.checkpoint import CHECKPOINT_FILE, load_model
+from vaedist.checkpoint import load_model
 from vaedist.data import load_split
 from vaedist.models import BaseVAE
+from vaedist.names import CHECKPOINT_FILE, MODEL_TAG, VAL_METRIC, VERSION_TAG
 
 log = logging.getLogger("vaedist.champion")
 
@@ -65,9 +66,6 @@ def promote_if_better(dataset: str, version: str, val_metric: float, val_set: st
     return verdict is Verdict.PROMOTE
 
 
-MODEL_TAG = "vaedist.model_uri"  # on a run that registered its model: the models:/ URI and the version
-VERSION_TAG = "vaedist.model_version"
-
 
 class Generator(torch.nn.Module):
     """(z, label) -> images (B, C, H, W) in [0, 1]: the part of a VAE that MLflow serves."""
@@ -104,7 +102,7 @@ def register_checkpoint(checkpoint: Any, run_id: str, dataset: str) -> tuple[str
     with local as d:
         ckpt_file = Path(d) / CHECKPOINT_FILE
         model, state = load_model(ckpt_file)
-        val_metric = float(state["metrics"]["val_neg_elbo"])
+        val_metric = float(state["metrics"][VAL_METRIC])
         val_set = validation_set(state["config"], model)
         # Batch of 2: torch.export specialises a batch dimension of size 1 to a constant.
         z = torch.randn(2, model.latent_dim, generator=torch.Generator().manual_seed(0))

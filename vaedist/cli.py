@@ -27,9 +27,13 @@ from vaedist.config import (
     PRECISIONS,
     SECTIONS,
     VARIANTS,
+    DataConfig,
     EvaluateConfig,
     GenerateConfig,
+    ModelConfig,
     ResourcesConfig,
+    TrainConfig,
+    default_help,
 )
 from vaedist.dataset_flags import (
     DATASET_HELP,
@@ -160,30 +164,30 @@ def _sections(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A train job spec (jobs/train-*.yaml) to start from; flags override it.")
-@click.option("--dataset", metavar="NAME|PATH", help=DATASET_HELP + " [default: mnist].")
+@click.option("--dataset", metavar="NAME|PATH", help=f"{DATASET_HELP} {default_help(DataConfig, 'dataset')}.")
 @dataset_options
 @click.option("--memory-budget", help="Train splits decoded larger than this (512MB, 2GiB) stream through Ray Data instead of loading whole [default: half the object store].")
-@click.option("--variant", type=click.Choice(VARIANTS), help="ae = autoencoder + latent noise, vae, cvae = label-conditioned [default: cvae].")
-@click.option("--arch", type=click.Choice(ARCHS), help="Encoder/decoder family; resnet = residual blocks at every resolution [default: conv].")
-@click.option("--latent-dim", type=int, help="Size of z (of the top latent in a hierarchical model) [default: 16].")
-@click.option("--width", type=int, help="Dense: hidden units per layer [default: 512].")
-@click.option("--base-channels", type=int, help="Conv, resnet: channels of the first block [default: 32].")
-@click.option("--depth", type=int, help="Dense: hidden layers; conv, resnet: stride-2 halvings [default: 2].")
-@click.option("--blocks-per-level", type=int, help="Resnet: residual blocks at each resolution [default: 2].")
-@click.option("--activation", type=click.Choice(ACTIVATIONS), help="Nonlinearity of encoder and decoder [default: relu].")
-@click.option("--stochastic-layers", type=int, help="vae, cvae: latent layers; > 1 makes a hierarchical VAE with top-down inference, at most depth + 1 [default: 1].")
-@click.option("--latent-channels", type=int, help="Hierarchical VAE: channels of each latent map below the top latent [default: 4].")
+@click.option("--variant", type=click.Choice(VARIANTS), help=f"ae = autoencoder + latent noise, vae, cvae = label-conditioned {default_help(ModelConfig, 'variant')}.")
+@click.option("--arch", type=click.Choice(ARCHS), help=f"Encoder/decoder family; resnet = residual blocks at every resolution {default_help(ModelConfig, 'arch')}.")
+@click.option("--latent-dim", type=int, help=f"Size of z (of the top latent in a hierarchical model) {default_help(ModelConfig, 'latent_dim')}.")
+@click.option("--width", type=int, help=f"Dense: hidden units per layer {default_help(ModelConfig, 'width')}.")
+@click.option("--base-channels", type=int, help=f"Conv, resnet: channels of the first block {default_help(ModelConfig, 'base_channels')}.")
+@click.option("--depth", type=int, help=f"Dense: hidden layers; conv, resnet: stride-2 halvings {default_help(ModelConfig, 'depth')}.")
+@click.option("--blocks-per-level", type=int, help=f"Resnet: residual blocks at each resolution {default_help(ModelConfig, 'blocks_per_level')}.")
+@click.option("--activation", type=click.Choice(ACTIVATIONS), help=f"Nonlinearity of encoder and decoder {default_help(ModelConfig, 'activation')}.")
+@click.option("--stochastic-layers", type=int, help=f"vae, cvae: latent layers; > 1 makes a hierarchical VAE with top-down inference, at most depth + 1 {default_help(ModelConfig, 'stochastic_layers')}.")
+@click.option("--latent-channels", type=int, help=f"Hierarchical VAE: channels of each latent map below the top latent {default_help(ModelConfig, 'latent_channels')}.")
 @click.option("--likelihood", type=click.Choice(LIKELIHOODS), help="p(x|z); mol = discretized mixture of logistics [default: the dataset's].")
-@click.option("--mixtures", type=int, help="mol: logistic components per pixel [default: 10].")
-@click.option("--epochs", type=int, help="Epochs [default: 10].")
-@click.option("--batch-size", type=int, help="Global batch size, split across workers [default: 128].")
-@click.option("--lr", type=float, help="Adam learning rate [default: 1e-3].")
-@click.option("--beta", type=float, help="KL weight; 1 is the true ELBO [default: 1].")
-@click.option("--kl-warmup-epochs", type=int, help="Ramp the KL weight linearly from 0 over this many epochs [default: 0].")
-@click.option("--free-bits", type=float, help="Nats per latent dim (per layer in a hierarchical VAE) below which KL is not penalised [default: 0].")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Mixed precision: auto = bf16 autocast on GPUs that have it, fp32 on CPU; bf16; fp32 [default: auto].")
-@click.option("--seed", type=int, help="Seed for init, shuffling and binarization [default: 0].")
-@click.option("--workers", type=int, help="Ray Train workers (DDP ranks) [default: 1].")
+@click.option("--mixtures", type=int, help=f"mol: logistic components per pixel {default_help(ModelConfig, 'mixtures')}.")
+@click.option("--epochs", type=int, help=f"Epochs {default_help(TrainConfig, 'epochs')}.")
+@click.option("--batch-size", type=int, help=f"Global batch size, split across workers {default_help(TrainConfig, 'batch_size')}.")
+@click.option("--lr", type=float, help=f"Adam learning rate {default_help(TrainConfig, 'lr')}.")
+@click.option("--beta", type=float, help=f"KL weight; 1 is the true ELBO {default_help(TrainConfig, 'beta')}.")
+@click.option("--kl-warmup-epochs", type=int, help=f"Ramp the KL weight linearly from 0 over this many epochs {default_help(TrainConfig, 'kl_warmup_epochs')}.")
+@click.option("--free-bits", type=float, help=f"Nats per latent dim (per layer in a hierarchical VAE) below which KL is not penalised {default_help(TrainConfig, 'free_bits')}.")
+@click.option("--precision", type=click.Choice(PRECISIONS), help=f"Mixed precision: auto = bf16 autocast on GPUs that have it, fp32 on CPU; bf16; fp32 {default_help(TrainConfig, 'precision')}.")
+@click.option("--seed", type=int, help=f"Seed for init, shuffling and binarization {default_help(TrainConfig, 'seed')}.")
+@click.option("--workers", type=int, help=f"Ray Train workers (DDP ranks) {default_help(ResourcesConfig, 'workers')}.")
 @click.option("--gpus-per-worker", type=float, help="GPUs per worker; 0 trains on CPUs [default: 1 where the cluster has a GPU for every worker, else 0].")
 @click.option("--cpus-per-worker", type=float, help="CPUs per worker [default: the node's CPUs / workers].")
 @click.option("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local Ray in-process].")
@@ -377,13 +381,13 @@ def jobs_stop_cmd(job_id: str, address: str | None) -> None:
 @click.option("--labels", help="Class indices, e.g. 0,3,7, or 'all' [default: all]. An unconditional model takes none (its rows get label -1).")
 @click.option("--per-label", type=int, help="Rows per label (give this or --total).")
 @click.option("--total", type=int, help="Rows in all, split across the labels by --class-balance.")
-@click.option("--class-balance", type=click.Choice(["uniform", "as-train"]), help="With --total: equal rows per label, or the real train split's class frequencies [default: uniform].")
-@click.option("--shard-rows", type=int, help="Rows per part file [default: 10000].")
-@click.option("--image-format", type=click.Choice(IMAGE_FORMATS), help="png = the Hugging Face Image struct (PNG bytes; datasets, pandas, polars, duckdb read it), raw = uint8 HxWxC fixed-shape tensor (faster; pyarrow, Ray Data) [default: png].")
-@click.option("--temperature", type=float, help="z ~ N(0, T^2 I) [default: 1].")
-@click.option("--seed", type=int, help="Seed of every sample's z (with its sample_id) [default: 0].")
-@click.option("--batch-size", type=int, help="Images per decoder call [default: 1024].")
-@click.option("--workers", type=int, help="Decoder actors (each loads the model once) [default: 1].")
+@click.option("--class-balance", type=click.Choice(["uniform", "as-train"]), help=f"With --total: equal rows per label, or the real train split's class frequencies {default_help(GenerateConfig, 'class_balance')}.")
+@click.option("--shard-rows", type=int, help=f"Rows per part file {default_help(GenerateConfig, 'shard_rows')}.")
+@click.option("--image-format", type=click.Choice(IMAGE_FORMATS), help=f"png = the Hugging Face Image struct (PNG bytes; datasets, pandas, polars, duckdb read it), raw = uint8 HxWxC fixed-shape tensor (faster; pyarrow, Ray Data) {default_help(GenerateConfig, 'image_format')}.")
+@click.option("--temperature", type=float, help=f"z ~ N(0, T^2 I) {default_help(GenerateConfig, 'temperature')}.")
+@click.option("--seed", type=int, help=f"Seed of every sample's z (with its sample_id) {default_help(GenerateConfig, 'seed')}.")
+@click.option("--batch-size", type=int, help=f"Images per decoder call {default_help(GenerateConfig, 'batch_size')}.")
+@click.option("--workers", type=int, help=f"Decoder actors (each loads the model once) {default_help(ResourcesConfig, 'workers')}.")
 @click.option("--gpus-per-worker", type=float, help="GPUs per actor; 0 decodes on CPUs [default: 1 where the cluster has a GPU for every actor, else 0].")
 @click.option("--cpus-per-worker", type=float, help="CPUs per actor: on CPUs it renders one shard per CPU at a time, one torch thread each [default: the cluster's CPUs / workers].")
 @click.option("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local Ray in-process].")
@@ -433,7 +437,7 @@ def _resource_options(fn):
     fn = click.option(
         "--cpus-per-worker", type=float, help="CPUs per worker [default: the node's CPUs / workers]."
     )(fn)
-    return click.option("--workers", type=int, help="Ray workers [default: 1].")(fn)
+    return click.option("--workers", type=int, help=f"Ray workers {default_help(ResourcesConfig, 'workers')}.")(fn)
 
 
 @evaluate.command("likelihood")
@@ -447,12 +451,12 @@ def _resource_options(fn):
     metavar="NAME|PATH",
     help="Test set: a built-in name or a path [default: the model's].",
 )
-@click.option("--k", type=int, help="Importance samples for the IW-NLL [default: 1000].")
+@click.option("--k", type=int, help=f"Importance samples for the IW-NLL {default_help(EvaluateConfig, 'k')}.")
 @click.option(
-    "--k-batch", type=int, help="Importance samples per forward pass (bounds memory) [default: 100]."
+    "--k-batch", type=int, help=f"Importance samples per forward pass (bounds memory) {default_help(EvaluateConfig, 'k_batch')}."
 )
-@click.option("--batch-size", type=int, help="Test images per forward pass [default: 100].")
-@click.option("--seed", type=int, help="Seed of the test-set binarization and the z draws [default: 0].")
+@click.option("--batch-size", type=int, help=f"Test images per forward pass {default_help(EvaluateConfig, 'batch_size')}.")
+@click.option("--seed", type=int, help=f"Seed of the test-set binarization and the z draws {default_help(EvaluateConfig, 'seed')}.")
 @click.option("--limit", type=int, help="Score only the first N test images (smoke runs) [default: all].")
 @click.option("--allow-other-data", is_flag=True, default=None, help="Score the model even on data whose fingerprint differs from its training data's.")
 @_resource_options
@@ -485,11 +489,11 @@ def evaluate_likelihood(
     help="Real dataset: a built-in name or a path [default: the manifest's].",
 )
 @click.option(
-    "--epochs", type=int, help="Classifier epochs, the same for generated and real data [default: 5]."
+    "--epochs", type=int, help=f"Classifier epochs, the same for generated and real data {default_help(EvaluateConfig, 'classifier_epochs')}."
 )
-@click.option("--batch-size", type=int, help="Classifier global batch size [default: 256].")
-@click.option("--lr", type=float, help="Classifier Adam learning rate [default: 1e-3].")
-@click.option("--seed", type=int, help="Seed of the classifier and of the real-data subset [default: 0].")
+@click.option("--batch-size", type=int, help=f"Classifier global batch size {default_help(EvaluateConfig, 'classifier_batch_size')}.")
+@click.option("--lr", type=float, help=f"Classifier Adam learning rate {default_help(EvaluateConfig, 'classifier_lr')}.")
+@click.option("--seed", type=int, help=f"Seed of the classifier and of the real-data subset {default_help(EvaluateConfig, 'seed')}.")
 @_resource_options
 def evaluate_cas(
     generated, dataset, epochs, batch_size, lr, seed, workers, cpus_per_worker, gpus_per_worker, address
@@ -511,12 +515,12 @@ def evaluate_cas(
 @click.option("--generated", required=True, help="A vaedist generate folder, or any labelled Parquet image table (an image column, an integer label column).")
 @click.option("--dataset", help="Real dataset: a built-in name or a path [default: the folder's manifest's].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (progress goes to stderr).")
-@click.option("--k", "audit_k", type=int, help="Nearest neighbours of precision / recall / density / coverage [default: 5].")
+@click.option("--k", "audit_k", type=int, help=f"Nearest neighbours of precision / recall / density / coverage {default_help(EvaluateConfig, 'audit_k')}.")
 @click.option("--features", "audit_features", type=click.Path(dir_okay=False), help="A feature extractor saved with torch.export or TorchScript: float (B, C, H, W) in [0, 1] -> (B, D) [default: the CAS classifier trained on the real data].")
-@click.option("--epochs", type=int, help="Epochs of the feature classifier (the CAS recipe) [default: 5].")
-@click.option("--batch-size", type=int, help="Feature classifier global batch size [default: 256].")
-@click.option("--lr", type=float, help="Feature classifier Adam learning rate [default: 1e-3].")
-@click.option("--seed", type=int, help="Seed of the classifier, the samples and the k-means cells [default: 0].")
+@click.option("--epochs", type=int, help=f"Epochs of the feature classifier (the CAS recipe) {default_help(EvaluateConfig, 'classifier_epochs')}.")
+@click.option("--batch-size", type=int, help=f"Feature classifier global batch size {default_help(EvaluateConfig, 'classifier_batch_size')}.")
+@click.option("--lr", type=float, help=f"Feature classifier Adam learning rate {default_help(EvaluateConfig, 'classifier_lr')}.")
+@click.option("--seed", type=int, help=f"Seed of the classifier, the samples and the k-means cells {default_help(EvaluateConfig, 'seed')}.")
 @_resource_options
 def evaluate_audit(generated, dataset, as_json, audit_k, audit_features, epochs, batch_size, lr, seed, workers,
                    cpus_per_worker, gpus_per_worker, address) -> None:  # fmt: skip

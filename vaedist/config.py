@@ -28,11 +28,20 @@ from vaedist.data.builtin import DATASETS
 from vaedist.data.sources import absolute, is_path
 from vaedist.data.spec import PATH_LIKELIHOOD, parse_bytes
 from vaedist.errors import UsageError
+from vaedist.names import VAL_METRIC
 
 __all__ = ["ACTIVATIONS", "ARCHS", "CONDITIONINGS", "DATASET_NAMES", "IMAGE_FORMATS", "LIKELIHOODS", "PRECISIONS",
            "VARIANTS", "parse_bytes"]  # fmt: skip
 
 DATASET_NAMES = tuple(DATASETS)  # built-in datasets: vaedist.data.builtin
+
+
+def default_help(cls: type, name: str) -> str:
+    """``[default: X]`` of a --help text, read from the config dataclass's own field, so that a default has
+    one home (the CLI states it, the dataclass decides it)."""
+    value = next(f.default for f in fields(cls) if f.name == name)
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"[default: {shown}]"
 
 
 class ConfigError(UsageError):
@@ -290,7 +299,7 @@ class TuneConfig:
 
     search_space: dict[str, Any] = field(default_factory=dict)
     num_samples: int = 8  # trials drawn (times each grid point)
-    metric: str = "val_neg_elbo"
+    metric: str = VAL_METRIC
     mode: str = "min"
     max_concurrent_trials: int | None = None  # None: as many as the cluster's resources allow
     grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped

@@ -26,13 +26,7 @@ from typing import Any
 import numpy as np
 
 from vaedist.errors import UsageError, VaedistError, first_line, redact_url
-
-CHAMPION = "champion"
-NAME_TAG = "vaedist.name"  # the job's deterministic name: a rerun with the same name resumes this run
-KIND_TAG = "vaedist.kind"
-VAL_METRIC = "val_neg_elbo"  # lower is better; the metric the champion alias is decided on
-VAL_SET_TAG = "val_set"  # on a model version: the data its VAL_METRIC was measured on (champion.validation_set)
-CHECKPOINT_FILE = "model.pt"  # = vaedist.checkpoint.CHECKPOINT_FILE (tracking must not import torch at module load)
+from vaedist.names import CHAMPION, CHECKPOINT_FILE, KIND_TAG, NAME_TAG, VAL_METRIC, VAL_SET_TAG
 
 
 def tracking_uri() -> str:

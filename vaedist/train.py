@@ -20,7 +20,7 @@ import ray.train
 import ray.train.torch
 
 from vaedist import console, tracking
-from vaedist.champion import MODEL_TAG, VERSION_TAG, register_checkpoint
+from vaedist.champion import register_checkpoint
 from vaedist.cluster import (
     WorkerPlan,
     check_storage_shared,
@@ -32,9 +32,8 @@ from vaedist.cluster import (
 from vaedist.config import ExperimentConfig, check_dataset
 from vaedist.data import get_spec, load_split
 from vaedist.errors import UsageError, VaedistError, first_line
+from vaedist.names import DONE_TAG, MODEL_TAG, VAL_METRIC, VERSION_TAG
 from vaedist.worker import train_loop_per_worker
-
-DONE_TAG = "vaedist.checkpoint"  # set on a train run once it finished: where its best checkpoint is
 
 
 def default_run_name(cfg: ExperimentConfig) -> str:
@@ -160,7 +159,7 @@ def build_trainer(
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.checkpoints_to_keep,
-                checkpoint_score_attribute="val_neg_elbo",
+                checkpoint_score_attribute=VAL_METRIC,
                 checkpoint_score_order="min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
@@ -206,7 +205,7 @@ def _fit(trainer: ray.train.torch.TorchTrainer, name: str, storage: str, run_id:
     except ray.train.TrainingFailedError as exc:
         tracking.end_run(run_id, "FAILED")
         raise VaedistError(f"training {name} failed: {first_line(exc)} (logs under {storage}/{name})") from None
-    best = result.get_best_checkpoint("val_neg_elbo", "min") if result.best_checkpoints else result.checkpoint
+    best = result.get_best_checkpoint(VAL_METRIC, "min") if result.best_checkpoints else result.checkpoint
     if best is None:
         raise VaedistError(f"training {name} produced no checkpoint (see {storage}/{name})")
     return result, best

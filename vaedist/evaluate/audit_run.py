@@ -40,6 +40,7 @@ from vaedist.evaluate.features import Extractor, extract_on_ray
 from vaedist.evaluate.sets import open_evaluation_run, read_set
 from vaedist.generate.format import UNCONDITIONAL_LABEL
 from vaedist.generate.reader import GeneratedSet
+from vaedist.names import AUDIT_CPU_CAPABILITY_TAG, AUDIT_CPU_TAG, AUDIT_KERNELS_TAG, EVAL_TAG_PREFIX
 
 # --------------------------------------------------------------------------------------------------
 # The measure: read and check, set up, compute on Ray
@@ -279,17 +280,17 @@ def _record(
     """Metrics, pictures and the result on the audit's run (then FINISHED), and on the model's run."""
     metrics = logged_metrics(result)
     logger.log_metrics(metrics, step=0)
-    logger.set_tags({"vaedist.audit.search_kernels": ",".join(result["search"]["pass1_kernels"]),
-                     "vaedist.audit.cpu": result["search"]["driver"]["cpu"],
-                     "vaedist.audit.cpu_capability": result["search"]["driver"]["cpu_capability"]})  # fmt: skip
+    logger.set_tags({AUDIT_KERNELS_TAG: ",".join(result["search"]["pass1_kernels"]),
+                     AUDIT_CPU_TAG: result["search"]["driver"]["cpu"],
+                     AUDIT_CPU_CAPABILITY_TAG: result["search"]["driver"]["cpu_capability"]})  # fmt: skip
     _pictures(s, result, logger)
     logger.log_dict({k: v for k, v in result.items() if k != "run_id"}, audit.AUDIT_ARTIFACT)
     tracking.end_run(run_id, "FINISHED")
     if model_run:
         on_model = tracking.RunLogger(model_run, uri)
         on_model.log_metrics(metrics, step=0)
-        on_model.set_tags({"vaedist.eval.audit.generated": s.where, "vaedist.eval.audit.run_id": run_id,
-                           "vaedist.eval.audit.verdict": audit.verdict_line(result)})  # fmt: skip
+        on_model.set_tags({f"{EVAL_TAG_PREFIX}audit.generated": s.where, f"{EVAL_TAG_PREFIX}audit.run_id": run_id,
+                           f"{EVAL_TAG_PREFIX}audit.verdict": audit.verdict_line(result)})  # fmt: skip
         on_model.log_dict({k: v for k, v in result.items() if k != "run_id"}, f"evaluation/{s.name}.json")
 
 

@@ -17,6 +17,7 @@ from vaedist.evaluate import audit_run, cas, likelihood, spread
 from vaedist.evaluate.sets import open_evaluation_run
 from vaedist.generate.card import record_evaluation
 from vaedist.generate.format import CARD, MANIFEST_FORMAT
+from vaedist.names import EVAL_TAG_PREFIX
 
 WHATS = ("likelihood", "cas", "all", "audit")  # all = likelihood and CAS (and the audit with cfg.audit)
 
@@ -101,7 +102,7 @@ def evaluate_likelihood(
         return result
     logger = tracking.RunLogger(run_id, tracking.tracking_uri())
     logger.log_metrics(result["logged_metrics"], step=0)
-    tag = f"vaedist.eval.likelihood.{s.dataset}"
+    tag = f"{EVAL_TAG_PREFIX}likelihood.{s.dataset}"
     logger.set_tags({
         f"{tag}.protocol": s.protocol, f"{tag}.conditioning": s.conditioning,
         f"{tag}.images": s.n, f"{tag}.seed": cfg.seed, f"{tag}.k": cfg.k,

@@ -48,6 +48,7 @@ from vaedist.evaluate.cas import (
     fit_on_worker,
 )
 from vaedist.models import to_model_input
+from vaedist.names import EVALUATE_TAG, FEATURES_TAG
 
 FEATURES_VERSION = 1  # bump when the layer taken or the extractor's training changes: numbers move with it
 EXTRACTOR_ARTIFACT = "feature_extractor/classifier.json"  # the weights (torch.save, base64) and their facts
@@ -243,7 +244,7 @@ def classifier_extractor(dataset: str, cfg: EvaluateConfig, plan, storage: str, 
         tracking.end_run(run_id, "FAILED")
         raise
     logger = tracking.RunLogger(run_id, tracking.tracking_uri())
-    logger.set_tags({"vaedist.evaluate": "audit-features", "vaedist.features": extractor.description})
+    logger.set_tags({EVALUATE_TAG: "audit-features", FEATURES_TAG: extractor.description})
     logger.log_metrics({"features_test_accuracy": accuracy}, step=0)
     # As JSON through tracking's log_dict/load_dict: tracking.py has no binary-artifact helper (yet).
     logger.log_dict({"accuracy": accuracy, "recipe": recipe(cfg), "dataset": dataset,

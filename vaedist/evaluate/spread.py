@@ -77,7 +77,7 @@ def on_one_worker(fn: Callable[[dict[str, Any]], Any], config: dict[str, Any], p
 
 
 def _result_folder(storage: str, name: str):
-    from vaedist.generate.format import join, resolve_folder
+    from vaedist.files import join, resolve_folder
 
     fs, root, _ = resolve_folder(storage)
     return fs, join(join(root, name), RESULT_DIR)
