@@ -15,7 +15,8 @@ import torch
 
 from vaedist import loop, tracking
 from vaedist.checkpoint import load_model
-from vaedist.data import load_split
+from vaedist.data import get_spec, load_split
+from vaedist.data.spec import DEFAULT_VAL_SIZE, split_digest
 from vaedist.models import BaseVAE
 from vaedist.names import CHECKPOINT_FILE, MODEL_TAG, VAL_METRIC, VERSION_TAG
 
@@ -35,8 +36,8 @@ def judge(
 ) -> Verdict:
     """The champion decision on plain values. ``champion``: (version, -ELBO, validation set) or None.
 
-    Lower -ELBO is better; only numbers measured on the same validation set (dataset, split size,
-    binarized or 8-bit) compare directly.
+    Lower -ELBO is better; only numbers measured on the same validation set (the split's identity: the
+    data's fingerprint with the split rule; binarized or 8-bit, :func:`validation_set`) compare directly.
     """
     if champion is None:
         return Verdict.PROMOTE
@@ -103,7 +104,7 @@ def register_checkpoint(checkpoint: Any, run_id: str, dataset: str) -> tuple[str
         ckpt_file = Path(d) / CHECKPOINT_FILE
         model, state = load_model(ckpt_file)
         val_metric = float(state["metrics"][VAL_METRIC])
-        val_set = validation_set(state["config"], model)
+        val_set = validation_set(state, model)
         # Batch of 2: torch.export specialises a batch dimension of size 1 to a constant.
         z = torch.randn(2, model.latent_dim, generator=torch.Generator().manual_seed(0))
         example = (z, torch.arange(2, dtype=torch.int64)) if model.conditional else (z,)
@@ -115,11 +116,19 @@ def register_checkpoint(checkpoint: Any, run_id: str, dataset: str) -> tuple[str
     return model_uri, version, moved, val_metric
 
 
-def validation_set(config: dict[str, Any], model: BaseVAE) -> str:
-    """What a validation -ELBO was measured on: only numbers on the same images and pixel coding compare
-    (a Bernoulli model's nats on binarized pixels say nothing against a logistic model's on 8-bit ones)."""
+def validation_set(ckpt: dict[str, Any], model: BaseVAE) -> str:
+    """What a validation -ELBO was measured on: the validation split's identity (the training data's
+    fingerprint with the split rule, the digest its run logged the split under) and the pixel coding (a
+    Bernoulli model's nats on binarized pixels say nothing against a logistic model's on 8-bit ones).
+
+    The checkpoint's own facts where it keeps them; a checkpoint from before them names its dataset in its
+    config, whose spec gives the fingerprint. A version registered with the older "dataset/valN/coding"
+    tag never equals this, so the champion verdict re-scores it (RESCORE), as for any other set."""
+    facts, cfg = ckpt.get("dataset") or {}, ckpt.get("config") or {}
+    fingerprint = facts.get("fingerprint") or get_spec(cfg["data.dataset"]).fingerprint
+    val_size = (facts.get("validation") or {}).get("val_size", cfg.get("data.val_size", DEFAULT_VAL_SIZE))
     coding = "binarized" if model.likelihood.binarized else "8-bit"
-    return f"{config['data.dataset']}/val{config['data.val_size']}/{coding}"
+    return f"{split_digest(fingerprint, 'validation', val_size)}/{coding}"
 
 
 def champion_rescorer(new_checkpoint):

@@ -440,6 +440,26 @@ def _resource_options(fn):
     return click.option("--workers", type=int, help=f"Ray workers {default_help(ResourcesConfig, 'workers')}.")(fn)
 
 
+def _allow_other_data(fn):
+    return click.option("--allow-other-data", is_flag=True, default=None, help="Judge the model (or the set) even against data whose fingerprint differs from its training data's.")(fn)  # fmt: skip
+
+
+def _classifier_options(who: str, epochs_note: str, seed_note: str):
+    """--epochs, --batch-size, --lr, --seed of an evaluation classifier (CAS's, the audit's features)."""
+
+    def add(fn):
+        for flag, kind, text, field in reversed((
+            ("--epochs", int, f"{who} epochs, {epochs_note}", "classifier_epochs"),
+            ("--batch-size", int, f"{who} global batch size", "classifier_batch_size"),
+            ("--lr", float, f"{who} Adam learning rate", "classifier_lr"),
+            ("--seed", int, f"Seed {seed_note}", "seed"),
+        )):  # fmt: skip
+            fn = click.option(flag, type=kind, help=f"{text} {default_help(EvaluateConfig, field)}.")(fn)
+        return fn
+
+    return add
+
+
 @evaluate.command("likelihood")
 @click.option(
     "--model",
@@ -458,7 +478,7 @@ def _resource_options(fn):
 @click.option("--batch-size", type=int, help=f"Test images per forward pass {default_help(EvaluateConfig, 'batch_size')}.")
 @click.option("--seed", type=int, help=f"Seed of the test-set binarization and the z draws {default_help(EvaluateConfig, 'seed')}.")
 @click.option("--limit", type=int, help="Score only the first N test images (smoke runs) [default: all].")
-@click.option("--allow-other-data", is_flag=True, default=None, help="Score the model even on data whose fingerprint differs from its training data's.")
+@_allow_other_data
 @_resource_options
 def evaluate_likelihood(
     model, dataset, k, k_batch, batch_size, seed, limit, allow_other_data, workers, cpus_per_worker,
@@ -488,23 +508,21 @@ def evaluate_likelihood(
     metavar="NAME|PATH",
     help="Real dataset: a built-in name or a path [default: the manifest's].",
 )
-@click.option(
-    "--epochs", type=int, help=f"Classifier epochs, the same for generated and real data {default_help(EvaluateConfig, 'classifier_epochs')}."
-)
-@click.option("--batch-size", type=int, help=f"Classifier global batch size {default_help(EvaluateConfig, 'classifier_batch_size')}.")
-@click.option("--lr", type=float, help=f"Classifier Adam learning rate {default_help(EvaluateConfig, 'classifier_lr')}.")
-@click.option("--seed", type=int, help=f"Seed of the classifier and of the real-data subset {default_help(EvaluateConfig, 'seed')}.")
+@_classifier_options("Classifier", "the same for generated and real data", "of the classifier and of the real-data subset")
+@_allow_other_data
 @_resource_options
 def evaluate_cas(
-    generated, dataset, epochs, batch_size, lr, seed, workers, cpus_per_worker, gpus_per_worker, address
-) -> None:
+    generated, dataset, epochs, batch_size, lr, seed, allow_other_data, workers, cpus_per_worker, gpus_per_worker,
+    address,
+) -> None:  # fmt: skip
     """Classification Accuracy Score: a fixed CNN trained on the generated images, tested on real ones.
 
     The same CNN and budget trained on as many real training images gives the ceiling; CAS, ceiling,
     their ratio, per-class accuracy and the confusion matrix go to an MLflow run in vaedist/<dataset>.
     """
     cfg = EvaluateConfig(**_given(generated=generated, dataset=dataset, classifier_epochs=epochs,
-                                  classifier_batch_size=batch_size, classifier_lr=lr, seed=seed))  # fmt: skip
+                                  classifier_batch_size=batch_size, classifier_lr=lr, seed=seed,
+                                  allow_other_data=allow_other_data))  # fmt: skip
     resources = _resources(workers, cpus_per_worker, gpus_per_worker, address)
     from vaedist.evaluate import run_evaluate
 
@@ -517,13 +535,11 @@ def evaluate_cas(
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (progress goes to stderr).")
 @click.option("--k", "audit_k", type=int, help=f"Nearest neighbours of precision / recall / density / coverage {default_help(EvaluateConfig, 'audit_k')}.")
 @click.option("--features", "audit_features", type=click.Path(dir_okay=False), help="A feature extractor saved with torch.export or TorchScript: float (B, C, H, W) in [0, 1] -> (B, D) [default: the CAS classifier trained on the real data].")
-@click.option("--epochs", type=int, help=f"Epochs of the feature classifier (the CAS recipe) {default_help(EvaluateConfig, 'classifier_epochs')}.")
-@click.option("--batch-size", type=int, help=f"Feature classifier global batch size {default_help(EvaluateConfig, 'classifier_batch_size')}.")
-@click.option("--lr", type=float, help=f"Feature classifier Adam learning rate {default_help(EvaluateConfig, 'classifier_lr')}.")
-@click.option("--seed", type=int, help=f"Seed of the classifier, the samples and the k-means cells {default_help(EvaluateConfig, 'seed')}.")
+@_classifier_options("Feature classifier", "the CAS recipe", "of the classifier, the samples and the k-means cells")
+@_allow_other_data
 @_resource_options
-def evaluate_audit(generated, dataset, as_json, audit_k, audit_features, epochs, batch_size, lr, seed, workers,
-                   cpus_per_worker, gpus_per_worker, address) -> None:  # fmt: skip
+def evaluate_audit(generated, dataset, as_json, audit_k, audit_features, epochs, batch_size, lr, seed,
+                   allow_other_data, workers, cpus_per_worker, gpus_per_worker, address) -> None:  # fmt: skip
     """Fidelity (FD, KID), diversity (precision, recall, density, coverage) and memorization (distance
     to the closest training image, copy fraction, data-copying Z) of a synthetic set, each beside the
     same figure for real test data, with a verdict; logged to MLflow. The distances are measured in a
@@ -531,7 +547,7 @@ def evaluate_audit(generated, dataset, as_json, audit_k, audit_features, epochs,
     """
     cfg = EvaluateConfig(**_given(generated=generated, dataset=dataset, audit_k=audit_k, audit_features=audit_features,
                                   classifier_epochs=epochs, classifier_batch_size=batch_size, classifier_lr=lr,
-                                  seed=seed))  # fmt: skip
+                                  seed=seed, allow_other_data=allow_other_data))  # fmt: skip
     resources = _resources(workers, cpus_per_worker, gpus_per_worker, address)
     from vaedist.evaluate import run_evaluate
     from vaedist.evaluate.audit import json_ready

@@ -31,6 +31,7 @@ from vaedist.cluster import (
 )
 from vaedist.config import ExperimentConfig, check_dataset
 from vaedist.data import get_spec, load_split
+from vaedist.data.spec import split_digest
 from vaedist.errors import UsageError, VaedistError, first_line
 from vaedist.names import DONE_TAG, MODEL_TAG, VAL_METRIC, VERSION_TAG
 from vaedist.worker import train_loop_per_worker
@@ -110,8 +111,7 @@ def log_training_data(run_id: str, cfg: ExperimentConfig) -> None:
     data's fingerprint with the split rule (the seeded validation hold-out of ``val_size`` images)."""
     spec = get_spec(cfg.data.dataset)
     for split in ("train", "validation"):
-        rule = f"{spec.fingerprint}/{split}/val_size={cfg.data.val_size}"
-        digest = hashlib.sha256(rule.encode()).hexdigest()[:16]
+        digest = split_digest(spec.fingerprint, split, cfg.data.val_size)
         source = spec.mirrors[0] if spec.mirrors else spec.source.partition("?")[0]  # official mirror, or the path
         tracking.log_dataset(run_id, f"{spec.name}-{split}", digest, source, split)
 

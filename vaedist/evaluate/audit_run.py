@@ -61,7 +61,7 @@ class AuditSetup:
 
 def read_checked(cfg: EvaluateConfig) -> tuple[GeneratedSet, str]:
     """The synthetic set (vaedist folder or foreign table) and its dataset, after every check."""
-    dataset, gen = check_set(read_set(str(cfg.generated)), cfg.dataset, cfg.audit_k)
+    dataset, gen = check_set(read_set(str(cfg.generated)), cfg.dataset, cfg.audit_k, cfg.allow_other_data)
     return gen, dataset
 
 
