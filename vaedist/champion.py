@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vaedist import loop, tracking
+from vaedist import loop, model_registry, tracking
 from vaedist.checkpoint import load_model
 from vaedist.data import get_spec, load_split
 from vaedist.data.spec import DEFAULT_VAL_SIZE, split_digest
@@ -55,7 +55,7 @@ def promote_if_better(dataset: str, version: str, val_metric: float, val_set: st
     ``rescore(champion model URI)`` scores both models on this version's validation set and returns
     (this one's, the champion's), or None when they cannot be compared at all: then the champion stays.
     """
-    champion = tracking.current_champion(dataset)
+    champion = model_registry.current_champion(dataset)
     verdict = judge(val_metric, val_set, champion, version)
     if verdict is Verdict.RESCORE:
         scores = rescore(f"models:/{tracking.registered_model_name(dataset)}/{champion[0]}")
@@ -63,7 +63,7 @@ def promote_if_better(dataset: str, version: str, val_metric: float, val_set: st
             return False
         verdict = Verdict.PROMOTE if scores[0] < scores[1] else Verdict.KEEP
     if verdict is Verdict.PROMOTE:
-        tracking.set_champion(dataset, version)
+        model_registry.set_champion(dataset, version)
     return verdict is Verdict.PROMOTE
 
 
@@ -89,7 +89,7 @@ def register_checkpoint(checkpoint: Any, run_id: str, dataset: str) -> tuple[str
     possibly in s3://), so this module needs no Ray. Returns (model URI, version, became champion,
     validation -ELBO).
     """
-    registered = tracking.registered_model_of_run(run_id, MODEL_TAG, VERSION_TAG)
+    registered = model_registry.registered_model_of_run(run_id, MODEL_TAG, VERSION_TAG)
     if registered is not None:
         model_uri, version, val_metric, val_set = registered
         rescore = champion_rescorer(lambda: tracking.resolve_checkpoint(model_uri))
@@ -108,7 +108,7 @@ def register_checkpoint(checkpoint: Any, run_id: str, dataset: str) -> tuple[str
         # Batch of 2: torch.export specialises a batch dimension of size 1 to a constant.
         z = torch.randn(2, model.latent_dim, generator=torch.Generator().manual_seed(0))
         example = (z, torch.arange(2, dtype=torch.int64)) if model.conditional else (z,)
-        model_uri, version = tracking.log_model(
+        model_uri, version = model_registry.log_model(
             run_id, dataset, ckpt_file, Generator(model), example, val_metric, val_set
         )
         tracking.set_run_tags(run_id, {MODEL_TAG: model_uri, VERSION_TAG: version})
