@@ -144,6 +144,14 @@ def check_tracking(uri: str) -> None:
                 raise UsageError(f"{path} is not a usable MLflow sqlite store ({exc})") from None
 
 
+def checked_tracking_uri() -> str:
+    """The tracking URI (:func:`tracking_uri`), after :func:`check_tracking`: what a command calls before
+    any work, so an unreachable or unwritable store fails it at once."""
+    uri = tracking_uri()
+    check_tracking(uri)
+    return uri
+
+
 def mlflow_client():
     return mlflow_module().MlflowClient(tracking_uri())
 
@@ -271,6 +279,14 @@ def load_dict(run_id: str, artifact_file: str) -> dict[str, Any] | None:
         return mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
     except (mlflow.exceptions.MlflowException, OSError, ValueError):
         return None
+
+
+def finished_result(dataset: str, name: str, artifact_file: str) -> tuple[str, dict[str, Any]] | None:
+    """(run id, result) of the FINISHED run named ``name`` that kept its result as ``artifact_file``, or
+    None: an evaluation rerun with the same inputs reuses it instead of measuring again."""
+    done = finished_run(dataset, name)
+    result = load_dict(done.info.run_id, artifact_file) if done is not None else None
+    return None if result is None else (done.info.run_id, result)
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

@@ -233,6 +233,18 @@ def _progress_display(cfg: ExperimentConfig, echo):
         queue.shutdown()
 
 
+def start_driver(cfg: ExperimentConfig, storage: str | None, echo) -> tuple[str, str]:
+    """(tracking URI, storage path) once a training or search driver may start: the config checked against
+    its dataset, the MLflow store reachable, Ray connected (where it runs said)."""
+    check_dataset(cfg)
+    uri = tracking.checked_tracking_uri()
+    storage = storage_path(storage)
+    where = connect_ray(cfg.resources.address)
+    if where:
+        echo(where)
+    return uri, storage
+
+
 def run_training(
     cfg: ExperimentConfig,
     name: str | None = None,
@@ -242,14 +254,8 @@ def run_training(
     echo=print,
 ) -> TrainResult:
     """Train ``cfg`` on Ray (local or ``cfg.resources.address``), log it to MLflow, register the model."""
-    check_dataset(cfg)
     name = name or default_run_name(cfg)
-    uri = tracking.tracking_uri()
-    tracking.check_tracking(uri)
-    storage = storage_path(storage)
-    where = connect_ray(cfg.resources.address)
-    if where:
-        echo(where)
+    uri, storage = start_driver(cfg, storage, echo)
     plan = plan_workers(cfg.resources)
     check_storage_shared(storage)
     done = _finished_before(cfg, name, register)

@@ -38,12 +38,10 @@ from vaedist.cluster import (
     WorkerPlan,
     bundles_fit,
     check_storage_shared,
-    connect_ray,
     node_resources,
     plan_workers,
-    storage_path,
 )
-from vaedist.config import ExperimentConfig, TuneConfig, check_dataset, from_flat
+from vaedist.config import ExperimentConfig, TuneConfig, from_flat
 from vaedist.errors import VaedistError
 from vaedist.names import BEST_MODEL_TAG, BEST_TRIAL_TAG, STOPPED_EARLY_TAG, TRIAL_ID_TAG, VAL_METRIC
 from vaedist.train import (
@@ -53,6 +51,7 @@ from vaedist.train import (
     experiment_params,
     log_training_data,
     put_data,
+    start_driver,
     worker_config,
 )
 
@@ -174,14 +173,8 @@ def run_tune(
     echo=print,
 ) -> TuneResult:
     """Run (or resume) the search, then register the best trial's model."""
-    check_dataset(base)
     started = time.perf_counter()
-    uri = tracking.tracking_uri()
-    tracking.check_tracking(uri)
-    storage = storage_path(storage)
-    where = connect_ray(base.resources.address)
-    if where:
-        echo(where)
+    uri, storage = start_driver(base, storage, echo)
     resources = base.resources
     if resources.cpus_per_worker is None:
         # One CPU per worker by default, so that trials run side by side (ASHA compares them as they go).

@@ -303,15 +303,13 @@ def evaluate_audit(
 
     gen, dataset = read_checked(cfg)
     custom = features.custom_extractor(cfg.audit_features) if cfg.audit_features else None
-    uri = tracking.tracking_uri()
-    tracking.check_tracking(uri)
+    uri = tracking.checked_tracking_uri()
     s = set_up(cfg, gen, dataset, custom.digest if custom else features.classifier_digest(dataset, cfg))
-    done = tracking.finished_run(dataset, s.name) if reuse else None
-    prior = tracking.load_dict(done.info.run_id, audit.AUDIT_ARTIFACT) if done is not None else None
-    if prior is not None:
-        echo(f"audit of {s.folder} (same images, feature space, k and seed) found on MLflow run {done.info.run_id}; "
-             f"reusing it: {audit.verdict_line(prior)}")  # fmt: skip
-        return {**prior, "run_id": done.info.run_id}
+    found = tracking.finished_result(dataset, s.name, audit.AUDIT_ARTIFACT) if reuse else None
+    if found is not None:
+        echo(f"audit of {s.folder} (same images, feature space, k and seed) found on MLflow run {found[0]}; "
+             f"reusing it: {audit.verdict_line(found[1])}")  # fmt: skip
+        return {**found[1], "run_id": found[0]}
     echo(f"audit of {s.folder}: {len(gen.labels):,} images ({gen.image_format}) from {gen.model_uri or 'an unknown generator'}, "
          f"against real {get_spec(dataset).name}; k={s.k}, seed {s.seed}")  # fmt: skip
     plan = spread.start(resources)

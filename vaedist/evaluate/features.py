@@ -220,12 +220,10 @@ def classifier_extractor(dataset: str, cfg: EvaluateConfig, plan, storage: str, 
     extractor = Extractor(
         "classifier", b"", describe_classifier(dataset, cfg), classifier_digest(dataset, cfg)
     )
-    done = tracking.finished_run(dataset, name)
-    kept = tracking.load_dict(done.info.run_id, EXTRACTOR_ARTIFACT) if done is not None else None
-    if kept is not None:
-        echo(
-            f"  feature extractor: {name} from MLflow run {done.info.run_id} (test accuracy {kept['accuracy']:.4f})"
-        )
+    found = tracking.finished_result(dataset, name, EXTRACTOR_ARTIFACT)
+    if found is not None:
+        run_id, kept = found
+        echo(f"  feature extractor: {name} from MLflow run {run_id} (test accuracy {kept['accuracy']:.4f})")
         return Extractor(**{**extractor.__dict__, "blob": base64.b64decode(kept["weights"])})
     if plan.workers > 1:
         from vaedist.cluster import check_storage_shared
