@@ -162,31 +162,48 @@ def _sections(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return nested
 
 
+def _field_options(cls: type, fields_: tuple[tuple, ...]):
+    """One option per config field: ``(field, help[, choices])`` -> ``--field-name``, typed as its default
+    (or one of the choices), its help ending in the dataclass's default."""
+
+    def add(fn):
+        for field, text, *choices in reversed(fields_):
+            kind = click.Choice(choices[0]) if choices else type(next(f.default for f in fields(cls) if f.name == field))
+            fn = click.option(f"--{field.replace('_', '-')}", type=kind, help=f"{text} {default_help(cls, field)}.")(fn)
+        return fn
+
+    return add
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A train job spec (jobs/train-*.yaml) to start from; flags override it.")
 @click.option("--dataset", metavar="NAME|PATH", help=f"{DATASET_HELP} {default_help(DataConfig, 'dataset')}.")
 @dataset_options
 @click.option("--memory-budget", help="Train splits decoded larger than this (512MB, 2GiB) stream through Ray Data instead of loading whole [default: half the object store].")
-@click.option("--variant", type=click.Choice(VARIANTS), help=f"ae = autoencoder + latent noise, vae, cvae = label-conditioned {default_help(ModelConfig, 'variant')}.")
-@click.option("--arch", type=click.Choice(ARCHS), help=f"Encoder/decoder family; resnet = residual blocks at every resolution {default_help(ModelConfig, 'arch')}.")
-@click.option("--latent-dim", type=int, help=f"Size of z (of the top latent in a hierarchical model) {default_help(ModelConfig, 'latent_dim')}.")
-@click.option("--width", type=int, help=f"Dense: hidden units per layer {default_help(ModelConfig, 'width')}.")
-@click.option("--base-channels", type=int, help=f"Conv, resnet: channels of the first block {default_help(ModelConfig, 'base_channels')}.")
-@click.option("--depth", type=int, help=f"Dense: hidden layers; conv, resnet: stride-2 halvings {default_help(ModelConfig, 'depth')}.")
-@click.option("--blocks-per-level", type=int, help=f"Resnet: residual blocks at each resolution {default_help(ModelConfig, 'blocks_per_level')}.")
-@click.option("--activation", type=click.Choice(ACTIVATIONS), help=f"Nonlinearity of encoder and decoder {default_help(ModelConfig, 'activation')}.")
-@click.option("--stochastic-layers", type=int, help=f"vae, cvae: latent layers; > 1 makes a hierarchical VAE with top-down inference, at most depth + 1 {default_help(ModelConfig, 'stochastic_layers')}.")
-@click.option("--latent-channels", type=int, help=f"Hierarchical VAE: channels of each latent map below the top latent {default_help(ModelConfig, 'latent_channels')}.")
+@_field_options(ModelConfig, (
+    ("variant", "ae = autoencoder + latent noise, vae, cvae = label-conditioned", VARIANTS),
+    ("arch", "Encoder/decoder family; resnet = residual blocks at every resolution", ARCHS),
+    ("latent_dim", "Size of z (of the top latent in a hierarchical model)"),
+    ("width", "Dense: hidden units per layer"),
+    ("base_channels", "Conv, resnet: channels of the first block"),
+    ("depth", "Dense: hidden layers; conv, resnet: stride-2 halvings"),
+    ("blocks_per_level", "Resnet: residual blocks at each resolution"),
+    ("activation", "Nonlinearity of encoder and decoder", ACTIVATIONS),
+    ("stochastic_layers", "vae, cvae: latent layers; > 1 makes a hierarchical VAE with top-down inference, at most depth + 1"),
+    ("latent_channels", "Hierarchical VAE: channels of each latent map below the top latent"),
+))
 @click.option("--likelihood", type=click.Choice(LIKELIHOODS), help="p(x|z); mol = discretized mixture of logistics [default: the dataset's].")
 @click.option("--mixtures", type=int, help=f"mol: logistic components per pixel {default_help(ModelConfig, 'mixtures')}.")
-@click.option("--epochs", type=int, help=f"Epochs {default_help(TrainConfig, 'epochs')}.")
-@click.option("--batch-size", type=int, help=f"Global batch size, split across workers {default_help(TrainConfig, 'batch_size')}.")
-@click.option("--lr", type=float, help=f"Adam learning rate {default_help(TrainConfig, 'lr')}.")
-@click.option("--beta", type=float, help=f"KL weight; 1 is the true ELBO {default_help(TrainConfig, 'beta')}.")
-@click.option("--kl-warmup-epochs", type=int, help=f"Ramp the KL weight linearly from 0 over this many epochs {default_help(TrainConfig, 'kl_warmup_epochs')}.")
-@click.option("--free-bits", type=float, help=f"Nats per latent dim (per layer in a hierarchical VAE) below which KL is not penalised {default_help(TrainConfig, 'free_bits')}.")
-@click.option("--precision", type=click.Choice(PRECISIONS), help=f"Mixed precision: auto = bf16 autocast on GPUs that have it, fp32 on CPU; bf16; fp32 {default_help(TrainConfig, 'precision')}.")
-@click.option("--seed", type=int, help=f"Seed for init, shuffling and binarization {default_help(TrainConfig, 'seed')}.")
+@_field_options(TrainConfig, (
+    ("epochs", "Epochs"),
+    ("batch_size", "Global batch size, split across workers"),
+    ("lr", "Adam learning rate"),
+    ("beta", "KL weight; 1 is the true ELBO"),
+    ("kl_warmup_epochs", "Ramp the KL weight linearly from 0 over this many epochs"),
+    ("free_bits", "Nats per latent dim (per layer in a hierarchical VAE) below which KL is not penalised"),
+    ("precision", "Mixed precision: auto = bf16 autocast on GPUs that have it, fp32 on CPU; bf16; fp32", PRECISIONS),
+    ("seed", "Seed for init, shuffling and binarization"),
+))
 @click.option("--workers", type=int, help=f"Ray Train workers (DDP ranks) {default_help(ResourcesConfig, 'workers')}.")
 @click.option("--gpus-per-worker", type=float, help="GPUs per worker; 0 trains on CPUs [default: 1 where the cluster has a GPU for every worker, else 0].")
 @click.option("--cpus-per-worker", type=float, help="CPUs per worker [default: the node's CPUs / workers].")
