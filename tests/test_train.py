@@ -103,6 +103,8 @@ def test_champion_moves_only_on_numbers_measured_on_the_same_validation_set(mlfl
     another model: the champion is re-scored on the newcomer's set, or kept when pixels are coded apart."""
     from vaedist.champion import register_checkpoint
     from vaedist.checkpoint import save_checkpoint
+    from vaedist.data import get_spec
+    from vaedist.data.spec import split_digest
     from vaedist.models import build_model
 
     def register(claimed: float, val_size: int, likelihood: str = "bernoulli", seed: int = 0) -> tuple[str, bool]:
@@ -125,8 +127,9 @@ def test_champion_moves_only_on_numbers_measured_on_the_same_validation_set(mlfl
     # On the champion's own validation set the plain comparison decides.
     assert register(400.0, val_size=1000, seed=1) == ("4", True)
     versions = {str(mv.version): mv.tags["val_set"] for mv in mlflow_store.search_model_versions("name = 'vaedist-mnist'")}
-    assert versions == {"1": "mnist/val1000/binarized", "2": "mnist/val2000/binarized",
-                        "3": "mnist/val1000/8-bit", "4": "mnist/val1000/binarized"}  # fmt: skip
+    val = {n: split_digest(get_spec("mnist").fingerprint, "validation", n) for n in (1000, 2000)}  # the runs' digests
+    assert versions == {"1": f"{val[1000]}/binarized", "2": f"{val[2000]}/binarized",
+                        "3": f"{val[1000]}/8-bit", "4": f"{val[1000]}/binarized"}  # fmt: skip
 
 
 @pytest.mark.slow

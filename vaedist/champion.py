@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from vaedist import loop, tracking
-from vaedist.checkpoint import CHECKPOINT_FILE, load_model
-from vaedist.data import load_split
+from vaedist import loop, model_registry, tracking
+from vaedist.checkpoint import load_model
+from vaedist.data import get_spec, load_split
+from vaedist.data.spec import DEFAULT_VAL_SIZE, split_digest
 from vaedist.models import BaseVAE
+from vaedist.names import CHECKPOINT_FILE, MODEL_TAG, VAL_METRIC, VERSION_TAG
 
 log = logging.getLogger("vaedist.champion")
 
@@ -34,8 +36,8 @@ def judge(
 ) -> Verdict:
     """The champion decision on plain values. ``champion``: (version, -ELBO, validation set) or None.
 
-    Lower -ELBO is better; only numbers measured on the same validation set (dataset, split size,
-    binarized or 8-bit) compare directly.
+    Lower -ELBO is better; only numbers measured on the same validation set (the split's identity: the
+    data's fingerprint with the split rule; binarized or 8-bit, :func:`validation_set`) compare directly.
     """
     if champion is None:
         return Verdict.PROMOTE
@@ -53,7 +55,7 @@ def promote_if_better(dataset: str, version: str, val_metric: float, val_set: st
     ``rescore(champion model URI)`` scores both models on this version's validation set and returns
     (this one's, the champion's), or None when they cannot be compared at all: then the champion stays.
     """
-    champion = tracking.current_champion(dataset)
+    champion = model_registry.current_champion(dataset)
     verdict = judge(val_metric, val_set, champion, version)
     if verdict is Verdict.RESCORE:
         scores = rescore(f"models:/{tracking.registered_model_name(dataset)}/{champion[0]}")
@@ -61,12 +63,9 @@ def promote_if_better(dataset: str, version: str, val_metric: float, val_set: st
             return False
         verdict = Verdict.PROMOTE if scores[0] < scores[1] else Verdict.KEEP
     if verdict is Verdict.PROMOTE:
-        tracking.set_champion(dataset, version)
+        model_registry.set_champion(dataset, version)
     return verdict is Verdict.PROMOTE
 
-
-MODEL_TAG = "vaedist.model_uri"  # on a run that registered its model: the models:/ URI and the version
-VERSION_TAG = "vaedist.model_version"
 
 
 class Generator(torch.nn.Module):
@@ -90,7 +89,7 @@ def register_checkpoint(checkpoint: Any, run_id: str, dataset: str) -> tuple[str
     possibly in s3://), so this module needs no Ray. Returns (model URI, version, became champion,
     validation -ELBO).
     """
-    registered = tracking.registered_model_of_run(run_id, MODEL_TAG, VERSION_TAG)
+    registered = model_registry.registered_model_of_run(run_id, MODEL_TAG, VERSION_TAG)
     if registered is not None:
         model_uri, version, val_metric, val_set = registered
         rescore = champion_rescorer(lambda: tracking.resolve_checkpoint(model_uri))
@@ -104,12 +103,12 @@ def register_checkpoint(checkpoint: Any, run_id: str, dataset: str) -> tuple[str
     with local as d:
         ckpt_file = Path(d) / CHECKPOINT_FILE
         model, state = load_model(ckpt_file)
-        val_metric = float(state["metrics"]["val_neg_elbo"])
-        val_set = validation_set(state["config"], model)
+        val_metric = float(state["metrics"][VAL_METRIC])
+        val_set = validation_set(state, model)
         # Batch of 2: torch.export specialises a batch dimension of size 1 to a constant.
         z = torch.randn(2, model.latent_dim, generator=torch.Generator().manual_seed(0))
         example = (z, torch.arange(2, dtype=torch.int64)) if model.conditional else (z,)
-        model_uri, version = tracking.log_model(
+        model_uri, version = model_registry.log_model(
             run_id, dataset, ckpt_file, Generator(model), example, val_metric, val_set
         )
         tracking.set_run_tags(run_id, {MODEL_TAG: model_uri, VERSION_TAG: version})
@@ -117,11 +116,19 @@ def register_checkpoint(checkpoint: Any, run_id: str, dataset: str) -> tuple[str
     return model_uri, version, moved, val_metric
 
 
-def validation_set(config: dict[str, Any], model: BaseVAE) -> str:
-    """What a validation -ELBO was measured on: only numbers on the same images and pixel coding compare
-    (a Bernoulli model's nats on binarized pixels say nothing against a logistic model's on 8-bit ones)."""
+def validation_set(ckpt: dict[str, Any], model: BaseVAE) -> str:
+    """What a validation -ELBO was measured on: the validation split's identity (the training data's
+    fingerprint with the split rule, the digest its run logged the split under) and the pixel coding (a
+    Bernoulli model's nats on binarized pixels say nothing against a logistic model's on 8-bit ones).
+
+    The checkpoint's own facts where it keeps them; a checkpoint from before them names its dataset in its
+    config, whose spec gives the fingerprint. A version registered with the older "dataset/valN/coding"
+    tag never equals this, so the champion verdict re-scores it (RESCORE), as for any other set."""
+    facts, cfg = ckpt.get("dataset") or {}, ckpt.get("config") or {}
+    fingerprint = facts.get("fingerprint") or get_spec(cfg["data.dataset"]).fingerprint
+    val_size = (facts.get("validation") or {}).get("val_size", cfg.get("data.val_size", DEFAULT_VAL_SIZE))
     coding = "binarized" if model.likelihood.binarized else "8-bit"
-    return f"{config['data.dataset']}/val{config['data.val_size']}/{coding}"
+    return f"{split_digest(fingerprint, 'validation', val_size)}/{coding}"
 
 
 def champion_rescorer(new_checkpoint):

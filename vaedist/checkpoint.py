@@ -23,8 +23,6 @@ import torch
 from vaedist.errors import UsageError, first_line
 from vaedist.models import BaseVAE, build_model_from_hparams
 
-CHECKPOINT_FILE = "model.pt"
-
 
 def dataset_facts(
     name: str, fingerprint: str, class_names, train_labels=None, val_size: int | None = None

@@ -18,6 +18,8 @@ from typing import Any
 import click
 
 from vaedist import __version__, console
+from vaedist.cli_common import echo, given
+from vaedist.cli_evaluate import evaluate
 from vaedist.config import (
     ACTIVATIONS,
     ARCHS,
@@ -27,9 +29,12 @@ from vaedist.config import (
     PRECISIONS,
     SECTIONS,
     VARIANTS,
-    EvaluateConfig,
+    DataConfig,
     GenerateConfig,
+    ModelConfig,
     ResourcesConfig,
+    TrainConfig,
+    default_help,
 )
 from vaedist.dataset_flags import (
     DATASET_HELP,
@@ -40,10 +45,6 @@ from vaedist.dataset_flags import (
     dataset_string,
 )
 from vaedist.errors import VaedistError
-
-
-def echo(message: str) -> None:
-    click.echo(message, err=False)
 
 
 class Group(click.Group):
@@ -143,47 +144,59 @@ def data_info(name: str, data_dir: str | None, as_json: bool, **options: Any) ->
 # ------------------------------------------------------------------------------------------ train
 
 
-def _given(**values: Any) -> dict[str, Any]:
-    """The flags that were given (click passes None for the others)."""
-    return {k: v for k, v in values.items() if v is not None}
-
-
 def _sections(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Flags named after config fields -> overrides by section, e.g. {"latent_dim": 8, "workers": None}
     -> {"model": {"latent_dim": 8}}. Field names are unique across the sections of a training config."""
     section_of = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
     nested: dict[str, dict[str, Any]] = {}
-    for key, value in _given(**flags).items():
+    for key, value in given(**flags).items():
         nested.setdefault(section_of[key], {})[key] = value
     return nested
 
 
+def _field_options(cls: type, fields_: tuple[tuple, ...]):
+    """One option per config field: ``(field, help[, choices])`` -> ``--field-name``, typed as its default
+    (or one of the choices), its help ending in the dataclass's default."""
+
+    def add(fn):
+        for field, text, *choices in reversed(fields_):
+            kind = click.Choice(choices[0]) if choices else type(next(f.default for f in fields(cls) if f.name == field))
+            fn = click.option(f"--{field.replace('_', '-')}", type=kind, help=f"{text} {default_help(cls, field)}.")(fn)
+        return fn
+
+    return add
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="A train job spec (jobs/train-*.yaml) to start from; flags override it.")
-@click.option("--dataset", metavar="NAME|PATH", help=DATASET_HELP + " [default: mnist].")
+@click.option("--dataset", metavar="NAME|PATH", help=f"{DATASET_HELP} {default_help(DataConfig, 'dataset')}.")
 @dataset_options
 @click.option("--memory-budget", help="Train splits decoded larger than this (512MB, 2GiB) stream through Ray Data instead of loading whole [default: half the object store].")
-@click.option("--variant", type=click.Choice(VARIANTS), help="ae = autoencoder + latent noise, vae, cvae = label-conditioned [default: cvae].")
-@click.option("--arch", type=click.Choice(ARCHS), help="Encoder/decoder family; resnet = residual blocks at every resolution [default: conv].")
-@click.option("--latent-dim", type=int, help="Size of z (of the top latent in a hierarchical model) [default: 16].")
-@click.option("--width", type=int, help="Dense: hidden units per layer [default: 512].")
-@click.option("--base-channels", type=int, help="Conv, resnet: channels of the first block [default: 32].")
-@click.option("--depth", type=int, help="Dense: hidden layers; conv, resnet: stride-2 halvings [default: 2].")
-@click.option("--blocks-per-level", type=int, help="Resnet: residual blocks at each resolution [default: 2].")
-@click.option("--activation", type=click.Choice(ACTIVATIONS), help="Nonlinearity of encoder and decoder [default: relu].")
-@click.option("--stochastic-layers", type=int, help="vae, cvae: latent layers; > 1 makes a hierarchical VAE with top-down inference, at most depth + 1 [default: 1].")
-@click.option("--latent-channels", type=int, help="Hierarchical VAE: channels of each latent map below the top latent [default: 4].")
+@_field_options(ModelConfig, (
+    ("variant", "ae = autoencoder + latent noise, vae, cvae = label-conditioned", VARIANTS),
+    ("arch", "Encoder/decoder family; resnet = residual blocks at every resolution", ARCHS),
+    ("latent_dim", "Size of z (of the top latent in a hierarchical model)"),
+    ("width", "Dense: hidden units per layer"),
+    ("base_channels", "Conv, resnet: channels of the first block"),
+    ("depth", "Dense: hidden layers; conv, resnet: stride-2 halvings"),
+    ("blocks_per_level", "Resnet: residual blocks at each resolution"),
+    ("activation", "Nonlinearity of encoder and decoder", ACTIVATIONS),
+    ("stochastic_layers", "vae, cvae: latent layers; > 1 makes a hierarchical VAE with top-down inference, at most depth + 1"),
+    ("latent_channels", "Hierarchical VAE: channels of each latent map below the top latent"),
+))
 @click.option("--likelihood", type=click.Choice(LIKELIHOODS), help="p(x|z); mol = discretized mixture of logistics [default: the dataset's].")
-@click.option("--mixtures", type=int, help="mol: logistic components per pixel [default: 10].")
-@click.option("--epochs", type=int, help="Epochs [default: 10].")
-@click.option("--batch-size", type=int, help="Global batch size, split across workers [default: 128].")
-@click.option("--lr", type=float, help="Adam learning rate [default: 1e-3].")
-@click.option("--beta", type=float, help="KL weight; 1 is the true ELBO [default: 1].")
-@click.option("--kl-warmup-epochs", type=int, help="Ramp the KL weight linearly from 0 over this many epochs [default: 0].")
-@click.option("--free-bits", type=float, help="Nats per latent dim (per layer in a hierarchical VAE) below which KL is not penalised [default: 0].")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Mixed precision: auto = bf16 autocast on GPUs that have it, fp32 on CPU; bf16; fp32 [default: auto].")
-@click.option("--seed", type=int, help="Seed for init, shuffling and binarization [default: 0].")
-@click.option("--workers", type=int, help="Ray Train workers (DDP ranks) [default: 1].")
+@click.option("--mixtures", type=int, help=f"mol: logistic components per pixel {default_help(ModelConfig, 'mixtures')}.")
+@_field_options(TrainConfig, (
+    ("epochs", "Epochs"),
+    ("batch_size", "Global batch size, split across workers"),
+    ("lr", "Adam learning rate"),
+    ("beta", "KL weight; 1 is the true ELBO"),
+    ("kl_warmup_epochs", "Ramp the KL weight linearly from 0 over this many epochs"),
+    ("free_bits", "Nats per latent dim (per layer in a hierarchical VAE) below which KL is not penalised"),
+    ("precision", "Mixed precision: auto = bf16 autocast on GPUs that have it, fp32 on CPU; bf16; fp32", PRECISIONS),
+    ("seed", "Seed for init, shuffling and binarization"),
+))
+@click.option("--workers", type=int, help=f"Ray Train workers (DDP ranks) {default_help(ResourcesConfig, 'workers')}.")
 @click.option("--gpus-per-worker", type=float, help="GPUs per worker; 0 trains on CPUs [default: 1 where the cluster has a GPU for every worker, else 0].")
 @click.option("--cpus-per-worker", type=float, help="CPUs per worker [default: the node's CPUs / workers].")
 @click.option("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local Ray in-process].")
@@ -377,13 +390,13 @@ def jobs_stop_cmd(job_id: str, address: str | None) -> None:
 @click.option("--labels", help="Class indices, e.g. 0,3,7, or 'all' [default: all]. An unconditional model takes none (its rows get label -1).")
 @click.option("--per-label", type=int, help="Rows per label (give this or --total).")
 @click.option("--total", type=int, help="Rows in all, split across the labels by --class-balance.")
-@click.option("--class-balance", type=click.Choice(["uniform", "as-train"]), help="With --total: equal rows per label, or the real train split's class frequencies [default: uniform].")
-@click.option("--shard-rows", type=int, help="Rows per part file [default: 10000].")
-@click.option("--image-format", type=click.Choice(IMAGE_FORMATS), help="png = the Hugging Face Image struct (PNG bytes; datasets, pandas, polars, duckdb read it), raw = uint8 HxWxC fixed-shape tensor (faster; pyarrow, Ray Data) [default: png].")
-@click.option("--temperature", type=float, help="z ~ N(0, T^2 I) [default: 1].")
-@click.option("--seed", type=int, help="Seed of every sample's z (with its sample_id) [default: 0].")
-@click.option("--batch-size", type=int, help="Images per decoder call [default: 1024].")
-@click.option("--workers", type=int, help="Decoder actors (each loads the model once) [default: 1].")
+@click.option("--class-balance", type=click.Choice(["uniform", "as-train"]), help=f"With --total: equal rows per label, or the real train split's class frequencies {default_help(GenerateConfig, 'class_balance')}.")
+@click.option("--shard-rows", type=int, help=f"Rows per part file {default_help(GenerateConfig, 'shard_rows')}.")
+@click.option("--image-format", type=click.Choice(IMAGE_FORMATS), help=f"png = the Hugging Face Image struct (PNG bytes; datasets, pandas, polars, duckdb read it), raw = uint8 HxWxC fixed-shape tensor (faster; pyarrow, Ray Data) {default_help(GenerateConfig, 'image_format')}.")
+@click.option("--temperature", type=float, help=f"z ~ N(0, T^2 I) {default_help(GenerateConfig, 'temperature')}.")
+@click.option("--seed", type=int, help=f"Seed of every sample's z (with its sample_id) {default_help(GenerateConfig, 'seed')}.")
+@click.option("--batch-size", type=int, help=f"Images per decoder call {default_help(GenerateConfig, 'batch_size')}.")
+@click.option("--workers", type=int, help=f"Decoder actors (each loads the model once) {default_help(ResourcesConfig, 'workers')}.")
 @click.option("--gpus-per-worker", type=float, help="GPUs per actor; 0 decodes on CPUs [default: 1 where the cluster has a GPU for every actor, else 0].")
 @click.option("--cpus-per-worker", type=float, help="CPUs per actor: on CPUs it renders one shard per CPU at a time, one torch thread each [default: the cluster's CPUs / workers].")
 @click.option("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local Ray in-process].")
@@ -405,137 +418,15 @@ def generate(model_uri: str, out: str, labels: str | None, dry_run: bool, **flag
     if (flags["per_label"] is None) == (flags["total"] is None):
         raise UsageError("give exactly one of --per-label N (rows per label) or --total N (rows in all)")
     res_keys = ("workers", "gpus_per_worker", "cpus_per_worker", "address")
-    gen = _given(**{k: v for k, v in flags.items() if k not in res_keys})
+    gen = given(**{k: v for k, v in flags.items() if k not in res_keys})
     cfg = GenerateConfig(model=model_uri, out=out, labels=parse_labels(labels), **gen)
-    resources = ResourcesConfig(**_given(**{k: flags[k] for k in res_keys}))
+    resources = ResourcesConfig(**given(**{k: flags[k] for k in res_keys}))
     run_generate(cfg, resources, echo=echo, dry_run=dry_run)
 
 
 # ------------------------------------------------------------------------------------- evaluate
 
-
-@main.group()
-def evaluate() -> None:
-    """How good a model and its synthetic data are: test likelihood (nats, bits/dim) and CAS."""
-
-
-def _resources(workers, cpus_per_worker, gpus_per_worker, address):
-    return ResourcesConfig(
-        **_given(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, address=address)
-    )
-
-
-def _resource_options(fn):
-    fn = click.option(
-        "--address", help="Ray cluster address [default: $RAY_ADDRESS, else local Ray in-process]."
-    )(fn)
-    fn = click.option("--gpus-per-worker", type=float, help="GPUs per worker [default: 1 where the cluster has a GPU for every worker, else 0].")(fn)
-    fn = click.option(
-        "--cpus-per-worker", type=float, help="CPUs per worker [default: the node's CPUs / workers]."
-    )(fn)
-    return click.option("--workers", type=int, help="Ray workers [default: 1].")(fn)
-
-
-@evaluate.command("likelihood")
-@click.option(
-    "--model",
-    required=True,
-    help="models:/vaedist-mnist@champion, models:/NAME/VERSION, runs:/ID/model or a model.pt.",
-)
-@click.option(
-    "--dataset",
-    metavar="NAME|PATH",
-    help="Test set: a built-in name or a path [default: the model's].",
-)
-@click.option("--k", type=int, help="Importance samples for the IW-NLL [default: 1000].")
-@click.option(
-    "--k-batch", type=int, help="Importance samples per forward pass (bounds memory) [default: 100]."
-)
-@click.option("--batch-size", type=int, help="Test images per forward pass [default: 100].")
-@click.option("--seed", type=int, help="Seed of the test-set binarization and the z draws [default: 0].")
-@click.option("--limit", type=int, help="Score only the first N test images (smoke runs) [default: all].")
-@click.option("--allow-other-data", is_flag=True, default=None, help="Score the model even on data whose fingerprint differs from its training data's.")
-@_resource_options
-def evaluate_likelihood(
-    model, dataset, k, k_batch, batch_size, seed, limit, allow_other_data, workers, cpus_per_worker,
-    gpus_per_worker, address,
-) -> None:  # fmt: skip
-    """Test -ELBO and importance-weighted NLL (nats, bits/dim) of a model, logged on its MLflow run.
-
-    Bernoulli models are scored on the test set binarized once with --seed (the MNIST literature's
-    protocol), others on the 8-bit images; a conditional model as -log p(x|y) with the true label.
-    """
-    cfg = EvaluateConfig(
-        **_given(model=model, dataset=dataset, k=k, k_batch=k_batch, batch_size=batch_size, seed=seed,
-                 allow_other_data=allow_other_data)
-    )  # fmt: skip
-    resources = _resources(workers, cpus_per_worker, gpus_per_worker, address)
-    from vaedist.evaluate import run_evaluate  # torch and Ray load only once the flags are valid
-
-    run_evaluate(cfg, resources, "likelihood", echo=echo, limit=limit)
-
-
-@evaluate.command("cas")
-@click.option(
-    "--generated", required=True, help="A folder written by vaedist generate (with _manifest.json)."
-)
-@click.option(
-    "--dataset",
-    metavar="NAME|PATH",
-    help="Real dataset: a built-in name or a path [default: the manifest's].",
-)
-@click.option(
-    "--epochs", type=int, help="Classifier epochs, the same for generated and real data [default: 5]."
-)
-@click.option("--batch-size", type=int, help="Classifier global batch size [default: 256].")
-@click.option("--lr", type=float, help="Classifier Adam learning rate [default: 1e-3].")
-@click.option("--seed", type=int, help="Seed of the classifier and of the real-data subset [default: 0].")
-@_resource_options
-def evaluate_cas(
-    generated, dataset, epochs, batch_size, lr, seed, workers, cpus_per_worker, gpus_per_worker, address
-) -> None:
-    """Classification Accuracy Score: a fixed CNN trained on the generated images, tested on real ones.
-
-    The same CNN and budget trained on as many real training images gives the ceiling; CAS, ceiling,
-    their ratio, per-class accuracy and the confusion matrix go to an MLflow run in vaedist/<dataset>.
-    """
-    cfg = EvaluateConfig(**_given(generated=generated, dataset=dataset, classifier_epochs=epochs,
-                                  classifier_batch_size=batch_size, classifier_lr=lr, seed=seed))  # fmt: skip
-    resources = _resources(workers, cpus_per_worker, gpus_per_worker, address)
-    from vaedist.evaluate import run_evaluate
-
-    run_evaluate(cfg, resources, "cas", echo=echo)
-
-
-@evaluate.command("audit")
-@click.option("--generated", required=True, help="A vaedist generate folder, or any labelled Parquet image table (an image column, an integer label column).")
-@click.option("--dataset", help="Real dataset: a built-in name or a path [default: the folder's manifest's].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (progress goes to stderr).")
-@click.option("--k", "audit_k", type=int, help="Nearest neighbours of precision / recall / density / coverage [default: 5].")
-@click.option("--features", "audit_features", type=click.Path(dir_okay=False), help="A feature extractor saved with torch.export or TorchScript: float (B, C, H, W) in [0, 1] -> (B, D) [default: the CAS classifier trained on the real data].")
-@click.option("--epochs", type=int, help="Epochs of the feature classifier (the CAS recipe) [default: 5].")
-@click.option("--batch-size", type=int, help="Feature classifier global batch size [default: 256].")
-@click.option("--lr", type=float, help="Feature classifier Adam learning rate [default: 1e-3].")
-@click.option("--seed", type=int, help="Seed of the classifier, the samples and the k-means cells [default: 0].")
-@_resource_options
-def evaluate_audit(generated, dataset, as_json, audit_k, audit_features, epochs, batch_size, lr, seed, workers,
-                   cpus_per_worker, gpus_per_worker, address) -> None:  # fmt: skip
-    """Fidelity (FD, KID), diversity (precision, recall, density, coverage) and memorization (distance
-    to the closest training image, copy fraction, data-copying Z) of a synthetic set, each beside the
-    same figure for real test data, with a verdict; logged to MLflow. The distances are measured in a
-    domain classifier's features (not Inception: no Inception weights here) unless --features is given.
-    """
-    cfg = EvaluateConfig(**_given(generated=generated, dataset=dataset, audit_k=audit_k, audit_features=audit_features,
-                                  classifier_epochs=epochs, classifier_batch_size=batch_size, classifier_lr=lr,
-                                  seed=seed))  # fmt: skip
-    resources = _resources(workers, cpus_per_worker, gpus_per_worker, address)
-    from vaedist.evaluate import run_evaluate
-    from vaedist.evaluate.audit import json_ready
-
-    progress = (lambda line: click.echo(line, err=True)) if as_json else echo
-    result = run_evaluate(cfg, resources, "audit", echo=progress)["audit"]
-    if as_json:
-        click.echo(json.dumps(json_ready(result)))
+main.add_command(evaluate)  # the evaluate group's commands live in vaedist/cli_evaluate.py
 
 
 # --------------------------------------------------------------------------------------------- ui

@@ -28,11 +28,20 @@ from vaedist.data.builtin import DATASETS
 from vaedist.data.sources import absolute, is_path
 from vaedist.data.spec import PATH_LIKELIHOOD, parse_bytes
 from vaedist.errors import UsageError
+from vaedist.names import VAL_METRIC
 
 __all__ = ["ACTIVATIONS", "ARCHS", "CONDITIONINGS", "DATASET_NAMES", "IMAGE_FORMATS", "LIKELIHOODS", "PRECISIONS",
            "VARIANTS", "parse_bytes"]  # fmt: skip
 
 DATASET_NAMES = tuple(DATASETS)  # built-in datasets: vaedist.data.builtin
+
+
+def default_help(cls: type, name: str) -> str:
+    """``[default: X]`` of a --help text, read from the config dataclass's own field, so that a default has
+    one home (the CLI states it, the dataclass decides it)."""
+    value = next(f.default for f in fields(cls) if f.name == name)
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"[default: {shown}]"
 
 
 class ConfigError(UsageError):
@@ -54,6 +63,12 @@ def _check_int(value: Any, where: str, minimum: int) -> None:
         where,
         f"must be an integer >= {minimum}, got {value!r}",
     )
+
+
+def _check_ints(cfg: Any, section: str, minimums: dict[str, int]) -> None:
+    """``_check_int`` of each named field of a config section against its minimum, in order."""
+    for name, minimum in minimums.items():
+        _check_int(getattr(cfg, name), f"{section}.{name}", minimum)
 
 
 def _check_float(value: Any, where: str, minimum: float, *, strict: bool = False) -> None:
@@ -116,19 +131,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_choice(self.variant, VARIANTS, "model.variant")
         _check_choice(self.arch, ARCHS, "model.arch")
-        _check_int(self.latent_dim, "model.latent_dim", 1)
-        _check_int(self.width, "model.width", 1)
-        _check_int(self.base_channels, "model.base_channels", 1)
-        _check_int(self.depth, "model.depth", 1)
+        _check_ints(self, "model", {"latent_dim": 1, "width": 1, "base_channels": 1, "depth": 1})
         if self.likelihood is not None:
             _check_choice(self.likelihood, LIKELIHOODS, "model.likelihood")
         _check_float(self.latent_noise, "model.latent_noise", 0.0)
         _check_choice(self.conditioning, CONDITIONINGS, "model.conditioning")
         _check_choice(self.activation, ACTIVATIONS, "model.activation")
-        _check_int(self.blocks_per_level, "model.blocks_per_level", 1)
-        _check_int(self.latent_channels, "model.latent_channels", 1)
-        _check_int(self.mixtures, "model.mixtures", 1)
-        _check_int(self.stochastic_layers, "model.stochastic_layers", 1)
+        _check_ints(self, "model", {
+            "blocks_per_level": 1, "latent_channels": 1, "mixtures": 1, "stochastic_layers": 1,
+        })
         if self.stochastic_layers > 1:
             _check(self.variant != "ae", "model.stochastic_layers",
                    "a hierarchy of latents needs variant vae or cvae (an autoencoder has no posterior)")  # fmt: skip
@@ -161,16 +172,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice(self.precision, PRECISIONS, "train.precision")
-        _check_int(self.epochs, "train.epochs", 1)
-        _check_int(self.batch_size, "train.batch_size", 1)
+        _check_ints(self, "train", {"epochs": 1, "batch_size": 1})
         _check_float(self.lr, "train.lr", 0.0, strict=True)
         _check_float(self.beta, "train.beta", 0.0)
         _check_int(self.kl_warmup_epochs, "train.kl_warmup_epochs", 0)
         _check_float(self.free_bits, "train.free_bits", 0.0)
-        _check_int(self.seed, "train.seed", 0)
-        _check_int(self.image_every, "train.image_every", 1)
-        _check_int(self.checkpoints_to_keep, "train.checkpoints_to_keep", 1)
-        _check_int(self.max_failures, "train.max_failures", 0)
+        _check_ints(self, "train", {"seed": 0, "image_every": 1, "checkpoints_to_keep": 1, "max_failures": 0})
 
 
 @dataclass(frozen=True)
@@ -290,7 +297,7 @@ class TuneConfig:
 
     search_space: dict[str, Any] = field(default_factory=dict)
     num_samples: int = 8  # trials drawn (times each grid point)
-    metric: str = "val_neg_elbo"
+    metric: str = VAL_METRIC
     mode: str = "min"
     max_concurrent_trials: int | None = None  # None: as many as the cluster's resources allow
     grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
@@ -318,9 +325,7 @@ class TuneConfig:
         _check_choice(self.mode, ("min", "max"), "tune.mode")
         if self.max_concurrent_trials is not None:
             _check_int(self.max_concurrent_trials, "tune.max_concurrent_trials", 1)
-        _check_int(self.grace_period, "tune.grace_period", 1)
-        _check_int(self.reduction_factor, "tune.reduction_factor", 2)
-        _check_int(self.seed, "tune.seed", 0)
+        _check_ints(self, "tune", {"grace_period": 1, "reduction_factor": 2, "seed": 0})
 
 
 @dataclass(frozen=True)
@@ -364,8 +369,7 @@ class GenerateConfig:
         _check_int(self.shard_rows, "generate.shard_rows", 1)
         _check_choice(self.image_format, IMAGE_FORMATS, "generate.image_format")
         _check_float(self.temperature, "generate.temperature", 0.0, strict=True)
-        _check_int(self.seed, "generate.seed", 0)
-        _check_int(self.batch_size, "generate.batch_size", 1)
+        _check_ints(self, "generate", {"seed": 0, "batch_size": 1})
 
 
 @dataclass(frozen=True)
@@ -395,13 +399,10 @@ class EvaluateConfig:
             _check(self.dataset in DATASET_NAMES, "evaluate.dataset", f"{self.dataset!r} is neither a built-in "
                    f"dataset ({', '.join(DATASET_NAMES)}) nor an image folder or Parquet table here")  # fmt: skip
         _check(isinstance(self.audit, bool), "evaluate.audit", f"must be true or false, got {self.audit!r}")
-        _check_int(self.audit_k, "evaluate.audit_k", 1)
-        _check_int(self.k, "evaluate.k", 1)
-        _check_int(self.k_batch, "evaluate.k_batch", 1)
-        _check_int(self.batch_size, "evaluate.batch_size", 1)
-        _check_int(self.seed, "evaluate.seed", 0)
-        _check_int(self.classifier_epochs, "evaluate.classifier_epochs", 1)
-        _check_int(self.classifier_batch_size, "evaluate.classifier_batch_size", 1)
+        _check_ints(self, "evaluate", {
+            "audit_k": 1, "k": 1, "k_batch": 1, "batch_size": 1, "seed": 0, "classifier_epochs": 1,
+            "classifier_batch_size": 1,
+        })
         _check_float(self.classifier_lr, "evaluate.classifier_lr", 0.0, strict=True)
 
 

@@ -358,7 +358,7 @@ def evaluate_section(spec: JobSpec, done: PipelineResult) -> dict[str, Any]:
 
 def _step_model(spec: JobSpec, step: str, out: PipelineResult, echo: Echo) -> None:
     """train or tune: the model the later steps use, and whether it is the champion now."""
-    from vaedist import tracking
+    from vaedist import model_registry
 
     if step == "train":
         from vaedist.train import run_training
@@ -370,7 +370,7 @@ def _step_model(spec: JobSpec, step: str, out: PipelineResult, echo: Echo) -> No
         result = run_tune(spec.experiment, _tune_config(spec), job_name=spec.name, echo=echo)
     out.model_uri = result.model_uri
     # Asked of the registry, not of the step: a reused run did not just become the champion, but may be it.
-    out.champion = out.model_uri == tracking.champion_uri(spec.experiment.data.dataset)
+    out.champion = out.model_uri == model_registry.champion_uri(spec.experiment.data.dataset)
 
 
 def _step_generate(spec: JobSpec, step: str, out: PipelineResult, echo: Echo) -> None:

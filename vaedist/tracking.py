@@ -1,6 +1,8 @@
-"""All of vaedist's MLflow code: runs, params, metrics, pictures, logging and loading models.
-
-This is the only module that imports mlflow. Conventions (docs/ARCHITECTURE.md):
+"""vaedist's MLflow code: the store (its URI, opening it), experiments, runs, params, metrics, pictures,
+dataset inputs, and finding a model's checkpoint by URI. Logging and registering a model and the
+``champion`` alias are :mod:`vaedist.model_registry`'s, built on this module's connection
+(:func:`mlflow_client`). MLflow is imported by these two and the served model's modules only.
+Conventions (docs/ARCHITECTURE.md):
 - tracking URI: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``, made absolute so Ray workers,
   whose working directory differs from the driver's, write to the same store;
 - one experiment per dataset, ``vaedist/<dataset>``; models registered as ``vaedist-<dataset>``;
@@ -26,13 +28,7 @@ from typing import Any
 import numpy as np
 
 from vaedist.errors import UsageError, VaedistError, first_line, redact_url
-
-CHAMPION = "champion"
-NAME_TAG = "vaedist.name"  # the job's deterministic name: a rerun with the same name resumes this run
-KIND_TAG = "vaedist.kind"
-VAL_METRIC = "val_neg_elbo"  # lower is better; the metric the champion alias is decided on
-VAL_SET_TAG = "val_set"  # on a model version: the data its VAL_METRIC was measured on (champion.validation_set)
-CHECKPOINT_FILE = "model.pt"  # = vaedist.checkpoint.CHECKPOINT_FILE (tracking must not import torch at module load)
+from vaedist.names import CHECKPOINT_FILE, KIND_TAG, NAME_TAG
 
 
 def tracking_uri() -> str:
@@ -67,7 +63,7 @@ def registered_model_name(dataset: str) -> str:
     return f"vaedist-{display_name(dataset)}"
 
 
-def _mlflow():
+def mlflow_module():
     import mlflow
 
     _store_opened.wait()  # a store being opened on the side thread is opened once, there
@@ -88,7 +84,7 @@ def open_store_in_background() -> None:
     Opening a database store (SQLAlchemy, the schema check, the tables of a new database) takes 1.2-1.9 s
     on 2 CPUs, and ``ray.init`` 4-7 s, mostly waiting for its own processes: a command that starts Ray
     and then records a run saves up to the shorter of the two (0.9 s on average for ``vaedist generate``
-    here, where Ray's processes want the same CPUs; docs/benchmarks.md). Every other MLflow call waits (in ``_mlflow``)
+    here, where Ray's processes want the same CPUs; docs/benchmarks.md). Every other MLflow call waits (in ``mlflow_module``)
     until the store is open, so MLflow never builds one store twice at once; an error is left for that
     call to raise, where the command handles it. The thread is not a daemon: a command that fails while
     it runs exits once the store is whole. A sqlite file that does not exist yet is left to the command's
@@ -101,7 +97,7 @@ def open_store_in_background() -> None:
     (nothing that opening a store reads changes there: the URI is passed, and is the workers' too).
     """
     global _store_opened
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     uri = tracking_uri()
     if not uri.startswith(DATABASE_SCHEMES) or (uri.startswith("sqlite:///") and not _sqlite_file(uri).exists()):
         return
@@ -148,8 +144,16 @@ def check_tracking(uri: str) -> None:
                 raise UsageError(f"{path} is not a usable MLflow sqlite store ({exc})") from None
 
 
-def _client():
-    return _mlflow().MlflowClient(tracking_uri())
+def checked_tracking_uri() -> str:
+    """The tracking URI (:func:`tracking_uri`), after :func:`check_tracking`: what a command calls before
+    any work, so an unreachable or unwritable store fails it at once."""
+    uri = tracking_uri()
+    check_tracking(uri)
+    return uri
+
+
+def mlflow_client():
+    return mlflow_module().MlflowClient(tracking_uri())
 
 
 # The MLflow UI opens an experiment by its kind; without this tag MLflow 3 shows the GenAI overview
@@ -158,7 +162,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def _experiment_id(name: str) -> str:
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     mlflow.set_tracking_uri(tracking_uri())
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
@@ -168,7 +172,7 @@ def _experiment_id(name: str) -> str:
             exp = mlflow.get_experiment_by_name(name)  # another process (a parallel trial) created it first
     for key, value in EXPERIMENT_KIND.items():
         if exp.tags.get(key) != value:  # an experiment from an older vaedist
-            _client().set_experiment_tag(exp.experiment_id, key, value)
+            mlflow_client().set_experiment_tag(exp.experiment_id, key, value)
     return exp.experiment_id
 
 
@@ -176,7 +180,7 @@ def log_dataset(run_id: str, name: str, digest: str, source: str, context: str) 
     """Record the data a run used (or made) as an MLflow dataset input: the runs table's Dataset column,
     dataset filters and lineage. ``digest`` is vaedist's fingerprint of the data, ``context`` e.g. "train",
     "validation", "test", "generated"."""
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
@@ -186,7 +190,7 @@ def log_dataset(run_id: str, name: str, digest: str, source: str, context: str) 
         resolved = resolve_dataset_source(source)
     dataset = MetaDataset(resolved, name=name, digest=digest[:36])
     tag = InputTag(key=mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT, value=context)
-    _client().log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
+    mlflow_client().log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
 
 
 def find_or_create_run(
@@ -202,9 +206,9 @@ def find_or_create_run(
     A rerun with a different config is refused: MLflow params are immutable, and mixing two configs
     in one run would make its curves meaningless.
     """
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     exp_id = _experiment_id(experiment_name(dataset))
-    client = _client()
+    client = mlflow_client()
     found = client.search_runs([exp_id], filter_string=f"tags.`{NAME_TAG}` = '{name}'", max_results=1)
     str_params = {k: str(v) for k, v in params.items()}
     if found:
@@ -226,10 +230,10 @@ def find_or_create_run(
 
 def find_run(dataset: str, name: str) -> str | None:
     """The id of the run tagged with ``name`` in the dataset's experiment, or None."""
-    exp = _client().get_experiment_by_name(experiment_name(dataset))
+    exp = mlflow_client().get_experiment_by_name(experiment_name(dataset))
     if exp is None:
         return None
-    found = _client().search_runs([exp.experiment_id], filter_string=f"tags.`{NAME_TAG}` = '{name}'", max_results=1)
+    found = mlflow_client().search_runs([exp.experiment_id], filter_string=f"tags.`{NAME_TAG}` = '{name}'", max_results=1)
     return found[0].info.run_id if found else None
 
 
@@ -238,12 +242,12 @@ def finished_run(dataset: str, name: str) -> Any | None:
     run_id = find_run(dataset, name)
     if run_id is None:
         return None
-    run = _client().get_run(run_id)
+    run = mlflow_client().get_run(run_id)
     return run if run.info.status == "FINISHED" else None
 
 
 def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
-    client = _client()
+    client = mlflow_client()
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
 
@@ -269,7 +273,7 @@ def check_same_params(run: Any, params: dict[str, Any], name: str) -> None:
 
 def load_dict(run_id: str, artifact_file: str) -> dict[str, Any] | None:
     """A JSON artifact of ``run_id`` (as ``RunLogger.log_dict`` wrote it), or None if it has none."""
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     mlflow.set_tracking_uri(tracking_uri())
     try:
         return mlflow.artifacts.load_dict(f"runs:/{run_id}/{artifact_file}")
@@ -277,8 +281,16 @@ def load_dict(run_id: str, artifact_file: str) -> dict[str, Any] | None:
         return None
 
 
+def finished_result(dataset: str, name: str, artifact_file: str) -> tuple[str, dict[str, Any]] | None:
+    """(run id, result) of the FINISHED run named ``name`` that kept its result as ``artifact_file``, or
+    None: an evaluation rerun with the same inputs reuses it instead of measuring again."""
+    done = finished_run(dataset, name)
+    result = load_dict(done.info.run_id, artifact_file) if done is not None else None
+    return None if result is None else (done.info.run_id, result)
+
+
 def end_run(run_id: str, status: str = "FINISHED") -> None:
-    _client().set_terminated(run_id, status=status)
+    mlflow_client().set_terminated(run_id, status=status)
 
 
 class RunLogger:
@@ -286,8 +298,8 @@ class RunLogger:
 
     def __init__(self, run_id: str, uri: str):
         self.run_id = run_id
-        self.client = _mlflow().MlflowClient(uri)
-        _mlflow().set_tracking_uri(uri)
+        self.client = mlflow_module().MlflowClient(uri)
+        mlflow_module().set_tracking_uri(uri)
         self._system = None
 
     def start_system_metrics(self) -> None:
@@ -302,7 +314,7 @@ class RunLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        items = [_mlflow().entities.Metric(k, float(v), now, step) for k, v in metrics.items()]
+        items = [mlflow_module().entities.Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -349,183 +361,6 @@ class NullLogger:
         pass
 
 
-# What MLflow's registry prints (``eprint``, not logging) on every registration; vaedist says it itself.
-_REGISTRY_CHATTER = ("Successfully registered model", "Created version", "Registered model ")
-
-
-@contextlib.contextmanager
-def _registry_chatter_dropped():
-    """Keep MLflow's registration prints off the terminal unless verbose; any other line printed in the block
-    still reaches stderr, at the block's end. A filter on captured text because MLflow prints these with ``print(file=sys.stderr)``,
-    not through a logger a level could silence."""
-    import io
-    import sys
-
-    from vaedist.console import is_verbose
-
-    if is_verbose():
-        yield
-        return
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            yield
-    finally:
-        kept = [line for line in captured.getvalue().splitlines(keepends=True) if not line.startswith(_REGISTRY_CHATTER)]
-        sys.stderr.write("".join(kept))
-
-
-def log_model(
-    run_id: str,
-    dataset: str,
-    checkpoint_file: Path,
-    exportable,
-    example_inputs: tuple,
-    val_metric: float,
-    val_set: str,
-) -> tuple[str, str]:
-    """Log the generator as an MLflow model and register it as ``vaedist-<dataset>``.
-
-    The registered model (``model``) is a ``python_function`` (:class:`vaedist.serve.GeneratorModel`):
-    ``mlflow.pyfunc.load_model(...).predict`` and ``mlflow models serve`` turn a table of labels (and
-    seeds, temperatures) into images. Its artifact is the vaedist checkpoint (hparams + state_dict,
-    loaded with ``weights_only=True``), so ``models:/vaedist-mnist@champion`` also gives generate and
-    evaluate the full VAE. Beside it, unregistered, ``generator_graph`` is the decoder as a torch.export
-    ("pt2") graph: it loads with plain ``mlflow.pytorch.load_model`` / ``torch.export.load`` without
-    vaedist installed and without unpickling code (the pyfunc needs both). ``exportable`` maps
-    (z, label) -> images; torch.export needs an example with batch > 1.
-    Returns (model URI of the version, version).
-    """
-    mlflow = _mlflow()
-    mlflow.set_tracking_uri(tracking_uri())
-    conditional = len(example_inputs) == 2
-    name = registered_model_name(dataset)
-    with mlflow.start_run(run_id=run_id):
-        with _registry_chatter_dropped():  # only this call registers; the capture spans nothing else
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=_pyfunc_model(),
-                artifacts={"checkpoint": str(checkpoint_file)},
-                signature=_pyfunc_signature(conditional),
-                input_example=_pyfunc_example(conditional),
-                registered_model_name=name,
-                metadata={VAL_METRIC: val_metric},
-                pip_requirements=pinned("vaedist", "torch", "numpy", "pandas", "cloudpickle"),
-            )
-        mlflow.pytorch.log_model(
-            exportable,
-            name="generator_graph",
-            signature=_graph_signature(exportable, example_inputs),
-            input_example=tuple(t.numpy() for t in example_inputs),
-            serialization_format="pt2",
-            pip_requirements=pinned("torch", "numpy", "cloudpickle"),
-        )
-    version = str(info.registered_model_version)
-    client = _client()
-    client.set_model_version_tag(name, version, VAL_METRIC, str(val_metric))
-    client.set_model_version_tag(name, version, VAL_SET_TAG, val_set)
-    client.set_model_version_tag(name, version, "run_id", run_id)
-    from vaedist.checkpoint import load_checkpoint
-
-    # the data it was trained on, as the registry shows it: the checkpoint's facts, not the data reopened
-    fingerprint = (load_checkpoint(checkpoint_file).get("dataset") or {}).get("fingerprint")
-    if fingerprint:
-        client.set_model_version_tag(name, version, "dataset", dataset)
-        client.set_model_version_tag(name, version, "dataset_fingerprint", fingerprint)
-    return f"models:/{name}/{version}", version
-
-
-def pinned(*names: str) -> list[str]:
-    """``name==version`` of the installed distributions, for a logged model's requirements.
-
-    Given explicitly because MLflow's inference (import the model in two subprocesses and list what they
-    loaded) took 8 of the 10.8 s of a registration here, on every train run and search. These are what
-    it inferred. A local version label (torch's ``+cpu``) is dropped, as MLflow does, so pip can install it.
-    """
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name).split('+')[0]}" for name in names]
-
-
-def _pyfunc_model() -> str:
-    """Models from code: MLflow keeps this file and runs it on load (no cloudpickled object)."""
-    return str(Path(__file__).with_name("serve_model.py"))
-
-
-def _pyfunc_signature(conditional: bool):
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    columns = [ColSpec("long", "seed", required=False), ColSpec("double", "temperature", required=False)]
-    if conditional:
-        columns.insert(0, ColSpec("long", "label"))
-    return ModelSignature(
-        inputs=Schema(columns), params=ParamSchema([ParamSpec("image_format", "string", "raw")])
-    )
-
-
-def _pyfunc_example(conditional: bool):
-    import pandas as pd
-
-    example = {"seed": [0, 1], "temperature": [1.0, 1.0]}
-    return pd.DataFrame({"label": [0, 1], **example} if conditional else example)
-
-
-def _graph_signature(exportable, example_inputs: tuple):
-    """(z, label) -> image tensor spec of the torch.export graph."""
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    inputs = [
-        TensorSpec(np.dtype(t.numpy().dtype), (-1, *t.shape[1:]), name=name)
-        for name, t in zip(("z", "label"), example_inputs, strict=False)
-    ]
-    with torch.no_grad():
-        out = exportable(*example_inputs)
-    return ModelSignature(
-        inputs=Schema(inputs),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]), name="image")]),
-    )
-
-
-def registered_model_of_run(run_id: str, uri_tag: str, version_tag: str) -> tuple[str, str, float, str] | None:
-    """(model URI, version, validation -ELBO, its validation set) that ``run_id`` registered before, or None."""
-    client = _client()
-    tags = client.get_run(run_id).data.tags
-    uri, version = tags.get(uri_tag), tags.get(version_tag)
-    if not uri or not version:
-        return None
-    try:
-        mv = client.get_model_version(uri[len("models:/") :].split("/", 1)[0], version)
-    except _mlflow().exceptions.MlflowException:
-        return None  # the version was deleted since: register anew
-    return uri, version, float(mv.tags.get(VAL_METRIC, "inf")), mv.tags.get(VAL_SET_TAG, "")
-
-
-def champion_uri(dataset: str) -> str | None:
-    """``models:/vaedist-<dataset>/<version>`` of the current champion, or None."""
-    name = registered_model_name(dataset)
-    try:
-        return f"models:/{name}/{_client().get_model_version_by_alias(name, CHAMPION).version}"
-    except _mlflow().exceptions.MlflowException:
-        return None
-
-
-def current_champion(dataset: str) -> tuple[str, float, str] | None:
-    """(version, validation -ELBO, validation set) of the dataset's ``champion``, or None."""
-    name = registered_model_name(dataset)
-    try:
-        mv = _client().get_model_version_by_alias(name, CHAMPION)
-    except _mlflow().exceptions.MlflowException:
-        return None
-    return str(mv.version), float(mv.tags.get(VAL_METRIC, "inf")), mv.tags.get(VAL_SET_TAG, "")
-
-
-def set_champion(dataset: str, version: str) -> None:
-    _client().set_registered_model_alias(registered_model_name(dataset), CHAMPION, version)
-
-
 def resolve_checkpoint(uri: str) -> Path:
     """A local path to the vaedist checkpoint behind ``uri``.
 
@@ -550,7 +385,7 @@ def resolve_checkpoint(uri: str) -> Path:
             f"model {uri!r} does not resolve: there is no MLflow store at {store}; set MLFLOW_TRACKING_URI "
             "to the store that registered it (or run where its mlflow.db is)"
         )
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     mlflow.set_tracking_uri(store)
     # The caller reads the checkpoint in this process; the download goes when the process ends.
     download_dir = tempfile.mkdtemp(prefix="vaedist-model-")
@@ -570,7 +405,7 @@ def model_version_info(uri: str) -> dict[str, str]:
     """Name, version and run id of a ``models:/`` URI (empty dict for other URIs)."""
     if not uri.startswith("models:/"):
         return {}
-    client = _client()
+    client = mlflow_client()
     ref = uri[len("models:/") :]
     if "@" in ref:
         name, alias = ref.split("@", 1)
@@ -592,7 +427,7 @@ def model_run_id(uri: str) -> str | None:
         return run_id or None
     if not uri.startswith("models:/"):
         return None
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
     try:
         return model_version_info(uri).get("run_id") or None
     except (mlflow.exceptions.MlflowException, ValueError):

@@ -20,7 +20,7 @@ import ray.train
 import ray.train.torch
 
 from vaedist import console, tracking
-from vaedist.champion import MODEL_TAG, VERSION_TAG, register_checkpoint
+from vaedist.champion import register_checkpoint
 from vaedist.cluster import (
     WorkerPlan,
     check_storage_shared,
@@ -31,10 +31,10 @@ from vaedist.cluster import (
 )
 from vaedist.config import ExperimentConfig, check_dataset
 from vaedist.data import get_spec, load_split
+from vaedist.data.spec import split_digest
 from vaedist.errors import UsageError, VaedistError, first_line
+from vaedist.names import DONE_TAG, MODEL_TAG, VAL_METRIC, VERSION_TAG
 from vaedist.worker import train_loop_per_worker
-
-DONE_TAG = "vaedist.checkpoint"  # set on a train run once it finished: where its best checkpoint is
 
 
 def default_run_name(cfg: ExperimentConfig) -> str:
@@ -111,8 +111,7 @@ def log_training_data(run_id: str, cfg: ExperimentConfig) -> None:
     data's fingerprint with the split rule (the seeded validation hold-out of ``val_size`` images)."""
     spec = get_spec(cfg.data.dataset)
     for split in ("train", "validation"):
-        rule = f"{spec.fingerprint}/{split}/val_size={cfg.data.val_size}"
-        digest = hashlib.sha256(rule.encode()).hexdigest()[:16]
+        digest = split_digest(spec.fingerprint, split, cfg.data.val_size)
         source = spec.mirrors[0] if spec.mirrors else spec.source.partition("?")[0]  # official mirror, or the path
         tracking.log_dataset(run_id, f"{spec.name}-{split}", digest, source, split)
 
@@ -160,7 +159,7 @@ def build_trainer(
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.checkpoints_to_keep,
-                checkpoint_score_attribute="val_neg_elbo",
+                checkpoint_score_attribute=VAL_METRIC,
                 checkpoint_score_order="min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
@@ -206,7 +205,7 @@ def _fit(trainer: ray.train.torch.TorchTrainer, name: str, storage: str, run_id:
     except ray.train.TrainingFailedError as exc:
         tracking.end_run(run_id, "FAILED")
         raise VaedistError(f"training {name} failed: {first_line(exc)} (logs under {storage}/{name})") from None
-    best = result.get_best_checkpoint("val_neg_elbo", "min") if result.best_checkpoints else result.checkpoint
+    best = result.get_best_checkpoint(VAL_METRIC, "min") if result.best_checkpoints else result.checkpoint
     if best is None:
         raise VaedistError(f"training {name} produced no checkpoint (see {storage}/{name})")
     return result, best
@@ -234,6 +233,18 @@ def _progress_display(cfg: ExperimentConfig, echo):
         queue.shutdown()
 
 
+def start_driver(cfg: ExperimentConfig, storage: str | None, echo) -> tuple[str, str]:
+    """(tracking URI, storage path) once a training or search driver may start: the config checked against
+    its dataset, the MLflow store reachable, Ray connected (where it runs said)."""
+    check_dataset(cfg)
+    uri = tracking.checked_tracking_uri()
+    storage = storage_path(storage)
+    where = connect_ray(cfg.resources.address)
+    if where:
+        echo(where)
+    return uri, storage
+
+
 def run_training(
     cfg: ExperimentConfig,
     name: str | None = None,
@@ -243,14 +254,8 @@ def run_training(
     echo=print,
 ) -> TrainResult:
     """Train ``cfg`` on Ray (local or ``cfg.resources.address``), log it to MLflow, register the model."""
-    check_dataset(cfg)
     name = name or default_run_name(cfg)
-    uri = tracking.tracking_uri()
-    tracking.check_tracking(uri)
-    storage = storage_path(storage)
-    where = connect_ray(cfg.resources.address)
-    if where:
-        echo(where)
+    uri, storage = start_driver(cfg, storage, echo)
     plan = plan_workers(cfg.resources)
     check_storage_shared(storage)
     done = _finished_before(cfg, name, register)

@@ -38,13 +38,12 @@ from vaedist.cluster import (
     WorkerPlan,
     bundles_fit,
     check_storage_shared,
-    connect_ray,
     node_resources,
     plan_workers,
-    storage_path,
 )
-from vaedist.config import ExperimentConfig, TuneConfig, check_dataset, from_flat
+from vaedist.config import ExperimentConfig, TuneConfig, from_flat
 from vaedist.errors import VaedistError
+from vaedist.names import BEST_MODEL_TAG, BEST_TRIAL_TAG, STOPPED_EARLY_TAG, TRIAL_ID_TAG, VAL_METRIC
 from vaedist.train import (
     WHERE_IT_RAN,
     TrainingData,
@@ -52,10 +51,9 @@ from vaedist.train import (
     experiment_params,
     log_training_data,
     put_data,
+    start_driver,
     worker_config,
 )
-
-TRIAL_ID_TAG = "vaedist.trial_id"
 
 
 def to_tune_space(space: dict[str, dict[str, list]]) -> dict[str, Any]:
@@ -175,14 +173,8 @@ def run_tune(
     echo=print,
 ) -> TuneResult:
     """Run (or resume) the search, then register the best trial's model."""
-    check_dataset(base)
     started = time.perf_counter()
-    uri = tracking.tracking_uri()
-    tracking.check_tracking(uri)
-    storage = storage_path(storage)
-    where = connect_ray(base.resources.address)
-    if where:
-        echo(where)
+    uri, storage = start_driver(base, storage, echo)
     resources = base.resources
     if resources.cpus_per_worker is None:
         # One CPU per worker by default, so that trials run side by side (ASHA compares them as they go).
@@ -269,7 +261,7 @@ def _tuner(trainable, base: ExperimentConfig, tune_cfg: TuneConfig, name: str, s
             # For one-worker trials, whose checkpoints Tune keeps and whose crashes Tune retries from the
             # last one; a multi-worker trial's TorchTrainer does both itself (build_trainer).
             checkpoint_config=ray.tune.CheckpointConfig(
-                num_to_keep=base.train.checkpoints_to_keep, checkpoint_score_attribute="val_neg_elbo",
+                num_to_keep=base.train.checkpoints_to_keep, checkpoint_score_attribute=VAL_METRIC,
                 checkpoint_score_order="min",
             ),
             failure_config=ray.tune.FailureConfig(max_failures=base.train.max_failures if plan.workers == 1 else 0),
@@ -329,7 +321,7 @@ def _register_best(table, tune_cfg: TuneConfig, name: str, experiment_path: str,
     checkpoint = ray.train.Checkpoint(best_row["checkpoint"])  # a folder or s3://...: Ray materializes it
     model_uri, version, moved, metric = register_checkpoint(checkpoint, best_row["run_id"], dataset)
     logger.log_metrics({f"best_{tune_cfg.metric}": metric}, step=0)
-    tracking.set_run_tags(parent_run_id, {"vaedist.best_trial": best_row["trial"], "vaedist.best_model": model_uri})
+    tracking.set_run_tags(parent_run_id, {BEST_TRIAL_TAG: best_row["trial"], BEST_MODEL_TAG: model_uri})
     tracking.end_run(parent_run_id, "FINISHED")
     return best_row, metric, model_uri, version, moved
 
@@ -390,7 +382,7 @@ def _close_child_runs(dataset: str, name: str, table: list[dict[str, Any]]) -> N
         row["run_id"] = run_id
         if run_id:
             status = "FAILED" if row["status"] == "ERROR" else "FINISHED"
-            tracking.set_run_tags(run_id, {"vaedist.stopped_early": row["stopped_early"]})
+            tracking.set_run_tags(run_id, {STOPPED_EARLY_TAG: row["stopped_early"]})
             tracking.end_run(run_id, status)
 
 

@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from vaedist import console, loop, tracking
-from vaedist.checkpoint import CHECKPOINT_FILE, dataset_facts, load_checkpoint, save_checkpoint
+from vaedist.checkpoint import dataset_facts, load_checkpoint, save_checkpoint
 from vaedist.config import ExperimentConfig, from_flat
 from vaedist.data import get_spec
 from vaedist.errors import UsageError
 from vaedist.models import BaseVAE, build_model
+from vaedist.names import CHECKPOINT_FILE, NODES_TAG, NUM_NODES_TAG, VAL_METRIC
 from vaedist.places import Place, TrainPlace
 
 # Fault injection for the fault-tolerance test: "run=NAME,epoch=E,step=S,rank=R,marker=PATH". The worker
@@ -198,7 +199,7 @@ def _open_logging(config: dict[str, Any], w: Worker, nodes: list[str]):
     if not isinstance(run_id, str):  # a Future: a Tune trial makes its MLflow run while the loop starts
         run_id = run_id.result()
     logger = tracking.RunLogger(run_id, config["tracking_uri"])
-    logger.set_tags({"vaedist.nodes": ",".join(n[:12] for n in nodes), "vaedist.num_nodes": len(set(nodes))})
+    logger.set_tags({NODES_TAG: ",".join(n[:12] for n in nodes), NUM_NODES_TAG: len(set(nodes))})
     logger.start_system_metrics()
     _, _, val_x, val_y = w.data
     class_names = tuple(w.facts["class_names"])
@@ -246,7 +247,7 @@ def _run_epoch(w: Worker, epoch: int, on_step) -> dict[str, float]:
         "epoch": epoch + 1,
         "train_loss": tr["loss"],
         "train_neg_elbo": tr["neg_elbo"],
-        "val_neg_elbo": va["neg_elbo"],
+        VAL_METRIC: va["neg_elbo"],
         "val_recon": va["recon"],
         "val_kl": va["kl"],
         "val_bits_per_dim": va["bits_per_dim"],

@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 
 from vaedist.data.images import IMAGE_SUFFIXES
 from vaedist.errors import UsageError
+from vaedist.files import resolve_folder
 
 SPLIT_DIRS = {"train": "train", "training": "train", "validation": "train", "valid": "train", "val": "train",
               "test": "test", "testing": "test"}  # fmt: skip
@@ -36,13 +37,10 @@ class Listing:
 
 
 def open_location(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, root) of a dataset's location (vaedist.files.resolve_folder), or one line saying why not."""
     try:
-        if "://" in location:
-            fs, root = pafs.FileSystem.from_uri(location)
-            return fs, root.rstrip("/")
-        from pathlib import Path
-
-        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+        fs, root, _ = resolve_folder(location)
+        return fs, root
     except Exception as exc:  # pyarrow raises several types for unsupported or unreachable URIs
         raise UsageError(f"cannot open dataset {location}: {str(exc).splitlines()[0]}") from None
 

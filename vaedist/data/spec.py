@@ -111,6 +111,13 @@ def path_spec(dataset: str, name: str, meta: dict[str, Any]) -> DatasetSpec:
 # The split rules
 
 
+def split_digest(fingerprint: str, split: str, val_size: int) -> str:
+    """A split's identity, 16 hex digits: the data's fingerprint with the split rule (the seeded
+    validation hold-out of ``val_size`` rows, :func:`val_indices`). Runs log their splits under it as
+    MLflow dataset inputs, and the champion compares only -ELBOs measured on one ``"validation"`` digest."""
+    return hashlib.sha256(f"{fingerprint}/{split}/val_size={int(val_size)}".encode()).hexdigest()[:16]
+
+
 def carved_test_rows(n: int, test_size: int | None) -> np.ndarray:
     """The training rows carved for test: sorted int64, the last ``test_size`` of a PCG64(0) permutation."""
     import numpy as np

@@ -51,12 +51,14 @@ KMEANS_FIT = 10_000  # training features the k-means cells are fitted on (a seed
 # The set, checked against the dataset
 
 
-def check_set(gen: GeneratedSet, dataset: str | None, k: int) -> tuple[str, GeneratedSet]:
+def check_set(
+    gen: GeneratedSet, dataset: str | None, k: int, allow_other_data: bool = False
+) -> tuple[str, GeneratedSet]:
     """(the dataset, the set with labels as the dataset's class indices) after checking image shape,
     labels and their names, and size (> k, so every generated image has k other ones)."""
     from vaedist.evaluate.cas import matching_dataset
 
-    dataset, spec = matching_dataset(gen, dataset)
+    dataset, spec = matching_dataset(gen, dataset, allow_other_data)
     if len(gen.labels) < k + 1:
         raise UsageError(f"{gen.folder} holds {len(gen.labels)} image(s), fewer than k + 1 = {k + 1} (each image's "
                          f"k = {k} nearest neighbours are measured)")  # fmt: skip

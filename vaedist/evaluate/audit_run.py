@@ -40,6 +40,7 @@ from vaedist.evaluate.features import Extractor, extract_on_ray
 from vaedist.evaluate.sets import open_evaluation_run, read_set
 from vaedist.generate.format import UNCONDITIONAL_LABEL
 from vaedist.generate.reader import GeneratedSet
+from vaedist.names import AUDIT_CPU_CAPABILITY_TAG, AUDIT_CPU_TAG, AUDIT_KERNELS_TAG, EVAL_TAG_PREFIX
 
 # --------------------------------------------------------------------------------------------------
 # The measure: read and check, set up, compute on Ray
@@ -60,7 +61,7 @@ class AuditSetup:
 
 def read_checked(cfg: EvaluateConfig) -> tuple[GeneratedSet, str]:
     """The synthetic set (vaedist folder or foreign table) and its dataset, after every check."""
-    dataset, gen = check_set(read_set(str(cfg.generated)), cfg.dataset, cfg.audit_k)
+    dataset, gen = check_set(read_set(str(cfg.generated)), cfg.dataset, cfg.audit_k, cfg.allow_other_data)
     return gen, dataset
 
 
@@ -279,17 +280,17 @@ def _record(
     """Metrics, pictures and the result on the audit's run (then FINISHED), and on the model's run."""
     metrics = logged_metrics(result)
     logger.log_metrics(metrics, step=0)
-    logger.set_tags({"vaedist.audit.search_kernels": ",".join(result["search"]["pass1_kernels"]),
-                     "vaedist.audit.cpu": result["search"]["driver"]["cpu"],
-                     "vaedist.audit.cpu_capability": result["search"]["driver"]["cpu_capability"]})  # fmt: skip
+    logger.set_tags({AUDIT_KERNELS_TAG: ",".join(result["search"]["pass1_kernels"]),
+                     AUDIT_CPU_TAG: result["search"]["driver"]["cpu"],
+                     AUDIT_CPU_CAPABILITY_TAG: result["search"]["driver"]["cpu_capability"]})  # fmt: skip
     _pictures(s, result, logger)
     logger.log_dict({k: v for k, v in result.items() if k != "run_id"}, audit.AUDIT_ARTIFACT)
     tracking.end_run(run_id, "FINISHED")
     if model_run:
         on_model = tracking.RunLogger(model_run, uri)
         on_model.log_metrics(metrics, step=0)
-        on_model.set_tags({"vaedist.eval.audit.generated": s.where, "vaedist.eval.audit.run_id": run_id,
-                           "vaedist.eval.audit.verdict": audit.verdict_line(result)})  # fmt: skip
+        on_model.set_tags({f"{EVAL_TAG_PREFIX}audit.generated": s.where, f"{EVAL_TAG_PREFIX}audit.run_id": run_id,
+                           f"{EVAL_TAG_PREFIX}audit.verdict": audit.verdict_line(result)})  # fmt: skip
         on_model.log_dict({k: v for k, v in result.items() if k != "run_id"}, f"evaluation/{s.name}.json")
 
 
@@ -302,15 +303,13 @@ def evaluate_audit(
 
     gen, dataset = read_checked(cfg)
     custom = features.custom_extractor(cfg.audit_features) if cfg.audit_features else None
-    uri = tracking.tracking_uri()
-    tracking.check_tracking(uri)
+    uri = tracking.checked_tracking_uri()
     s = set_up(cfg, gen, dataset, custom.digest if custom else features.classifier_digest(dataset, cfg))
-    done = tracking.finished_run(dataset, s.name) if reuse else None
-    prior = tracking.load_dict(done.info.run_id, audit.AUDIT_ARTIFACT) if done is not None else None
-    if prior is not None:
-        echo(f"audit of {s.folder} (same images, feature space, k and seed) found on MLflow run {done.info.run_id}; "
-             f"reusing it: {audit.verdict_line(prior)}")  # fmt: skip
-        return {**prior, "run_id": done.info.run_id}
+    found = tracking.finished_result(dataset, s.name, audit.AUDIT_ARTIFACT) if reuse else None
+    if found is not None:
+        echo(f"audit of {s.folder} (same images, feature space, k and seed) found on MLflow run {found[0]}; "
+             f"reusing it: {audit.verdict_line(found[1])}")  # fmt: skip
+        return {**found[1], "run_id": found[0]}
     echo(f"audit of {s.folder}: {len(gen.labels):,} images ({gen.image_format}) from {gen.model_uri or 'an unknown generator'}, "
          f"against real {get_spec(dataset).name}; k={s.k}, seed {s.seed}")  # fmt: skip
     plan = spread.start(resources)

@@ -17,6 +17,7 @@ from vaedist.evaluate import audit_run, cas, likelihood, spread
 from vaedist.evaluate.sets import open_evaluation_run
 from vaedist.generate.card import record_evaluation
 from vaedist.generate.format import CARD, MANIFEST_FORMAT
+from vaedist.names import EVAL_TAG_PREFIX
 
 WHATS = ("likelihood", "cas", "all", "audit")  # all = likelihood and CAS (and the audit with cfg.audit)
 
@@ -101,7 +102,7 @@ def evaluate_likelihood(
         return result
     logger = tracking.RunLogger(run_id, tracking.tracking_uri())
     logger.log_metrics(result["logged_metrics"], step=0)
-    tag = f"vaedist.eval.likelihood.{s.dataset}"
+    tag = f"{EVAL_TAG_PREFIX}likelihood.{s.dataset}"
     logger.set_tags({
         f"{tag}.protocol": s.protocol, f"{tag}.conditioning": s.conditioning,
         f"{tag}.images": s.n, f"{tag}.seed": cfg.seed, f"{tag}.k": cfg.k,
@@ -178,16 +179,15 @@ def evaluate_cas(
     from vaedist.cluster import check_storage_shared, storage_path
 
     gen, dataset = cas.read_checked(cfg)
-    uri = tracking.tracking_uri()
-    tracking.check_tracking(uri)
+    uri = tracking.checked_tracking_uri()
     storage = storage_path(None)
     s = cas.set_up(cfg, gen, dataset)
-    done = tracking.finished_run(dataset, s.name) if reuse else None
-    prior = tracking.load_dict(done.info.run_id, cas.CAS_ARTIFACT) if done is not None else None
-    if prior is not None:
-        echo(f"CAS of {s.folder} (same images, same classifier budget) is already on MLflow run {done.info.run_id}: "
+    found = tracking.finished_result(dataset, s.name, cas.CAS_ARTIFACT) if reuse else None
+    if found is not None:
+        run_id, prior = found
+        echo(f"CAS of {s.folder} (same images, same classifier budget) is already on MLflow run {run_id}: "
              f"reusing it: CAS {prior['cas']:.4f} / real {prior['real_accuracy']:.4f}")  # fmt: skip
-        return {**prior, "run_id": done.info.run_id}
+        return {**prior, "run_id": run_id}
     plan = spread.start(resources)
     if plan.workers > 1:  # rank 0's report carries a checkpoint, written where every node can see it
         check_storage_shared(storage)

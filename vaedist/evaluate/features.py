@@ -48,6 +48,7 @@ from vaedist.evaluate.cas import (
     fit_on_worker,
 )
 from vaedist.models import to_model_input
+from vaedist.names import EVALUATE_TAG, FEATURES_TAG
 
 FEATURES_VERSION = 1  # bump when the layer taken or the extractor's training changes: numbers move with it
 EXTRACTOR_ARTIFACT = "feature_extractor/classifier.json"  # the weights (torch.save, base64) and their facts
@@ -219,12 +220,10 @@ def classifier_extractor(dataset: str, cfg: EvaluateConfig, plan, storage: str, 
     extractor = Extractor(
         "classifier", b"", describe_classifier(dataset, cfg), classifier_digest(dataset, cfg)
     )
-    done = tracking.finished_run(dataset, name)
-    kept = tracking.load_dict(done.info.run_id, EXTRACTOR_ARTIFACT) if done is not None else None
-    if kept is not None:
-        echo(
-            f"  feature extractor: {name} from MLflow run {done.info.run_id} (test accuracy {kept['accuracy']:.4f})"
-        )
+    found = tracking.finished_result(dataset, name, EXTRACTOR_ARTIFACT)
+    if found is not None:
+        run_id, kept = found
+        echo(f"  feature extractor: {name} from MLflow run {run_id} (test accuracy {kept['accuracy']:.4f})")
         return Extractor(**{**extractor.__dict__, "blob": base64.b64decode(kept["weights"])})
     if plan.workers > 1:
         from vaedist.cluster import check_storage_shared
@@ -243,7 +242,7 @@ def classifier_extractor(dataset: str, cfg: EvaluateConfig, plan, storage: str, 
         tracking.end_run(run_id, "FAILED")
         raise
     logger = tracking.RunLogger(run_id, tracking.tracking_uri())
-    logger.set_tags({"vaedist.evaluate": "audit-features", "vaedist.features": extractor.description})
+    logger.set_tags({EVALUATE_TAG: "audit-features", FEATURES_TAG: extractor.description})
     logger.log_metrics({"features_test_accuracy": accuracy}, step=0)
     # As JSON through tracking's log_dict/load_dict: tracking.py has no binary-artifact helper (yet).
     logger.log_dict({"accuracy": accuracy, "recipe": recipe(cfg), "dataset": dataset,

@@ -15,8 +15,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vaedist.errors import UsageError
-from vaedist.generate.format import MANIFEST, META, PLAN_FILE, resolve_folder
+from vaedist.files import resolve_folder
+from vaedist.generate.format import MANIFEST, META, PLAN_FILE
 from vaedist.generate.reader import GeneratedSet, read_generated
+from vaedist.names import (
+    EVALUATE_TAG,
+    GENERATED_TAG,
+    MODEL_RUN_TAG,
+    MODEL_TAG,
+    VERSION_OF_VAEDIST_TAG,
+    VERSION_TAG,
+)
 
 TABLE_FORMAT = "table"  # GeneratedSet.image_format of a foreign table
 
@@ -91,9 +100,9 @@ def open_evaluation_run(dataset: str, name: str, where: str, gen: GeneratedSet, 
     run_id = tracking.find_or_create_run(dataset, name, params, kind="evaluate")
     logger = tracking.RunLogger(run_id, uri)
     logger.set_tags({
-        "vaedist.model_uri": gen.model_uri or "", "vaedist.model_version": gen.model_version or "",
-        "vaedist.model_run_id": model_run or "", "vaedist.generated": where,
-        "vaedist.evaluate": measure, "vaedist.version": vaedist.__version__,
+        MODEL_TAG: gen.model_uri or "", VERSION_TAG: gen.model_version or "",
+        MODEL_RUN_TAG: model_run or "", GENERATED_TAG: where,
+        EVALUATE_TAG: measure, VERSION_OF_VAEDIST_TAG: vaedist.__version__,
     })  # fmt: skip
     tracking.log_dataset(run_id, dataset_name(where), gen.manifest_sha1, where, "evaluation")
     return run_id, logger, model_run

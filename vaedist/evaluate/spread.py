@@ -77,7 +77,7 @@ def on_one_worker(fn: Callable[[dict[str, Any]], Any], config: dict[str, Any], p
 
 
 def _result_folder(storage: str, name: str):
-    from vaedist.generate.format import join, resolve_folder
+    from vaedist.files import join, resolve_folder
 
     fs, root, _ = resolve_folder(storage)
     return fs, join(join(root, name), RESULT_DIR)
@@ -87,9 +87,9 @@ def kept(storage: str, name: str, file: str) -> bytes | None:
     """The bytes of ``<storage>/<name>/classifier/<file>``: a finished fit's result, or None."""
     import pyarrow.fs as pafs
 
-    fs, folder = _result_folder(storage, name)
-    from vaedist.generate.format import join
+    from vaedist.files import join
 
+    fs, folder = _result_folder(storage, name)
     path = join(folder, file)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
@@ -100,7 +100,7 @@ def kept(storage: str, name: str, file: str) -> bytes | None:
 def keep(storage: str, name: str, file: str, data: bytes) -> None:
     """Write a one-worker fit's result file where Ray Train's checkpoint of that run name keeps it
     (whole or absent: written under a temporary name, then renamed)."""
-    from vaedist.generate.format import write_atomic
+    from vaedist.files import write_atomic
 
     fs, folder = _result_folder(storage, name)
     fs.create_dir(folder, recursive=True)

@@ -37,6 +37,7 @@ from vaedist.generate.plan import (
     plan_labels,
 )
 from vaedist.generate.reader import read_shard
+from vaedist.names import MODEL_RUN_TAG, MODEL_TAG, VERSION_TAG
 
 if TYPE_CHECKING:  # the checkpoint module imports torch: loaded when a model is read, not with the package
     from vaedist.checkpoint import ModelHeader
@@ -232,9 +233,9 @@ def _params(p: Prepared) -> dict[str, Any]:
 def _tags(p: Prepared) -> dict[str, Any]:
     plan, cfg = p.plan, p.cfg
     return {
-        "vaedist.model_uri": plan.model_uri,
-        "vaedist.model_version": plan.model_version,
-        "vaedist.model_run_id": p.model_info.get("run_id", ""),
+        MODEL_TAG: plan.model_uri,
+        VERSION_TAG: plan.model_version,
+        MODEL_RUN_TAG: p.model_info.get("run_id", ""),
         "vaedist.model_sha256": plan.model_sha256,
         "vaedist.output": p.uri,
         "vaedist.plan_hash": plan.hash,

@@ -31,6 +31,11 @@ from vaedist.models.nets import LabelCode, build_decoder, build_encoder
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def chunk_sizes(k: int, chunk: int) -> list[int]:
+    """``k`` importance samples drawn ``chunk`` at a time (the last chunk the rest): bounds memory."""
+    return [min(chunk, k - start) for start in range(0, k, chunk)]
+
+
 class LossOutput(NamedTuple):
     """What one training/eval step needs. Per-example terms are in nats, summed over pixels."""
 
@@ -257,12 +262,7 @@ class BaseVAE(nn.Module):
 
     @torch.no_grad()
     def iw_nll(
-        self,
-        x: Tensor,
-        y: Tensor | None = None,
-        k: int = 50,
-        chunk: int = 10,
-        generator: torch.Generator | None = None,
+        self, x: Tensor, y: Tensor | None = None, k: int = 50, chunk: int = 10, generator: torch.Generator | None = None
     ) -> Tensor:
         """Importance-weighted estimate of ``-log p(x[|y])`` in nats (B,) (Burda et al. 2016, eq. 8):
 
@@ -272,22 +272,33 @@ class BaseVAE(nn.Module):
         estimator. The ``k`` samples are decoded ``chunk`` at a time (``chunk * B`` images per pass)
         to bound memory.
         """
+        if not self.stochastic:
+            raise NotImplementedError(
+                "an autoencoder has no posterior q(z|x) and no likelihood bound: iw_nll needs variant 'vae' or 'cvae'"
+            )
         if k < 1 or chunk < 1:
             raise ValueError(f"iw_nll needs k >= 1 and chunk >= 1, got k={k}, chunk={chunk}")
+        posterior = self.iw_posterior(x, y)  # the encoder runs once, for every chunk
+        log_w = [self.log_weights(x, y, posterior, s, generator) for s in chunk_sizes(k, chunk)]
+        return -(torch.logsumexp(torch.cat(log_w, dim=0), dim=0) - math.log(k))  # over the (k, B) weights
+
+    def iw_posterior(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, ...]:
+        """What :meth:`log_weights` draws from: here q(z|x)'s ``(mu, logvar)``, (B, L) each."""
+        return self.encode(x, y)
+
+    def log_weights(
+        self, x: Tensor, y: Tensor | None, posterior: tuple[Tensor, ...], s: int, generator: torch.Generator | None
+    ) -> Tensor:
+        """``log w = log p(x|z) + log p(z) - log q(z|x)`` (s, B) for ``s`` draws ``z ~ q(z|x)`` per image."""
         b = x.shape[0]
-        mu, logvar = self.encode(x, y)  # (B, L) each
+        mu, logvar = posterior  # (B, L) each
         std = torch.exp(0.5 * logvar)
-        log_w = []
-        for start in range(0, k, chunk):
-            s = min(chunk, k - start)
-            eps = torch.randn((s, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
-            z = mu + std * eps  # (s, B, L)
-            y_rep = None if y is None else (y.repeat(s) if isinstance(y, Tensor) else y)
-            params = self.decode(z.flatten(0, 1), y_rep)  # (s*B, P, H, W)
-            x_rep = x.expand(s, *x.shape).flatten(0, 1)  # (s*B, C, H, W)
-            log_px = self.likelihood.log_prob(params, x_rep).view(s, b)  # (s, B)
-            log_pz = -0.5 * (z.square().sum(-1) + self.latent_dim * _LOG_2PI)  # (s, B)
-            log_qz = -0.5 * ((eps.square() + logvar).sum(-1) + self.latent_dim * _LOG_2PI)  # (s, B)
-            log_w.append(log_px + log_pz - log_qz)
-        log_w = torch.cat(log_w, dim=0)  # (k, B)
-        return -(torch.logsumexp(log_w, dim=0) - math.log(k))
+        eps = torch.randn((s, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+        z = mu + std * eps  # (s, B, L)
+        y_rep = None if y is None else (y.repeat(s) if isinstance(y, Tensor) else y)
+        params = self.decode(z.flatten(0, 1), y_rep)  # (s*B, P, H, W)
+        x_rep = x.expand(s, *x.shape).flatten(0, 1)  # (s*B, C, H, W)
+        log_px = self.likelihood.log_prob(params, x_rep).view(s, b)  # (s, B)
+        log_pz = -0.5 * (z.square().sum(-1) + self.latent_dim * _LOG_2PI)  # (s, B)
+        log_qz = -0.5 * ((eps.square() + logvar).sum(-1) + self.latent_dim * _LOG_2PI)  # (s, B)
+        return log_px + log_pz - log_qz

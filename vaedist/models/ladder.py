@@ -205,38 +205,27 @@ class LadderVAE(BaseVAE):
         loss = recon.mean() + beta * kl_penalty
         return LossOutput(loss=loss, neg_elbo=recon + kl, recon=recon, kl=kl, kl_layers=kl_layers)
 
-    @torch.no_grad()
-    def iw_nll(
-        self,
-        x: Tensor,
-        y: Tensor | None = None,
-        k: int = 50,
-        chunk: int = 10,
-        generator: torch.Generator | None = None,
+    def iw_posterior(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, ...]:
+        """The bottom-up pass, once for every chunk of draws: ``(mu, logvar, features, label code)``."""
+        return self._bottom_up(x, y)
+
+    def log_weights(
+        self, x: Tensor, y: Tensor | None, posterior: tuple[Tensor, ...], s: int, generator: torch.Generator | None
     ) -> Tensor:
-        """Importance-weighted ``-log p(x[|y])`` (B,) (Burda et al. 2016, eq. 8) with ``k`` top-down draws:
+        """``log w`` (s, B) of ``s`` top-down draws (Burda et al. 2016, eq. 8):
         ``log w = log p(x|z) + sum_s [log N(eps_s; 0, I) - log N(eps_s; mu_e, sigma_e^2)]``, the noise-space
-        form of ``log p(x, z) - log q(z|x)`` (module docstring). The encoder runs once; the top-down pass
-        runs on ``chunk * B`` rows at a time."""
-        if k < 1 or chunk < 1:
-            raise ValueError(f"iw_nll needs k >= 1 and chunk >= 1, got k={k}, chunk={chunk}")
+        form of ``log p(x, z) - log q(z|x)`` (module docstring); the top-down pass runs on ``s * B`` rows."""
         b = x.shape[0]
-        mu, logvar, feats, code = self._bottom_up(x, y)
-        log_w = []
-        for start in range(0, k, chunk):
-            s = min(chunk, k - start)
+        mu, logvar, feats, code = posterior
 
-            def rep(t: Tensor, s: int = s) -> Tensor:
-                return t.repeat(s, *([1] * (t.dim() - 1)))  # (s*B, ...): sample-major, as y.repeat(s)
+        def rep(t: Tensor) -> Tensor:
+            return t.repeat(s, *([1] * (t.dim() - 1)))  # (s*B, ...): sample-major, as y.repeat(s)
 
-            feats_s = {level: rep(f) for level, f in feats.items()}
-            out = self._infer(
-                feats_s, rep(mu), rep(logvar), None if code is None else rep(code), generator, False
-            )
-            log_px = self.likelihood.log_prob(out["params"].float(), rep(x))  # (s*B,)
-            z, q_mu, q_logvar = out["z"].float(), out["mu"].float(), out["logvar"].float()
-            log_w.append((log_px + log_std_normal(z) - log_normal(z, q_mu, q_logvar)).view(s, b))
-        return -(torch.logsumexp(torch.cat(log_w, dim=0), dim=0) - math.log(k))
+        feats_s = {level: rep(f) for level, f in feats.items()}
+        out = self._infer(feats_s, rep(mu), rep(logvar), None if code is None else rep(code), generator, False)
+        log_px = self.likelihood.log_prob(out["params"].float(), rep(x))  # (s*B,)
+        z, q_mu, q_logvar = out["z"].float(), out["mu"].float(), out["logvar"].float()
+        return (log_px + log_std_normal(z) - log_normal(z, q_mu, q_logvar)).view(s, b)
 
 
 class LadderCVAE(LadderVAE):

@@ -76,17 +76,6 @@ class AutoEncoder(BaseVAE):
         kl = torch.zeros_like(recon)
         return LossOutput(loss=recon.mean(), neg_elbo=recon, recon=recon, kl=kl, kl_layers=kl[:, None])
 
-    def iw_nll(
-        self,
-        x: Tensor,
-        y: Tensor | None = None,
-        k: int = 50,
-        chunk: int = 10,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        raise NotImplementedError(
-            "an autoencoder has no posterior q(z|x) and no likelihood bound: iw_nll needs variant 'vae' or 'cvae'"
-        )
 
 
 MODELS: dict[str, type[BaseVAE]] = {cls.variant: cls for cls in (AutoEncoder, VAE, CVAE)}  # = config.VARIANTS
