@@ -66,6 +66,29 @@ def decoded_cache(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def cli_in_process(monkeypatch):
+    """``vaedist ARGS`` run in this process by click's runner, in ``cwd`` with a sqlite MLflow store there: a
+    CompletedProcess (returncode, stdout, stderr). For bad input a command refuses before Ray or MLflow
+    start, where a subprocess adds only Python's and the imports' start-up (4-6 s a call on 2 cores). An
+    exception the CLI did not turn into its one line is raised here, as a traceback would have been printed."""
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from vaedist.cli import main
+
+    def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{cwd / 'mlflow.db'}")
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+    return run
+
+
+@pytest.fixture
 def one_torch_thread():
     """torch on one thread for the test (tiny models: threads cost more than they give on 2 cores)."""
     import torch

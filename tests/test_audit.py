@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -341,12 +339,6 @@ def test_audit_pictures():
 # ------------------------------------------------------------------------------------- bad input
 
 
-def _cli(args, cwd):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    return subprocess.run([sys.executable, "-m", "vaedist", "evaluate", "audit", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=120)  # fmt: skip
-
-
 def _bad(kind: str, root: Path) -> Path:
     rng = np.random.default_rng(8)
     images, labels = rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8), np.repeat(np.arange(10), 2)
@@ -382,8 +374,9 @@ def _bad(kind: str, root: Path) -> Path:
         ("few", "holds 5 image(s), fewer than k + 1 = 6"),
     ],
 )
-def test_cli_audit_bad_input_is_one_line(kind, message, tmp_path):
-    proc = _cli(["--generated", str(_bad(kind, tmp_path)), "--dataset", "mnist"], cwd=tmp_path)
+def test_cli_audit_bad_input_is_one_line(kind, message, tmp_path, cli_in_process):
+    args = ["evaluate", "audit", "--generated", str(_bad(kind, tmp_path)), "--dataset", "mnist"]
+    proc = cli_in_process(args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr

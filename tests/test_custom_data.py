@@ -302,24 +302,16 @@ def test_a_conv_cvae_trains_on_a_parquet_written_by_datasets(cifar_jpeg, local_r
 # The CLI: flags become the dataset string; bad input is one line, exit 2
 
 
-def _cli(*args: str, cwd: Path):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "vaedist", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'm.db'}"})  # fmt: skip
-
-
-def test_cli_flags_shape_a_path_dataset_and_bad_input_is_one_line(tmp_path):
+def test_cli_flags_shape_a_path_dataset_and_bad_input_is_one_line(tmp_path, cli_in_process):
     _folder(tmp_path / "pets", classes=("a", "b"), per_class=10, size=(12, 12))
     _folder(tmp_path / "mixed", classes=("a",), per_class=2, size=(5, 5))
     _folder(tmp_path / "mixed", classes=("b",), per_class=2, size=(6, 6), seed=1)
-    out = _cli("train", "--dataset", "pets", "--image-size", "16", "--dataset-name", "my-pets", "--dry-run", cwd=tmp_path)
+    out = cli_in_process(["train", "--dataset", "pets", "--image-size", "16", "--dataset-name", "my-pets", "--dry-run"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert f"data.dataset = {tmp_path / 'pets'}?name=my-pets&image_size=16x16" in out.stdout
-    out = _cli("run", "train-mnist", "--preset", "smoke", "--dataset", "./pets", "--dry-run", cwd=tmp_path)
+    out = cli_in_process(["run", "train-mnist", "--preset", "smoke", "--dataset", "./pets", "--dry-run"], cwd=tmp_path)
     assert out.returncode == 0 and f"dataset: {tmp_path / 'pets'}" in out.stdout, out.stderr
-    out = _cli("data", "info", "pets", "--image-size", "8", cwd=tmp_path)
+    out = cli_in_process(["data", "info", "pets", "--image-size", "8"], cwd=tmp_path)
     assert out.returncode == 0 and "train     17 images 8x8x1" in out.stdout and "test split: carved" in out.stdout, out.stderr
     for args, message in (
         (("train", "--dataset", "mnist", "--image-size", "16", "--dry-run"), "--image-size applies to a dataset given as a path"),
@@ -328,7 +320,7 @@ def test_cli_flags_shape_a_path_dataset_and_bad_input_is_one_line(tmp_path):
         (("train", "--dataset", "pets", "--image-size", "12x", "--dry-run"), "--image-size: expected N or HxW"),
         (("data", "info", "mixed"), "images differ in size"),
     ):
-        out = _cli(*args, cwd=tmp_path)
+        out = cli_in_process(list(args), cwd=tmp_path)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
 

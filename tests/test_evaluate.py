@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -390,12 +388,6 @@ def test_cas_on_one_worker_runs_as_a_task_and_keeps_its_result(local_ray, module
 # ------------------------------------------------------------------------------------- bad input
 
 
-def _cli(args, cwd, env_extra=None):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "vaedist", "evaluate", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=120)  # fmt: skip
-
-
 def _bad_folder(kind: str, root: Path) -> Path:
     if kind == "empty":
         (root / "empty").mkdir()
@@ -431,9 +423,9 @@ def _bad_folder(kind: str, root: Path) -> Path:
         ("names", "generated label 0 in"),
     ],
 )
-def test_cli_cas_bad_generated_data_is_one_line(kind, message, tmp_path):
+def test_cli_cas_bad_generated_data_is_one_line(kind, message, tmp_path, cli_in_process):
     folder = _bad_folder(kind, tmp_path)
-    proc = _cli(["cas", "--generated", str(folder), "--dataset", "mnist"], cwd=tmp_path)
+    proc = cli_in_process(["evaluate", "cas", "--generated", str(folder), "--dataset", "mnist"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
@@ -441,7 +433,7 @@ def test_cli_cas_bad_generated_data_is_one_line(kind, message, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # refused before any run was recorded
 
 
-def test_cli_likelihood_bad_input_is_one_line(tmp_path, untrained_cvae):
+def test_cli_likelihood_bad_input_is_one_line(tmp_path, untrained_cvae, cli_in_process):
     trained_cvae = untrained_cvae  # every case is refused before the weights matter
     ae = AutoEncoder(
         image_shape=(28, 28, 1), num_classes=10, likelihood="bernoulli", arch="dense", width=32, depth=1
@@ -453,7 +445,7 @@ def test_cli_likelihood_bad_input_is_one_line(tmp_path, untrained_cvae):
         (["--model", str(tmp_path / "ae.pt")], "plain autoencoder (variant 'ae')"),
     ]
     for args, message in cases:
-        proc = _cli(["likelihood", *args], cwd=tmp_path)
+        proc = cli_in_process(["evaluate", "likelihood", *args], cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], proc.stderr
