@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from vaedist.charts import per_class_bars
 from vaedist.config import ConfigError, EvaluateConfig, ResourcesConfig
 from vaedist.data import get_spec, load_split
 from vaedist.errors import UsageError
@@ -25,7 +26,7 @@ from vaedist.evaluate import audit as A
 from vaedist.evaluate import neighbours as nb
 from vaedist.evaluate import sets
 from vaedist.evaluate.entry import check_request
-from vaedist.figures import nearest_copies_grid, per_class_bars
+from vaedist.figures import nearest_copies_grid
 from vaedist.generate.format import PNG_STRUCT
 from vaedist.generate.plan import Plan
 from vaedist.generate.png import encode_pngs

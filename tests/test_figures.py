@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vaedist import charts as C
 from vaedist import figures as F
 
 
@@ -181,7 +182,7 @@ def test_pca_2d_recovers_a_plane_in_8d():
     basis, _ = np.linalg.qr(rng.normal(size=(8, 2)))  # orthonormal 2-D plane in R^8
     coeffs = rng.normal(size=(400, 2)) * np.array([3.0, 1.0])
     z = coeffs @ basis.T + rng.normal(size=8)  # plus an offset: pca must centre
-    proj, ratio = F.pca_2d(z)
+    proj, ratio = C.pca_2d(z)
     assert proj.shape == (400, 2)
     assert ratio.shape == (2,)
     assert ratio.sum() == pytest.approx(1.0, abs=1e-9)
@@ -192,30 +193,30 @@ def test_pca_2d_recovers_a_plane_in_8d():
     np.testing.assert_allclose(d_proj, d_orig, atol=1e-9)
     np.testing.assert_allclose(proj.mean(axis=0), 0.0, atol=1e-9)
     # Deterministic including signs.
-    proj2, ratio2 = F.pca_2d(z.copy())
+    proj2, ratio2 = C.pca_2d(z.copy())
     np.testing.assert_array_equal(proj, proj2)
     np.testing.assert_array_equal(ratio, ratio2)
 
 
 def test_pca_2d_edge_cases():
-    proj, ratio = F.pca_2d(np.ones((5, 4)))  # no variance
+    proj, ratio = C.pca_2d(np.ones((5, 4)))  # no variance
     np.testing.assert_array_equal(ratio, [0.0, 0.0])
     np.testing.assert_array_equal(proj, np.zeros((5, 2)))
-    proj, ratio = F.pca_2d(np.arange(8.0).reshape(1, 8))  # one point
+    proj, ratio = C.pca_2d(np.arange(8.0).reshape(1, 8))  # one point
     assert proj.shape == (1, 2)
     with pytest.raises(ValueError, match="d >= 2"):
-        F.pca_2d(np.zeros((5, 1)))
+        C.pca_2d(np.zeros((5, 1)))
     with pytest.raises(ValueError, match=r"2-D array \(N, d\)"):
-        F.pca_2d(np.zeros(5))
+        C.pca_2d(np.zeros(5))
     with pytest.raises(ValueError, match="NaN"):
-        F.pca_2d(np.array([[0.0, np.nan], [1.0, 2.0]]))
+        C.pca_2d(np.array([[0.0, np.nan], [1.0, 2.0]]))
 
 
 def test_latent_coords_labels_per_dimension():
     rng = np.random.default_rng(0)
     basis, _ = np.linalg.qr(rng.normal(size=(8, 2)))
     z8 = rng.normal(size=(300, 2)) @ basis.T
-    xy, xl, yl = F.latent_coords(z8)
+    xy, xl, yl = C.latent_coords(z8)
     assert xy.shape == (300, 2)
     assert xl.startswith("PC1 (") and xl.endswith("% var)")
     assert yl.startswith("PC2 (") and yl.endswith("% var)")
@@ -223,16 +224,16 @@ def test_latent_coords_labels_per_dimension():
     assert sum(pcts) == pytest.approx(100.0, abs=0.11)
 
     z2 = rng.normal(size=(50, 2))
-    xy, xl, yl = F.latent_coords(z2)
+    xy, xl, yl = C.latent_coords(z2)
     np.testing.assert_array_equal(xy, z2)
     assert (xl, yl) == ("z1", "z2")
 
     z1 = rng.normal(size=(50, 1))
-    xy, xl, yl = F.latent_coords(z1)
+    xy, xl, yl = C.latent_coords(z1)
     np.testing.assert_array_equal(xy[:, 0], z1[:, 0])
     assert (xl, yl) == ("z1", "jitter")
     assert np.all(np.abs(xy[:, 1]) <= 0.5)
-    np.testing.assert_array_equal(xy, F.latent_coords(z1)[0])  # fixed-seed jitter
+    np.testing.assert_array_equal(xy, C.latent_coords(z1)[0])  # fixed-seed jitter
 
 
 @pytest.mark.parametrize("d", [1, 2, 8])
@@ -241,11 +242,11 @@ def test_latent_scatter_shape_and_determinism(d):
     z = rng.normal(size=(200, d)).astype(np.float32)
     labels = rng.integers(0, 3, size=200)
     names = ["zero", "one", "two"]
-    a = F.latent_scatter(z, labels, names, title=f"d={d}")
+    a = C.latent_scatter(z, labels, names, title=f"d={d}")
     _assert_rgb(a)
     assert a.shape == (500, 600, 3)
     assert a.min() < 255  # something was drawn
-    b = F.latent_scatter(z.copy(), labels.copy(), list(names), title=f"d={d}")
+    b = C.latent_scatter(z.copy(), labels.copy(), list(names), title=f"d={d}")
     np.testing.assert_array_equal(a, b)
 
 
@@ -253,8 +254,8 @@ def test_latent_scatter_changes_with_data():
     rng = np.random.default_rng(0)
     z = rng.normal(size=(100, 2))
     labels = rng.integers(0, 2, size=100)
-    a = F.latent_scatter(z, labels, ["a", "b"])
-    b = F.latent_scatter(z * 3 + 1, labels, ["a", "b"])
+    a = C.latent_scatter(z, labels, ["a", "b"])
+    b = C.latent_scatter(z * 3 + 1, labels, ["a", "b"])
     assert a.shape == b.shape
     assert not np.array_equal(a, b)
 
@@ -275,7 +276,7 @@ def test_latent_scatter_changes_with_data():
 )
 def test_latent_scatter_rejects_bad_input(z, labels, names, match):
     with pytest.raises(ValueError, match=match):
-        F.latent_scatter(z, labels, names)
+        C.latent_scatter(z, labels, names)
 
 
 # ----------------------------------------------------------------------------- confusion matrix
@@ -287,19 +288,19 @@ def test_confusion_matrix_image_shape_stable_and_deterministic():
     cm1 = rng.integers(0, 50, size=(4, 4)) + np.eye(4, dtype=int) * 100
     cm2 = rng.integers(0, 5000, size=(4, 4))
     cm2[2] = 0  # an empty row must not divide by zero
-    a = F.confusion_matrix_image(cm1, names, title="CAS")
-    b = F.confusion_matrix_image(cm2, names)
+    a = C.confusion_matrix_image(cm1, names, title="CAS")
+    b = C.confusion_matrix_image(cm2, names)
     _assert_rgb(a)
     assert a.shape == b.shape  # depends on K only
-    np.testing.assert_array_equal(a, F.confusion_matrix_image(cm1.copy(), list(names), title="CAS"))
+    np.testing.assert_array_equal(a, C.confusion_matrix_image(cm1.copy(), list(names), title="CAS"))
     assert not np.array_equal(a, b)
-    ten = F.confusion_matrix_image(np.eye(10, dtype=np.int64), [str(i) for i in range(10)])
+    ten = C.confusion_matrix_image(np.eye(10, dtype=np.int64), [str(i) for i in range(10)])
     _assert_rgb(ten)
     assert ten.shape == (900, 900, 3)
 
 
 def test_confusion_matrix_image_float_counts():
-    out = F.confusion_matrix_image(np.array([[0.5, 0.25], [0.0, 1.0]]), ["a", "b"])
+    out = C.confusion_matrix_image(np.array([[0.5, 0.25], [0.0, 1.0]]), ["a", "b"])
     _assert_rgb(out)
 
 
@@ -316,7 +317,7 @@ def test_confusion_matrix_image_float_counts():
 )
 def test_confusion_matrix_image_rejects_bad_input(cm, names, match):
     with pytest.raises(ValueError, match=match):
-        F.confusion_matrix_image(cm, names)
+        C.confusion_matrix_image(cm, names)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -355,10 +356,11 @@ def test_the_numpy_helper_rounds_as_the_sampler_does():
 
 
 def test_imports_no_pyplot_torch_ray_or_mlflow():
+    """The grids need no matplotlib at all; the charts use it without pyplot."""
     code = (
-        "import sys, vaedist.figures; "
+        "import sys, vaedist.figures; grids = 'matplotlib' in sys.modules; import vaedist.charts; "
         "bad = [m for m in ('matplotlib.pyplot', 'torch', 'ray', 'mlflow') if m in sys.modules]; "
-        "print(bad); sys.exit(1 if bad else 0)"
+        "print(bad, grids); sys.exit(1 if bad or grids else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -372,12 +374,12 @@ def test_rendering_is_thread_safe():
     labels = rng.integers(0, 4, size=300)
     names = list("abcd")
     rows = rng.integers(0, 256, size=(4, 5, 10, 10, 1), dtype=np.uint8)
-    expected_scatter = F.latent_scatter(z, labels, names)
+    expected_scatter = C.latent_scatter(z, labels, names)
     expected_rows = F.labelled_rows(rows, names, title="t")
 
     def work(i: int) -> bool:
         if i % 2:
-            return np.array_equal(F.latent_scatter(z, labels, names), expected_scatter)
+            return np.array_equal(C.latent_scatter(z, labels, names), expected_scatter)
         return np.array_equal(F.labelled_rows(rows, names, title="t"), expected_rows)
 
     with ThreadPoolExecutor(max_workers=4) as pool:

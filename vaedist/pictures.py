@@ -1,4 +1,4 @@
-"""The pictures logged every epoch: model in, RGB arrays out (drawing itself is in vaedist.figures).
+"""The pictures logged every epoch: model in, RGB arrays out (drawing itself is in vaedist.figures and vaedist.charts).
 
 Samples are drawn with the one sampler (:mod:`vaedist.sampling`): the picture's sample ``j`` of seed
 ``SAMPLES_SEED`` is the image ``vaedist generate --seed 1 --temperature 1`` writes for ``sample_id = j``
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vaedist import figures
+from vaedist import charts, figures
 from vaedist.models import BaseVAE, to_model_input
 from vaedist.sampling import decode, prior_latents, to_uint8_hwc
 
@@ -115,7 +115,7 @@ class EpochPictures:
             xb = self._x(self.scatter_x[start : start + 512])
             mus.append(self.model.encode(xb, self._labels(self.scatter_y[start : start + 512]))[0].cpu())
         z = torch.cat(mus)[:, : self.model.top_latent_dim].numpy()  # a hierarchical model's top latent
-        return figures.latent_scatter(z, self.scatter_y, self.class_names, title="validation codes (posterior means)")
+        return charts.latent_scatter(z, self.scatter_y, self.class_names, title="validation codes (posterior means)")
 
     def interpolation(self) -> np.ndarray:
         """Linear path between the posterior means of two images of different classes."""

@@ -251,7 +251,8 @@ def _open_run(s: AuditSetup, extractor: features.Extractor, uri: str) -> tuple[s
 def _pictures(s: AuditSetup, result: dict[str, Any], logger) -> None:
     """The generated images nearest the training set beside their nearest training images, and the
     per-class precision / recall / coverage against real test data's."""
-    from vaedist.figures import nearest_copies_grid, per_class_bars
+    from vaedist.charts import per_class_bars
+    from vaedist.figures import nearest_copies_grid
 
     train_x, _ = load_split(s.dataset, "train_full")
     copies = result["nearest_copies"]

@@ -139,8 +139,8 @@ def _open_cas_run(s: cas.CasSetup, cfg: EvaluateConfig, uri: str) -> tuple[str, 
 
 def _record_cas(s: cas.CasSetup, synthetic, real, run_id: str, logger) -> dict[str, Any]:
     """Metrics, the two confusion matrices and the result as an artifact; the run ends FINISHED."""
+    from vaedist.charts import confusion_matrix_image
     from vaedist.data import get_spec
-    from vaedist.figures import confusion_matrix_image
 
     result = cas.cas_result(s, synthetic, real, run_id)
     metrics = {"cas": synthetic.accuracy, "cas_real_accuracy": real.accuracy, "cas_ratio": result["ratio"]}
